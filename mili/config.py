@@ -19,6 +19,7 @@ CHECKPOINT_DTYPES = ("float32", "float16", "bfloat16")
 # transformers' Qwen3Config / RotaryEmbeddingConfigMixin defaults for fields a config may omit.
 _DEFAULTS: dict[str, Any] = {
     "head_dim": 128,
+    "num_key_value_heads": 32,  # Qwen3Config's own default, whatever num_attention_heads is
     "rms_norm_eps": 1e-6,
     "rope_theta": 10_000.0,
     "max_position_embeddings": 32768,
@@ -195,7 +196,7 @@ class ModelConfig:
         _check_architecture(raw)
         vocab = _positive_int(raw, "vocab_size")
         heads = _positive_int(raw, "num_attention_heads")
-        kv_heads = _positive_int(raw, "num_key_value_heads", raw.get("num_attention_heads"))
+        kv_heads = _positive_int(raw, "num_key_value_heads", _DEFAULTS["num_key_value_heads"])
         num_layers = _positive_int(raw, "num_hidden_layers")
         if heads % kv_heads != 0:
             raise ConfigError(

@@ -116,6 +116,9 @@ class Tokenizer:
         template = tokenizer_config.get("chat_template")
         self._chat_template_source: str | None = template if isinstance(template, str) else None
         self.eos_token_ids: frozenset[int] = frozenset(eos_token_ids)
+        # Ids the tokenizer can produce (added tokens included). Read once: tokenizers recounts the
+        # whole vocabulary on every get_vocab_size call (~60 ms for Qwen3's).
+        self.vocab_size: int = hf_tokenizer.get_vocab_size(with_added_tokens=True)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> Tokenizer:
@@ -141,11 +144,6 @@ class Tokenizer:
         if eos_token is not None and hf.token_to_id(eos_token) is not None:
             eos_ids.append(hf.token_to_id(eos_token))
         return cls(hf, tokenizer_config, eos_ids)
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of token ids the tokenizer can produce (added tokens included)."""
-        return self._hf.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`. Qwen3 adds no BOS token; special-token strings in the text are recognised."""

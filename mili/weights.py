@@ -20,6 +20,7 @@ from pathlib import Path
 from max.driver import Buffer
 from max.dtype import DType
 from max.graph.weights import SafetensorWeights
+from safetensors import SafetensorError, safe_open
 
 from mili.config import ModelConfig
 from mili.dtypes import convert_buffer
@@ -107,11 +108,15 @@ class _Progress:
 
 
 def _open(files: list[Path]) -> SafetensorWeights:
-    try:
-        return SafetensorWeights(files)
-    except ValueError as exc:  # MAX reports bad headers as ValueError; name the file(s) for the user
-        names = ", ".join(str(f) for f in files)
-        raise CheckpointError(f"cannot read safetensors file(s) {names}: {exc}") from None
+    # The safetensors library checks each header against the file (offsets within bounds, file fully
+    # covered); MAX's reader does not, and would map a truncated file and read past its end.
+    for path in files:
+        try:
+            with safe_open(path, framework="numpy"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"cannot read safetensors file {path}: {exc}") from None
+    return SafetensorWeights(files)
 
 
 def _check_names(available: set[str], expected: dict[str, tuple[int, ...]], config: ModelConfig) -> None:

@@ -1,0 +1,17 @@
+"""MILI: a serving engine for Qwen3 language models on Modular's MAX."""
+
+from mili.config import ConfigError, GenerationConfig, ModelConfig
+from mili.tokenizer import Tokenizer, TokenizerError
+from mili.weights import CheckpointError, load_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "GenerationConfig",
+    "ModelConfig",
+    "Tokenizer",
+    "TokenizerError",
+    "load_weights",
+]
