@@ -130,10 +130,9 @@ def _check_names(available: set[str], expected: dict[str, tuple[int, ...]], conf
     if config.tie_word_embeddings:
         extra.discard("lm_head.weight")  # some exports keep a copy of the tied embedding; it is the same tensor
     if extra:
-        first = sorted(extra)[0]
         raise CheckpointError(
             f"checkpoint holds {len(extra)} tensor(s) a Qwen3 model with this config does not have, "
-            f"e.g. '{first}': {sorted(extra)[:8]}"
+            f"e.g. '{min(extra)}': {sorted(extra)[:8]}"
         )
 
 

@@ -5,9 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from mili.dtypes import bf16_bits_to_f32, convert_buffer, f32_to_bf16_bits, numpy_to_buffer, parse_run_dtype, to_numpy_f32
 from max.dtype import DType
+
+from mili.dtypes import (
+    bf16_bits_to_f32,
+    convert_buffer,
+    f32_to_bf16_bits,
+    numpy_to_buffer,
+    parse_run_dtype,
+    to_numpy_f32,
+)
 
 
 def torch_bf16_bits(values: np.ndarray) -> np.ndarray:

@@ -173,7 +173,7 @@ def test_extra_tensor_is_named(broken_copy):
 
 
 def test_untied_config_needs_lm_head(broken_copy):
-    model_dir, config = broken_copy
+    model_dir, _ = broken_copy
     raw = json.loads((model_dir / "config.json").read_text()) | {"tie_word_embeddings": False}
     (model_dir / "config.json").write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match="'lm_head.weight'"):

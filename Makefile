@@ -1,0 +1,53 @@
+# Set-up without pixi: every target creates .venv with pip when it is missing, installs what it needs
+# (once; again only when pyproject.toml changes), builds the Mojo kernels when their sources change,
+# then runs. `make test` and `make serve` are the two commands a fresh machine needs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+PYTEST_ARGS ?=
+SERVE_ARGS ?=
+BENCH_ARGS ?=
+
+.PHONY: install install-test build test serve bench-kernels bench checkpoint-0.6b clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Runtime dependencies (modular, numpy, tokenizers, fastapi, ...) and the package itself, editable.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet --upgrade "pip>=24"
+	$(PIP) install --quiet -e .
+	touch $@
+
+# Test references on top: pytest, torch 2.13.0 (CPU), transformers, the Qwen3 tokenizer files.
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(PIP) install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+build/mili_kernels.mojoc: $(VENV)/.installed build.sh $(wildcard mojo_kernels/*.mojo)
+	./build.sh
+
+build: build/mili_kernels.mojoc
+
+test: install-test build
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+serve: install build
+	$(BIN)/mili serve $(SERVE_ARGS)
+
+bench-kernels: install build
+	$(BIN)/python benchmarks/kernels.py $(BENCH_ARGS)
+
+bench: install build
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+# A random-weight checkpoint of Qwen3-0.6B's shape (bf16, ~1.2 GB) in the shared cache, for benchmarks.
+checkpoint-0.6b: install-test
+	$(BIN)/mili checkpoint --preset qwen3-0.6b
+
+clean:
+	rm -rf build

@@ -1,0 +1,129 @@
+"""The `mili` command line.
+
+    mili info --model DIR                 what a checkpoint folder holds, as MILI reads it
+    mili checkpoint --preset NAME --out DIR   write a random-weight Qwen3 checkpoint (needs test extras)
+    mili serve ...                        the OpenAI-compatible server (arrives with the server work)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("mili")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from mili.config import GenerationConfig, ModelConfig
+    from mili.tokenizer import Tokenizer
+    from mili.weights import checkpoint_files, expected_shapes
+
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise SystemExit(f"mili info: --model {model_dir} is not a folder; pass a Hugging Face checkpoint folder")
+    config = ModelConfig.from_pretrained(model_dir)
+    files = checkpoint_files(model_dir)
+    params = sum(_product(shape) for shape in expected_shapes(config).values())
+    print(f"model folder   {model_dir}")
+    print(f"architecture   Qwen3: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+          f"intermediate {config.intermediate_size}")
+    print(f"attention      {config.num_attention_heads} query heads, {config.num_key_value_heads} KV heads "
+          f"(GQA x{config.gqa_group_size}), head_dim {config.head_dim}, RoPE theta {config.rope_theta:g}")
+    print(f"vocabulary     {config.vocab_size} rows, embeddings {'tied' if config.tie_word_embeddings else 'untied'}")
+    print(f"context        {config.max_position_embeddings} positions")
+    print(f"parameters     {params / 1e6:.1f} M, saved as {config.checkpoint_dtype or 'unstated dtype'} "
+          f"in {len(files)} file(s), {sum(f.stat().st_size for f in files) / 1e9:.2f} GB")
+    generation = GenerationConfig.from_pretrained(model_dir)
+    if generation.sampling_defaults:
+        print(f"sampling       {generation.sampling_defaults}")
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    print(f"tokenizer      {tokenizer.vocab_size} tokens, stop ids {sorted(tokenizer.eos_token_ids)}")
+    return 0
+
+
+def _product(shape: Sequence[int]) -> int:
+    result = 1
+    for dim in shape:
+        result *= dim
+    return result
+
+
+def _cmd_checkpoint(args: argparse.Namespace) -> int:
+    try:
+        from mili.testing import PRESETS, cached_checkpoint, write_checkpoint
+    except ImportError as exc:
+        raise SystemExit(f"mili checkpoint needs the test extras ({exc.name} is missing): pip install -e '.[test]'")
+    spec = PRESETS[args.preset]
+    if args.out is None:
+        path = cached_checkpoint(spec)
+    else:
+        out = Path(args.out)
+        if out.exists() and any(out.iterdir()):
+            raise SystemExit(f"mili checkpoint: --out {out} is not empty; choose a new folder")
+        log.info("writing %s (random weights, %s) to %s", spec.name, spec.dtype, out)
+        path = write_checkpoint(spec, out)
+    print(path)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    print(
+        "mili serve: the HTTP server is not part of MILI yet (it comes with the server work item). "
+        "Today MILI provides the kernels, config, weight and tokenizer loaders: see README.md.",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mili.testing import PRESETS  # plain data; importing it needs no test extras
+
+    parser = argparse.ArgumentParser(prog="mili", description="MILI: a serving engine for Qwen3 on MAX.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = commands.add_parser("info", help="describe a Qwen3 checkpoint folder as MILI reads it")
+    info.add_argument("--model", required=True, help="a Hugging Face Qwen3 checkpoint folder (config.json, "
+                      "*.safetensors, tokenizer.json)")
+    info.set_defaults(run=_cmd_info)
+
+    checkpoint = commands.add_parser("checkpoint", help="write a random-weight Qwen3 checkpoint for tests and "
+                                     "benchmarks (needs: pip install -e '.[test]')")
+    checkpoint.add_argument("--preset", choices=sorted(PRESETS), default="qwen3-0.6b",
+                            help="shape to write; qwen3-0.6b is Qwen3-0.6B's shape in bf16 (default)")
+    checkpoint.add_argument("--out", help="folder to write into (default: the shared cache, "
+                            "$MILI_CACHE_DIR/checkpoints, reused if already written)")
+    checkpoint.set_defaults(run=_cmd_checkpoint)
+
+    serve = commands.add_parser("serve", help="serve a model over HTTP (not available yet)")
+    serve.set_defaults(run=_cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from mili.config import ConfigError
+    from mili.tokenizer import TokenizerError
+    from mili.weights import CheckpointError
+
+    try:
+        return args.run(args)
+    except (ConfigError, CheckpointError, TokenizerError) as exc:
+        print(f"mili {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
