@@ -50,7 +50,7 @@ def kernel_package() -> Path:
             raise KernelBuildError(f"MILI_KERNEL_PACKAGE={override} does not exist")
         return path
     with _build_lock:
-        if needs_rebuild():
+        if needs_rebuild(KERNEL_PACKAGE, KERNEL_SOURCES):
             if not KERNEL_SOURCES.is_dir():
                 raise KernelBuildError(
                     f"no compiled kernels at {KERNEL_PACKAGE} and no sources at {KERNEL_SOURCES}; "

@@ -1,0 +1,48 @@
+"""mili.kernels: the compiled package is rebuilt when a kernel source is newer, used as is otherwise."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mili import kernels
+
+
+def test_needs_rebuild_follows_source_times(tmp_path):
+    sources = tmp_path / "mojo_kernels"
+    sources.mkdir()
+    source = sources / "norm.mojo"
+    source.write_text("# kernel")
+    package = tmp_path / "mili_kernels.mojoc"
+    assert kernels.needs_rebuild(package, sources)  # missing package
+    package.write_bytes(b"pkg")
+    os.utime(source, (1000, 1000))
+    os.utime(package, (2000, 2000))
+    assert not kernels.needs_rebuild(package, sources)
+    os.utime(source, (3000, 3000))
+    assert kernels.needs_rebuild(package, sources)
+
+
+def test_kernel_package_is_built_and_current():
+    path = kernels.kernel_package()
+    assert path.exists() and not kernels.needs_rebuild()
+
+
+def test_override_must_exist(monkeypatch, tmp_path):
+    monkeypatch.setenv("MILI_KERNEL_PACKAGE", str(tmp_path / "missing.mojoc"))
+    with pytest.raises(kernels.KernelBuildError, match="does not exist"):
+        kernels.kernel_package()
+
+
+def test_failed_build_reports_compiler_output(monkeypatch, tmp_path):
+    sources = tmp_path / "mojo_kernels"
+    sources.mkdir()
+    (sources / "broken.mojo").write_text("def oops(:\n")
+    script = tmp_path / "build.sh"
+    script.write_text("echo 'error: expected argument name' >&2; exit 1\n")
+    monkeypatch.setattr(kernels, "KERNEL_SOURCES", sources)
+    monkeypatch.setattr(kernels, "KERNEL_PACKAGE", tmp_path / "mili_kernels.mojoc")
+    monkeypatch.setattr(kernels, "BUILD_SCRIPT", script)
+    with pytest.raises(kernels.KernelBuildError, match="expected argument name"):
+        kernels.kernel_package()
