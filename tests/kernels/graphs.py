@@ -1,13 +1,15 @@
-"""The graph of kernel ops under test, built for any device.
+"""The graphs of kernel ops under test, built for any device.
 
-CPU tests execute it; the virtual-GPU check compiles the very same graph for sm_90. Dims are symbolic
-so one compile serves every size a test throws at it.
+CPU tests execute them; the virtual-GPU check compiles the very same graphs for sm_90. Dims are
+symbolic so one compile serves every size a test throws at it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from max.dtype import DType
-from max.graph import DeviceRef, Graph, TensorType
+from max.graph import BufferType, DeviceRef, Graph, TensorType
 
 from mili.kernels import kernel_package
 from mili.model import ops as mili_ops
@@ -15,17 +17,82 @@ from mili.model import ops as mili_ops
 SMALL_EPS = 1e-6
 LARGE_EPS = 0.5  # big enough to change every output, so a dropped eps cannot pass unnoticed
 DTYPES = (DType.float32, DType.bfloat16)
+ROPE_HEAD_DIMS = (64, 128)
+NUM_LAYERS = 3  # tests use a middle layer, so a wrong layer offset shows
 
 
-def build_kernel_graph(device: DeviceRef) -> Graph:
-    """Inputs per dtype: x [rows, hidden], weight [hidden]. Outputs per dtype: rmsnorm with two eps."""
-    input_types = []
+def build_elementwise_graph(device: DeviceRef) -> Graph:
+    """Per dtype: rmsnorm (two eps), add+rmsnorm, per-head norm, swiglu, and rope per head_dim.
+
+    Inputs per dtype: x [rows, hidden], weight [hidden], residual [rows, hidden], gate_up [tokens, 2i],
+    heads [tokens, heads, 64], head weight [64], then per rope head_dim: x [tokens, heads, d];
+    shared: positions [tokens] int32, rope table [positions, 128] float32.
+    """
+    per_dtype = []
     for dtype in DTYPES:
-        input_types += [TensorType(dtype, ["rows", "hidden"], device), TensorType(dtype, ["hidden"], device)]
-    with Graph("mili_kernel_tests", input_types=input_types, custom_extensions=[kernel_package()]) as graph:
+        per_dtype += [TensorType(dtype, ["rows", "hidden"], device), TensorType(dtype, ["hidden"], device),
+                      TensorType(dtype, ["rows", "hidden"], device), TensorType(dtype, ["tokens", "gate_up"], device),
+                      TensorType(dtype, ["tokens", "heads", 64], device), TensorType(dtype, [64], device)]
+        per_dtype += [TensorType(dtype, ["tokens", "heads", d], device) for d in ROPE_HEAD_DIMS]
+    shared = [TensorType(DType.int32, ["tokens"], device)] + [
+        TensorType(DType.float32, ["positions", d], device) for d in ROPE_HEAD_DIMS]
+    with Graph("mili_elementwise_tests", input_types=per_dtype + shared,
+               custom_extensions=[kernel_package()]) as graph:
+        inputs = [v.tensor for v in graph.inputs]
+        positions, tables = inputs[-1 - len(ROPE_HEAD_DIMS)], inputs[-len(ROPE_HEAD_DIMS):]
+        stride = 6 + len(ROPE_HEAD_DIMS)
         outputs = []
         for i in range(len(DTYPES)):
-            x, weight = graph.inputs[2 * i].tensor, graph.inputs[2 * i + 1].tensor
-            outputs += [mili_ops.rms_norm(x, weight, SMALL_EPS), mili_ops.rms_norm(x, weight, LARGE_EPS)]
+            x, w, residual, gate_up, heads, head_w, *rope_inputs = inputs[i * stride:(i + 1) * stride]
+            outputs += [mili_ops.rms_norm(x, w, SMALL_EPS), mili_ops.rms_norm(x, w, LARGE_EPS),
+                        *mili_ops.add_rms_norm(x, residual, w, SMALL_EPS),
+                        mili_ops.head_rms_norm(heads, head_w, SMALL_EPS), mili_ops.swiglu(gate_up)]
+            outputs += [mili_ops.rope(r, positions, t) for r, t in zip(rope_inputs, tables, strict=True)]
         graph.output(*outputs)
     return graph
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    """One compiled specialisation of the KV store + attention ops."""
+
+    dtype: DType
+    block_size: int
+    head_dim: int
+
+
+ATTENTION_CASES = (
+    AttentionCase(DType.float32, block_size=16, head_dim=128),
+    AttentionCase(DType.float32, block_size=8, head_dim=64),
+    AttentionCase(DType.float32, block_size=32, head_dim=64),
+    AttentionCase(DType.bfloat16, block_size=16, head_dim=128),
+)
+
+
+def build_attention_graph(device: DeviceRef, case: AttentionCase) -> Graph:
+    """kv_store(new k, v at slots) then paged_attention(q) over the same cache, in one graph.
+
+    Inputs: cache (mutable) [layers, 2, blocks, kv_heads, block_size * head_dim], k, v [new, kv_heads, d],
+    slots [new], q [tokens, heads, d], layer [1], query_start [batch + 1], context_lens [batch],
+    block_tables [batch, max_blocks]. Output: attention [tokens, heads, d].
+    """
+    d, int32 = case.head_dim, DType.int32
+    types = [
+        BufferType(case.dtype, [NUM_LAYERS, 2, "blocks", "kv_heads", case.block_size * d], device),
+        TensorType(case.dtype, ["new", "kv_heads", d], device), TensorType(case.dtype, ["new", "kv_heads", d], device),
+        TensorType(int32, ["new"], device), TensorType(case.dtype, ["tokens", "heads", d], device),
+        TensorType(int32, [1], device), TensorType(int32, ["batch_plus_1"], device),
+        TensorType(int32, ["batch"], device), TensorType(int32, ["batch", "max_blocks"], device),
+    ]
+    name = f"mili_attention_{case.dtype}_{case.block_size}_{d}".replace("DType.", "")
+    with Graph(name, input_types=types, custom_extensions=[kernel_package()]) as graph:
+        cache, k, v, slots, q, layer, query_start, context_lens, block_tables = graph.inputs
+        mili_ops.kv_store(cache.buffer, k.tensor, v.tensor, slots.tensor, layer.tensor, case.block_size)
+        out = mili_ops.paged_attention(cache.buffer, q.tensor, layer.tensor, query_start.tensor,
+                                       context_lens.tensor, block_tables.tensor, case.block_size)
+        graph.output(out)
+    return graph
+
+
+def build_all_graphs(device: DeviceRef) -> list[Graph]:
+    return [build_elementwise_graph(device)] + [build_attention_graph(device, c) for c in ATTENTION_CASES]
