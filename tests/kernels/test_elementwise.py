@@ -118,7 +118,8 @@ def test_rope_table_matches_the_definition_at_small_positions():
     x = np.random.default_rng().standard_normal((64, 1, 128))
     positions = np.arange(64)
     table = rope_table(128, THETA, 64)
-    assert ref.relative_error(rope_with_table(x, positions, table), ref.rope(x, positions, THETA)) < 1e-6
+    # float32 angles at positions < 64 are within 64 * 2^-24 rad of exact.
+    assert ref.relative_error(rope_with_table(x, positions, table), ref.rope(x, positions, THETA)) < 1e-5
 
 
 def test_rope_rejects_positions_outside_the_table(elementwise_model, tables):
