@@ -1,4 +1,4 @@
-"""Compiles the kernel test graph for a virtual GPU (no GPU needed); exits non-zero on failure.
+"""Compiles every kernel test graph for a virtual GPU (no GPU needed); exits non-zero on failure.
 
 Run in its own process: virtual-device mode must be set before any device is created.
 Usage: python tests/kernels/gpu_compile_check.py [sm_90]
@@ -25,13 +25,15 @@ def main(arch: str) -> None:
     from max.engine import InferenceSession
     from max.graph import DeviceRef
 
-    from tests.kernels.graphs import build_kernel_graph
+    from tests.kernels.graphs import build_all_graphs
 
     gpu = Accelerator()
-    graph = build_kernel_graph(DeviceRef.from_device(gpu))
-    start = time.monotonic()
-    model = InferenceSession(devices=[CPU(), gpu]).load(graph)
-    print(f"compiled {graph.name} for virtual {arch} in {time.monotonic() - start:.1f}s: {type(model).__name__}")
+    session = InferenceSession(devices=[CPU(), gpu])
+    for graph in build_all_graphs(DeviceRef.from_device(gpu)):
+        start = time.monotonic()
+        model = session.load(graph)
+        print(f"compiled {graph.name} for virtual {arch} in {time.monotonic() - start:.1f}s: {type(model).__name__}",
+              flush=True)
 
 
 if __name__ == "__main__":
