@@ -1,12 +1,15 @@
 """Kernel benchmarks: each MILI op against MAX's own equivalent and numpy, measured side by side.
 
-For every case both graphs are compiled once, then timed in interleaved rounds (the machine is shared
-and noisy, so the two always see the same conditions); we report medians, achieved GB/s, and the
-ratio MAX time / MILI time (> 1 means MILI is faster).
+For every case the graphs are compiled once, then timed in interleaved rounds (the machine is shared and
+noisy, so all contenders see the same conditions); we report medians, achieved GB/s (GFLOP/s for
+attention), and ratios: other's time / MILI's time (> 1 means MILI is faster). Shapes are Qwen3-0.6B's
+(hidden 1024, 16 query / 8 KV heads, head_dim 128, intermediate 3072, KV block 16).
 
-    python benchmarks/kernels.py [--repeats 50] [--out results/kernels.json]
+    python benchmarks/kernels.py [--repeats 30] [--quick] [--out results/kernels.json]
 
-Ops covered so far: RMSNorm (vs max.graph.ops.rms_norm) at Qwen3-0.6B's hidden size.
+Every graph time includes MAX's per-execute overhead (~20-30 us here), the same for both sides.
+MAX's attention and KV-store ops need MAX's own KV-cache objects and are not compared yet: attention is
+compared with numpy and with the machine's measured memory bandwidth (decode must stream K and V).
 """
 
 from __future__ import annotations
@@ -15,24 +18,31 @@ import argparse
 import json
 import platform
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from max.driver import CPU
+from max.driver import CPU, Buffer
 from max.dtype import DType
 from max.engine import InferenceSession
-from max.graph import DeviceRef, Graph, TensorType, TensorValue, ops
+from max.graph import BufferType, DeviceRef, Graph, TensorType, TensorValue, ops
+from max.nn.kernels import rope_ragged_with_position_ids
 
 from mili.dtypes import numpy_to_buffer
 from mili.kernels import kernel_package
 from mili.model import ops as mili_ops
+from mili.model.kv_layout import KVCacheShape
+from mili.model.rope import rope_table
 
-HIDDEN = 1024  # Qwen3-0.6B
+HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 1024, 3072, 16, 8, 128, 16
 TOKENS = (1, 16, 512, 2048)
-EPS = 1e-6
+DECODE_CONTEXTS = (512, 4096, 16384)
+PREFILL_TOKENS = (512, 2048)
+EPS, THETA, MAX_POSITIONS = 1e-6, 1_000_000.0, 40960
+CPU_REF = DeviceRef.CPU()
 
 
 @dataclass
@@ -41,101 +51,258 @@ class Row:
     dtype: str
     shape: str
     mili_us: float
-    max_us: float
-    numpy_us: float
+    max_us: float | None
+    numpy_us: float | None
     mili_gb_s: float
-    ratio_vs_max: float  # MAX time / MILI time: > 1 means MILI is faster
-    ratio_vs_numpy: float
+    mili_gflop_s: float | None
+    vs_max: float | None  # MAX time / MILI time: > 1 means MILI is faster
+    vs_numpy: float | None
 
 
-def _graph(name: str, dtype: DType, body: Callable[[TensorValue, TensorValue], TensorValue]) -> Graph:
-    device = DeviceRef.CPU()
-    types = [TensorType(dtype, ["tokens", HIDDEN], device), TensorType(dtype, [HIDDEN], device)]
-    with Graph(name, input_types=types, custom_extensions=[kernel_package()]) as graph:
-        x, weight = (v.tensor for v in graph.inputs)
-        graph.output(body(x, weight))
-    return graph
+def median_us(fn: Callable[[], object], samples: list[float]) -> None:
+    start = time.perf_counter()
+    fn()
+    samples.append(time.perf_counter() - start)
 
 
-def _median_us(samples: list[float]) -> float:
-    return statistics.median(samples) * 1e6
-
-
-def _time_interleaved(callables: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median microseconds of each callable, timed in alternating order after a warm-up."""
-    for fn in callables.values():
+def time_interleaved(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median microseconds of each callable, timed in alternating order after one warm-up call each."""
+    for fn in contenders.values():
         fn()
-    samples: dict[str, list[float]] = {name: [] for name in callables}
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeats):
-        for name, fn in callables.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: _median_us(s) for name, s in samples.items()}
+        for name, fn in contenders.items():
+            median_us(fn, samples[name])
+    return {name: statistics.median(s) * 1e6 for name, s in samples.items()}
 
 
-def _numpy_rms_norm(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + EPS) * weight
+def graph(name: str, input_types: Sequence, body: Callable[..., Sequence[TensorValue] | TensorValue | None]) -> Graph:
+    with Graph(name, input_types=list(input_types), custom_extensions=[kernel_package()]) as g:
+        outputs = body(*g.inputs)
+        if outputs is None:
+            g.output()
+        else:
+            g.output(*(outputs if isinstance(outputs, (list, tuple)) else [outputs]))
+    return g
 
 
-def bench_rms_norm(session: InferenceSession, repeats: int) -> list[Row]:
-    rows = []
-    for dtype in (DType.float32, DType.bfloat16):
-        print(f"  compiling RMSNorm graphs ({dtype})...", flush=True)
-        ours = session.load(_graph("mili_rms_norm", dtype, lambda x, w: mili_ops.rms_norm(x, w, EPS)))
-        theirs = session.load(_graph("max_rms_norm", dtype, lambda x, w: ops.rms_norm(x, w, EPS)))
+def measure_bandwidth_gb_s(repeats: int) -> float:
+    """Read bandwidth of this machine: two threads summing halves of a 512 MB array (numpy releases the GIL)."""
+    data = np.ones(128 << 20, np.float32)
+    halves = np.array_split(data, 2)
+
+    def read_all() -> None:
+        threads = [threading.Thread(target=np.sum, args=(h,)) for h in halves]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    seconds = time_interleaved({"read": read_all}, max(3, repeats // 5))["read"] / 1e6
+    return data.nbytes / seconds / 1e9
+
+
+class Bench:
+    def __init__(self, repeats: int, quick: bool) -> None:
+        self.session = InferenceSession(devices=[CPU()])
+        self.repeats = repeats
+        self.quick = quick
+        self.rows: list[Row] = []
+
+    def record(self, op: str, dtype: DType, shape: str, times: dict[str, float], nbytes: int,
+               flops: float | None = None) -> None:
+        mili = times["mili"]
+        row = Row(
+            op=op, dtype=str(dtype).removeprefix("DType."), shape=shape, mili_us=mili,
+            max_us=times.get("max"), numpy_us=times.get("numpy"), mili_gb_s=nbytes / (mili * 1e-6) / 1e9,
+            mili_gflop_s=None if flops is None else flops / (mili * 1e-6) / 1e9,
+            vs_max=times["max"] / mili if "max" in times else None,
+            vs_numpy=times["numpy"] / mili if "numpy" in times else None,
+        )
+        self.rows.append(row)
+        extra = f"  vs MAX x{row.vs_max:.2f}" if row.vs_max else ""
+        print(f"    {op:14s} {row.dtype:9s} {shape:>16s}  MILI {mili:9.1f} us  {row.mili_gb_s:6.1f} GB/s{extra}",
+              flush=True)
+
+    def tokens(self) -> Sequence[int]:
+        return TOKENS[:2] if self.quick else TOKENS
+
+    # ------------------------------------------------------------------ elementwise ops
+
+    def norms(self, dtype: DType) -> None:
+        x_t, w_t = TensorType(dtype, ["t", HIDDEN], CPU_REF), TensorType(dtype, [HIDDEN], CPU_REF)
+        ours = self.session.load(graph("mili_norm", [x_t, w_t], lambda x, w: mili_ops.rms_norm(x.tensor, w.tensor, EPS)))
+        theirs = self.session.load(graph("max_norm", [x_t, w_t], lambda x, w: ops.rms_norm(x.tensor, w.tensor, EPS)))
+        ours_add = self.session.load(graph("mili_add_norm", [x_t, x_t, w_t], lambda x, r, w: list(
+            mili_ops.add_rms_norm(x.tensor, r.tensor, w.tensor, EPS))))
+
+        def max_add_norm(x, r, w):
+            summed = x.tensor + r.tensor
+            return [ops.rms_norm(summed, w.tensor, EPS), summed]
+
+        theirs_add = self.session.load(graph("max_add_norm", [x_t, x_t, w_t], max_add_norm))
         rng = np.random.default_rng()
-        for tokens in TOKENS:
-            x = rng.standard_normal((tokens, HIDDEN)).astype(np.float32)
+        for tokens in self.tokens():
+            x, r = rng.standard_normal((2, tokens, HIDDEN)).astype(np.float32)
             w = rng.standard_normal(HIDDEN).astype(np.float32)
-            inputs = [numpy_to_buffer(x, dtype), numpy_to_buffer(w, dtype)]
-            times = _time_interleaved({
-                "mili": lambda: ours.execute(*inputs),
-                "max": lambda: theirs.execute(*inputs),
-                "numpy": lambda: _numpy_rms_norm(x, w),
-            }, repeats)
-            bytes_moved = (2 * tokens * HIDDEN + HIDDEN) * dtype.size_in_bytes  # read x and w, write out
-            rows.append(Row(
-                op="rms_norm", dtype=str(dtype).removeprefix("DType."), shape=f"{tokens}x{HIDDEN}",
-                mili_us=times["mili"], max_us=times["max"], numpy_us=times["numpy"],
-                mili_gb_s=bytes_moved / (times["mili"] * 1e-6) / 1e9,
-                ratio_vs_max=times["max"] / times["mili"], ratio_vs_numpy=times["numpy"] / times["mili"],
-            ))
-            print(f"    {rows[-1].dtype:9s} {rows[-1].shape:>10s}  mili {times['mili']:9.1f} us  "
-                  f"max {times['max']:9.1f} us  x{rows[-1].ratio_vs_max:.2f}", flush=True)
-    return rows
+            xb, rb, wb = (numpy_to_buffer(a, dtype) for a in (x, r, w))
+            size = dtype.size_in_bytes
+            times = time_interleaved({
+                "mili": lambda: ours.execute(xb, wb), "max": lambda: theirs.execute(xb, wb),
+                "numpy": lambda: x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + EPS) * w,
+            }, self.repeats)
+            self.record("rms_norm", dtype, f"{tokens}x{HIDDEN}", times, (2 * tokens + 1) * HIDDEN * size)
+            times = time_interleaved({
+                "mili": lambda: ours_add.execute(xb, rb, wb), "max": lambda: theirs_add.execute(xb, rb, wb),
+            }, self.repeats)
+            self.record("add_rms_norm", dtype, f"{tokens}x{HIDDEN}", times, (4 * tokens + 1) * HIDDEN * size)
+
+    def swiglu(self, dtype: DType) -> None:
+        gu_t = TensorType(dtype, ["t", 2 * INTER], CPU_REF)
+        ours = self.session.load(graph("mili_swiglu", [gu_t], lambda gu: mili_ops.swiglu(gu.tensor)))
+
+        def max_swiglu(gu):
+            gate, up = ops.split(gu.tensor, [INTER, INTER], axis=1)
+            return ops.silu(gate) * up
+
+        theirs = self.session.load(graph("max_swiglu", [gu_t], max_swiglu))
+        rng = np.random.default_rng()
+        for tokens in self.tokens():
+            gu = rng.standard_normal((tokens, 2 * INTER)).astype(np.float32)
+            gub = numpy_to_buffer(gu, dtype)
+            g, u = gu[:, :INTER], gu[:, INTER:]
+            times = time_interleaved({
+                "mili": lambda: ours.execute(gub), "max": lambda: theirs.execute(gub),
+                "numpy": lambda: g / (1 + np.exp(-g)) * u,
+            }, self.repeats)
+            self.record("swiglu", dtype, f"{tokens}x{2 * INTER}", times, 3 * tokens * INTER * dtype.size_in_bytes)
+
+    def rope(self, dtype: DType) -> None:
+        x_t = TensorType(dtype, ["t", HEADS, HEAD_DIM], CPU_REF)
+        ours = self.session.load(graph(
+            "mili_rope", [x_t, TensorType(DType.int32, ["t"], CPU_REF),
+                          TensorType(DType.float32, [MAX_POSITIONS, HEAD_DIM], CPU_REF)],
+            lambda x, p, tab: mili_ops.rope(x.tensor, p.tensor, tab.tensor)))
+        theirs = self.session.load(graph(
+            "max_rope", [x_t, TensorType(DType.uint32, ["t"], CPU_REF),
+                         TensorType(dtype, [MAX_POSITIONS, HEAD_DIM], CPU_REF)],
+            lambda x, p, tab: rope_ragged_with_position_ids(x.tensor, tab.tensor, p.tensor, interleaved=False)))
+        table = rope_table(HEAD_DIM, THETA, MAX_POSITIONS)
+        table_b, table_max = Buffer.from_numpy(table), numpy_to_buffer(table, dtype)
+        rng = np.random.default_rng()
+        for tokens in self.tokens():
+            x = rng.standard_normal((tokens, HEADS, HEAD_DIM)).astype(np.float32)
+            pos = rng.integers(0, 4096, tokens)
+            xb = numpy_to_buffer(x, dtype)
+            pos32, posu = Buffer.from_numpy(pos.astype(np.int32)), Buffer.from_numpy(pos.astype(np.uint32))
+            times = time_interleaved({
+                "mili": lambda: ours.execute(xb, pos32, table_b), "max": lambda: theirs.execute(xb, posu, table_max),
+            }, self.repeats)
+            self.record("rope", dtype, f"{tokens}x{HEADS}x{HEAD_DIM}", times,
+                        2 * tokens * HEADS * HEAD_DIM * dtype.size_in_bytes)
+
+    # ------------------------------------------------------------------ cache ops
+
+    def cache_graphs(self, dtype: DType, num_blocks: int):
+        cache_t = BufferType(dtype, [1, 2, num_blocks, KV_HEADS, BLOCK * HEAD_DIM], CPU_REF)
+        i32 = DType.int32
+        store = self.session.load(graph(
+            "mili_kv_store", [cache_t, TensorType(dtype, ["t", KV_HEADS, HEAD_DIM], CPU_REF),
+                              TensorType(dtype, ["t", KV_HEADS, HEAD_DIM], CPU_REF), TensorType(i32, ["t"], CPU_REF),
+                              TensorType(i32, [1], CPU_REF)],
+            lambda c, k, v, s, layer: mili_ops.kv_store(c.buffer, k.tensor, v.tensor, s.tensor, layer.tensor, BLOCK)))
+        attend = self.session.load(graph(
+            "mili_attention", [cache_t, TensorType(dtype, ["t", HEADS, HEAD_DIM], CPU_REF), TensorType(i32, [1], CPU_REF),
+                               TensorType(i32, ["b1"], CPU_REF), TensorType(i32, ["b"], CPU_REF),
+                               TensorType(i32, ["b", "mb"], CPU_REF)],
+            lambda c, q, layer, qs, cl, bt: mili_ops.paged_attention(c.buffer, q.tensor, layer.tensor, qs.tensor,
+                                                                     cl.tensor, bt.tensor, BLOCK)))
+        return store, attend
+
+    def attention(self, dtype: DType, bandwidth: float) -> None:
+        contexts = DECODE_CONTEXTS[:2] if self.quick else DECODE_CONTEXTS
+        num_blocks = max(max(contexts), max(PREFILL_TOKENS)) // BLOCK + 1
+        store, attend = self.cache_graphs(dtype, num_blocks)
+        shape = KVCacheShape(1, num_blocks, KV_HEADS, BLOCK, HEAD_DIM)
+        rng = np.random.default_rng()
+        cache = numpy_to_buffer(rng.standard_normal(shape.shape).astype(np.float32), dtype)
+        layer = Buffer.from_numpy(np.zeros(1, np.int32))
+        size = dtype.size_in_bytes
+        table = Buffer.from_numpy(rng.permutation(num_blocks).astype(np.int32)[None, :])
+        for tokens in self.tokens():
+            k = numpy_to_buffer(rng.standard_normal((tokens, KV_HEADS, HEAD_DIM)).astype(np.float32), dtype)
+            slots = Buffer.from_numpy(rng.permutation(num_blocks * BLOCK)[:tokens].astype(np.int32))
+            times = time_interleaved({"mili": lambda: store.execute(cache, k, k, slots, layer)}, self.repeats)
+            self.record("kv_store", dtype, f"{tokens}x{KV_HEADS}x{HEAD_DIM}", times, 4 * tokens * KV_HEADS * HEAD_DIM * size)
+        for context in contexts:
+            q = rng.standard_normal((1, HEADS, HEAD_DIM)).astype(np.float32)
+            args = [cache, numpy_to_buffer(q, dtype), layer, Buffer.from_numpy(np.array([0, 1], np.int32)),
+                    Buffer.from_numpy(np.array([context], np.int32)), table]
+            k_np = rng.standard_normal((context, KV_HEADS, HEAD_DIM)).astype(np.float32)
+            q_np = q[0].reshape(KV_HEADS, HEADS // KV_HEADS, HEAD_DIM)
+
+            def numpy_decode() -> np.ndarray:  # contiguous K/V: numpy's best case
+                scores = np.einsum("hgd,thd->hgt", q_np, k_np)
+                p = np.exp(scores - scores.max(-1, keepdims=True))
+                return np.einsum("hgt,thd->hgd", p / p.sum(-1, keepdims=True), k_np)
+
+            times = time_interleaved({"mili": lambda: attend.execute(*args), "numpy": numpy_decode}, self.repeats)
+            nbytes = 2 * context * KV_HEADS * HEAD_DIM * size
+            self.record("attn_decode", dtype, f"ctx {context}", times, nbytes, 4 * context * HEADS * HEAD_DIM)
+            print(f"      decode at ctx {context}: {self.rows[-1].mili_gb_s / bandwidth:.0%} of measured bandwidth "
+                  f"({bandwidth:.1f} GB/s)", flush=True)
+        for tokens in PREFILL_TOKENS[:1] if self.quick else PREFILL_TOKENS:
+            q = numpy_to_buffer(rng.standard_normal((tokens, HEADS, HEAD_DIM)).astype(np.float32), dtype)
+            args = [cache, q, layer, Buffer.from_numpy(np.array([0, tokens], np.int32)),
+                    Buffer.from_numpy(np.array([tokens], np.int32)), table]
+            times = time_interleaved({"mili": lambda: attend.execute(*args)}, max(3, self.repeats // 5))
+            flops = 2 * 2 * HEADS * HEAD_DIM * tokens * (tokens + 1) / 2
+            self.record("attn_prefill", dtype, f"{tokens} tokens", times, 2 * tokens * KV_HEADS * HEAD_DIM * size, flops)
 
 
 def print_table(rows: list[Row]) -> None:
-    header = f"{'op':10s} {'dtype':9s} {'shape':>10s} {'MILI us':>10s} {'MAX us':>10s} {'numpy us':>10s} " \
-             f"{'MILI GB/s':>10s} {'vs MAX':>7s} {'vs numpy':>9s}"
+    def fmt(value: float | None, spec: str) -> str:
+        return format(value, spec) if value is not None else "-"
+
+    header = (f"{'op':14s} {'dtype':9s} {'shape':>16s} {'MILI us':>10s} {'MAX us':>10s} {'numpy us':>10s} "
+              f"{'GB/s':>7s} {'GFLOP/s':>8s} {'vs MAX':>7s} {'vs numpy':>8s}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r.op:10s} {r.dtype:9s} {r.shape:>10s} {r.mili_us:10.1f} {r.max_us:10.1f} {r.numpy_us:10.1f} "
-              f"{r.mili_gb_s:10.2f} {r.ratio_vs_max:6.2f}x {r.ratio_vs_numpy:8.2f}x")
+        print(f"{r.op:14s} {r.dtype:9s} {r.shape:>16s} {r.mili_us:10.1f} {fmt(r.max_us, '10.1f'):>10s} "
+              f"{fmt(r.numpy_us, '10.1f'):>10s} {r.mili_gb_s:7.1f} {fmt(r.mili_gflop_s, '8.1f'):>8s} "
+              f"{fmt(r.vs_max, '6.2f'):>6s}x {fmt(r.vs_numpy, '7.2f'):>7s}x")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=50, help="timed rounds per case (default 50)")
+    parser.add_argument("--repeats", type=int, default=30, help="timed rounds per case (default 30)")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
     parser.add_argument("--out", default="results/kernels.json", help="where to write the JSON results")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
 
-    session = InferenceSession(devices=[CPU()])
-    print("RMSNorm: MILI vs max.graph.ops.rms_norm vs numpy", flush=True)
-    rows = bench_rms_norm(session, args.repeats)
+    bench = Bench(args.repeats, args.quick)
+    print("measuring memory bandwidth...", flush=True)
+    bandwidth = measure_bandwidth_gb_s(args.repeats)
+    print(f"  {bandwidth:.1f} GB/s read (2 threads)", flush=True)
+    for dtype in (DType.float32, DType.bfloat16):
+        print(f"{dtype}: compiling and timing (graph compiles take tens of seconds the first time)", flush=True)
+        bench.norms(dtype)
+        bench.swiglu(dtype)
+        bench.rope(dtype)
+        bench.attention(dtype, bandwidth)
     print()
-    print_table(rows)
+    print_table(bench.rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+                    "read_bandwidth_gb_s": bandwidth},
         "repeats": args.repeats,
-        "note": "medians of interleaved rounds; ratio = other time / MILI time (> 1: MILI faster)",
-        "rows": [asdict(r) for r in rows],
+        "note": "medians of interleaved rounds; vs_* = other time / MILI time (> 1: MILI faster)",
+        "rows": [asdict(r) for r in bench.rows],
     }, indent=2))
     print(f"\nwrote {out}")
 
