@@ -29,7 +29,8 @@ from max.gpu import block_idx, thread_idx, barrier
 from max.algorithm import sync_parallelize
 from std.algorithm import vectorize
 from std.memory import stack_allocation, AddressSpace
-from std.sys import simd_width_of, num_physical_cores
+from std.sys import simd_width_of, num_physical_cores, size_of
+from std.sys.intrinsics import prefetch, PrefetchOptions
 from std.math import exp, sqrt, ceildiv, iota
 from .kv_cache import CacheLayout, cache_layout
 from .gpu_reduce import block_sum, block_max
@@ -173,7 +174,9 @@ def attend_tile[dtype: DType, head_dim: Int, block_size: Int](
     comptime D = head_dim
     comptime BS = block_size
     comptime KC = min(BS, F32_WIDTH)  # keys scored per SIMD vector
+    comptime LINE_ELEMS = 64 // size_of[dtype]()  # elements per cache line
     comptime assert BS % KC == 0, "block_size must be a multiple of the key chunk"
+    comptime assert D % 4 == 0, "head_dim must be a multiple of 4"
     var heads = tile.end_head - tile.first_head
     var rows = (tile.end_token - tile.first_token) * heads
     var q_rows = stack_allocation[MAX_ROWS * D, Float32]()
@@ -207,20 +210,40 @@ def attend_tile[dtype: DType, head_dim: Int, block_size: Int](
         var physical = Int(block_tables.unsafe_load(table_row + block_start // BS))
         var k_block = layout.k_block(physical, tile.kv_head)
         var v_block = layout.v_block(physical, tile.kv_head)
-        var most_keys = 0
+        if block_start + BS < max_limit:
+            # Blocks are scattered in memory, so the hardware prefetcher cannot see the next one coming:
+            # ask for it while this one is computed (decode is a pure stream over K and V).
+            var next_physical = Int(block_tables.unsafe_load(table_row + block_start // BS + 1))
+            var next_k = layout.k_block(next_physical, tile.kv_head)
+            var next_v = layout.v_block(next_physical, tile.kv_head)
+            for offset in range(0, BS * D, LINE_ELEMS):
+                prefetch[PrefetchOptions().for_read().high_locality()](cache_ptr.unsafe_offset(next_k + offset))
+                prefetch[PrefetchOptions().for_read().high_locality()](cache_ptr.unsafe_offset(next_v + offset))
         for r in range(rows):
             var n = max(0, min(BS, row_limit.unsafe_load(r) - block_start))
             row_keys.unsafe_store(r, n)
-            most_keys = max(most_keys, n)
             if n == 0:
                 continue
             # Scores of this row against the block's keys, KC keys per vector.
             var best = SIMD[DType.float32, KC](NO_SCORE)
             for c in range(0, n, KC):
-                var s = SIMD[DType.float32, KC](0)
-                for d in range(D):
-                    var k = cache_ptr.unsafe_load[width=KC](k_block + d * BS + c).cast[DType.float32]()
-                    s += q_rows.unsafe_load(r * D + d) * k
+                # Four independent accumulators hide the FMA latency of one long chain over head_dim.
+                var s0 = SIMD[DType.float32, KC](0)
+                var s1 = SIMD[DType.float32, KC](0)
+                var s2 = SIMD[DType.float32, KC](0)
+                var s3 = SIMD[DType.float32, KC](0)
+                var q_row = r * D
+                var k_col = k_block + c
+                for d in range(0, D, 4):
+                    s0 += q_rows.unsafe_load(q_row + d) * cache_ptr.unsafe_load[width=KC](
+                        k_col + d * BS).cast[DType.float32]()
+                    s1 += q_rows.unsafe_load(q_row + d + 1) * cache_ptr.unsafe_load[width=KC](
+                        k_col + (d + 1) * BS).cast[DType.float32]()
+                    s2 += q_rows.unsafe_load(q_row + d + 2) * cache_ptr.unsafe_load[width=KC](
+                        k_col + (d + 2) * BS).cast[DType.float32]()
+                    s3 += q_rows.unsafe_load(q_row + d + 3) * cache_ptr.unsafe_load[width=KC](
+                        k_col + (d + 3) * BS).cast[DType.float32]()
+                var s = (s0 + s1) + (s2 + s3)
                 var valid = iota[DType.int32, KC]().lt(SIMD[DType.int32, KC](Int32(n - c)))
                 s = valid.select(s, SIMD[DType.float32, KC](NO_SCORE))
                 scores.unsafe_store(r * BS + c, s)
@@ -241,19 +264,17 @@ def attend_tile[dtype: DType, head_dim: Int, block_size: Int](
                     acc.unsafe_store(r * D + d, acc.unsafe_load[width=w](r * D + d) * alpha)
 
                 vectorize[F32_WIDTH](D, rescale)
-        # Weighted sum of V rows; each V row is loaded once for all rows of the tile.
-        for t in range(most_keys):
-            var v_row = v_block + t * D
-            for r in range(rows):
-                if t >= row_keys.unsafe_load(r):
-                    continue
-                var p = scores.unsafe_load(r * BS + t)
-
-                def accumulate[w: Int](d: Int) {imm acc, imm cache_ptr, imm v_row, imm r, imm p}:
-                    var v = cache_ptr.unsafe_load[width=w](v_row + d).cast[DType.float32]()
-                    acc.unsafe_store(r * D + d, acc.unsafe_load[width=w](r * D + d) + p * v)
-
-                vectorize[F32_WIDTH](D, accumulate)
+        # Weighted sum of V rows. A row's whole output (head_dim floats) stays in registers across the
+        # block's keys; the V block is read from L1 for the tile's other rows.
+        for r in range(rows):
+            var n = row_keys.unsafe_load(r)
+            if n == 0:
+                continue
+            var out_row = acc.unsafe_load[width=D](r * D)
+            for t in range(n):
+                var v = cache_ptr.unsafe_load[width=D](v_block + t * D).cast[DType.float32]()
+                out_row += scores.unsafe_load(r * BS + t) * v
+            acc.unsafe_store(r * D, out_row)
         block_start += BS
 
     for r in range(rows):
