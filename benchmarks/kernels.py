@@ -59,7 +59,7 @@ class Row:
     vs_numpy: float | None
 
 
-def median_us(fn: Callable[[], object], samples: list[float]) -> None:
+def time_once(fn: Callable[[], object], samples: list[float]) -> None:
     start = time.perf_counter()
     fn()
     samples.append(time.perf_counter() - start)
@@ -72,7 +72,7 @@ def time_interleaved(contenders: dict[str, Callable[[], object]], repeats: int) 
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, fn in contenders.items():
-            median_us(fn, samples[name])
+            time_once(fn, samples[name])
     return {name: statistics.median(s) * 1e6 for name, s in samples.items()}
 
 

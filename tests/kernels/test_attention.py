@@ -44,10 +44,6 @@ def to_dtype(values: np.ndarray, dtype: DType) -> np.ndarray:
     return bf16_bits_to_f32(f32_to_bf16_bits(values)) if dtype == DType.bfloat16 else values.astype(np.float32)
 
 
-def cache_from_f32(cache: np.ndarray, dtype: DType) -> Buffer:
-    return numpy_to_buffer(cache, dtype)
-
-
 def run_scenario(model, case: AttentionCase, sc: Scenario, rng):
     bs, d = case.block_size, case.head_dim
     blocks_needed = sum(-(-ctx // bs) for _, ctx in sc.seqs)
@@ -96,7 +92,7 @@ def run_scenario(model, case: AttentionCase, sc: Scenario, rng):
         if slot >= 0:
             shape.write(expected_cache, LAYER, slot, kk, vv)
 
-    cache_buffer = cache_from_f32(cache, case.dtype)
+    cache_buffer = numpy_to_buffer(cache, case.dtype)
     out = model.execute(
         cache_buffer, numpy_to_buffer(np.stack(new_k), case.dtype), numpy_to_buffer(np.stack(new_v), case.dtype),
         Buffer.from_numpy(np.array(slots, np.int32)), numpy_to_buffer(np.concatenate(qs), case.dtype),
