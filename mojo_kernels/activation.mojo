@@ -11,10 +11,10 @@ import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
 from max.gpu import block_idx, thread_idx, block_dim, grid_dim
-from max.algorithm import sync_parallelize
 from std.algorithm import vectorize
 from std.sys import simd_width_of, num_physical_cores
 from std.math import exp, ceildiv
+from .cpu_parallel import parallel_ranges
 
 comptime GPU_THREADS = 256
 comptime CPU_MIN_ELEMENTS_PER_TASK = 16384  # below this, splitting costs more than it saves
@@ -33,17 +33,15 @@ def swiglu_cpu[dtype: DType](
     tokens: Int,
     inter: Int,
 ) raises:
-    """One task per token range, sized so each task has real work."""
+    """One task per token range, with few enough tasks that each has real work."""
     comptime width = simd_width_of[dtype]()
     var total = tokens * inter
     if total == 0:
         return
     var tasks = max(1, min(num_physical_cores(), total // CPU_MIN_ELEMENTS_PER_TASK))
-    tasks = min(tasks, tokens)
-    var tokens_per_task = ceildiv(tokens, tasks)
 
-    def do_tokens(task: Int) raises {imm out_ptr, imm gate_up_ptr, imm tokens, imm inter, imm tokens_per_task}:
-        for t in range(task * tokens_per_task, min(tokens, (task + 1) * tokens_per_task)):
+    def do_tokens(start: Int, end: Int) raises {imm out_ptr, imm gate_up_ptr, imm inter}:
+        for t in range(start, end):
             var in_row = t * 2 * inter
             var out_row = t * inter
 
@@ -54,7 +52,7 @@ def swiglu_cpu[dtype: DType](
 
             vectorize[width](inter, columns)
 
-    sync_parallelize(do_tokens, tasks)
+    parallel_ranges(tokens, tasks, do_tokens)
 
 
 def swiglu_gpu_kernel[dtype: DType](

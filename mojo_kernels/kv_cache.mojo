@@ -13,9 +13,8 @@ import extensibility
 from extensibility import InputTensor, ManagedTensorSlice, IOSpec
 from max.gpu.host import DeviceContext
 from max.gpu import block_idx, thread_idx, block_dim, grid_dim
-from max.algorithm import sync_parallelize
 from std.sys import num_physical_cores
-from std.math import ceildiv
+from .cpu_parallel import parallel_ranges
 
 comptime MutableInputTensor = ManagedTensorSlice[IOSpec.MutableInput, ...]
 comptime GPU_THREADS = 256
@@ -100,18 +99,14 @@ def kv_store_cpu[dtype: DType](
 ) raises:
     check_slots(slots_ptr, tokens, layout)
     var row = layout.kv_heads * layout.head_dim
-    var tasks = min(tokens, num_physical_cores())
-    if tasks == 0:
-        return
-    var per_task = ceildiv(tokens, tasks)
 
-    def do_tokens(task: Int) raises {imm cache_ptr, imm layout, imm k_ptr, imm v_ptr, imm slots_ptr, imm tokens, imm row, imm per_task}:
-        for t in range(task * per_task, min(tokens, (task + 1) * per_task)):
+    def do_tokens(start: Int, end: Int) raises {imm cache_ptr, imm layout, imm k_ptr, imm v_ptr, imm slots_ptr, imm row}:
+        for t in range(start, end):
             var slot = Int(slots_ptr.unsafe_load(t))
             if slot >= 0:
                 store_token_kv[dtype](cache_ptr, layout, slot, k_ptr, v_ptr, t * row)
 
-    sync_parallelize(do_tokens, tasks)
+    parallel_ranges(tokens, num_physical_cores(), do_tokens)
 
 
 def kv_store_gpu_kernel[dtype: DType](

@@ -15,11 +15,11 @@ import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
 from max.gpu import block_idx, thread_idx
-from max.algorithm import sync_parallelize
 from std.algorithm import vectorize
 from std.memory import stack_allocation, AddressSpace
 from std.sys import simd_width_of, num_physical_cores
-from std.math import sqrt, ceildiv
+from std.math import sqrt
+from .cpu_parallel import parallel_ranges
 from .gpu_reduce import block_sum
 
 comptime GPU_THREADS_PER_ROW = 256
@@ -95,19 +95,15 @@ def rms_norm_cpu[dtype: DType](
     hidden: Int,
     eps: Float32,
 ) raises:
-    """All rows, one contiguous range of rows per core (few, large tasks: no per-row overhead)."""
-    var tasks = min(rows, num_physical_cores())
-    if tasks == 0:
-        return
-    var per_task = ceildiv(rows, tasks)
+    """All rows, one contiguous range of rows per core."""
 
-    def do_rows(task: Int) raises {imm out_ptr, imm x_ptr, imm weight_ptr, imm rows, imm hidden, imm eps, imm per_task}:
-        for r in range(task * per_task, min(rows, (task + 1) * per_task)):
+    def do_rows(start: Int, end: Int) raises {imm out_ptr, imm x_ptr, imm weight_ptr, imm hidden, imm eps}:
+        for r in range(start, end):
             var base = r * hidden
             var inv = inv_rms(sum_of_squares[dtype](x_ptr, base, hidden), hidden, eps)
             scale_row[dtype](out_ptr, x_ptr, weight_ptr, base, hidden, inv)
 
-    sync_parallelize(do_rows, tasks)
+    parallel_ranges(rows, num_physical_cores(), do_rows)
 
 
 def add_rms_norm_cpu[dtype: DType](
@@ -120,18 +116,13 @@ def add_rms_norm_cpu[dtype: DType](
     hidden: Int,
     eps: Float32,
 ) raises:
-    var tasks = min(rows, num_physical_cores())
-    if tasks == 0:
-        return
-    var per_task = ceildiv(rows, tasks)
-
-    def do_rows(task: Int) raises {imm out_ptr, imm sum_ptr, imm x_ptr, imm residual_ptr, imm weight_ptr, imm rows, imm hidden, imm eps, imm per_task}:
-        for r in range(task * per_task, min(rows, (task + 1) * per_task)):
+    def do_rows(start: Int, end: Int) raises {imm out_ptr, imm sum_ptr, imm x_ptr, imm residual_ptr, imm weight_ptr, imm hidden, imm eps}:
+        for r in range(start, end):
             var base = r * hidden
             var sum_sq = add_and_sum_of_squares[dtype](sum_ptr, x_ptr, residual_ptr, base, hidden)
             scale_row[dtype](out_ptr, sum_ptr, weight_ptr, base, hidden, inv_rms(sum_sq, hidden, eps))
 
-    sync_parallelize(do_rows, tasks)
+    parallel_ranges(rows, num_physical_cores(), do_rows)
 
 
 def rms_norm_gpu_kernel[dtype: DType, add_residual: Bool](

@@ -13,10 +13,10 @@ import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
 from max.gpu import block_idx, thread_idx, block_dim, grid_dim
-from max.algorithm import sync_parallelize
 from std.algorithm import vectorize
 from std.sys import simd_width_of, num_physical_cores
 from std.math import ceildiv
+from .cpu_parallel import parallel_ranges
 
 comptime GPU_THREADS = 256
 
@@ -62,18 +62,14 @@ def rope_cpu[dtype: DType, head_dim: Int](
     max_positions: Int,
 ) raises:
     check_positions(positions_ptr, tokens, max_positions)
-    var tasks = min(tokens, num_physical_cores())
-    if tasks == 0:
-        return
-    var per_task = ceildiv(tokens, tasks)
 
-    def do_tokens(task: Int) raises {imm out_ptr, imm x_ptr, imm positions_ptr, imm table_ptr, imm tokens, imm heads, imm per_task}:
-        for t in range(task * per_task, min(tokens, (task + 1) * per_task)):
+    def do_tokens(start: Int, end: Int) raises {imm out_ptr, imm x_ptr, imm positions_ptr, imm table_ptr, imm heads}:
+        for t in range(start, end):
             var table_row = Int(positions_ptr.unsafe_load(t)) * head_dim
             for h in range(heads):
                 rotate_head[dtype, head_dim](out_ptr, x_ptr, (t * heads + h) * head_dim, table_ptr, table_row)
 
-    sync_parallelize(do_tokens, tasks)
+    parallel_ranges(tokens, num_physical_cores(), do_tokens)
 
 
 def rope_gpu_kernel[dtype: DType, head_dim: Int](

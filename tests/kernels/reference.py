@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from max.dtype import DType
 
 from mili.dtypes import bf16_bits_to_f32, f32_to_bf16_bits
 
@@ -10,6 +11,11 @@ from mili.dtypes import bf16_bits_to_f32, f32_to_bf16_bits
 def bf16_round(values: np.ndarray) -> np.ndarray:
     """Values as bfloat16 would hold them (as float32)."""
     return bf16_bits_to_f32(f32_to_bf16_bits(np.asarray(values, np.float32)))
+
+
+def as_dtype(values: np.ndarray, dtype: DType) -> np.ndarray:
+    """Values as a tensor of `dtype` (float32 or bfloat16) holds them, as float32."""
+    return bf16_round(values) if dtype == DType.bfloat16 else np.asarray(values, np.float32)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

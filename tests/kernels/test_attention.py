@@ -12,7 +12,7 @@ import pytest
 from max.driver import Buffer
 from max.dtype import DType
 
-from mili.dtypes import bf16_bits_to_f32, f32_to_bf16_bits, numpy_to_buffer, to_numpy_f32
+from mili.dtypes import numpy_to_buffer, to_numpy_f32
 from mili.model.kv_layout import KVCacheShape
 from tests.kernels import reference as ref
 from tests.kernels.graphs import ATTENTION_CASES, NUM_LAYERS, AttentionCase
@@ -40,10 +40,6 @@ SCENARIOS = [
 ]
 
 
-def to_dtype(values: np.ndarray, dtype: DType) -> np.ndarray:
-    return bf16_bits_to_f32(f32_to_bf16_bits(values)) if dtype == DType.bfloat16 else values.astype(np.float32)
-
-
 def run_scenario(model, case: AttentionCase, sc: Scenario, rng):
     bs, d = case.block_size, case.head_dim
     blocks_needed = sum(-(-ctx // bs) for _, ctx in sc.seqs)
@@ -59,11 +55,11 @@ def run_scenario(model, case: AttentionCase, sc: Scenario, rng):
         blocks = order[used:used + n]
         used += n
         tables.append(blocks)
-        k = to_dtype(rng.standard_normal((ctx, sc.kv_heads, d)), case.dtype)
-        v = to_dtype(rng.standard_normal((ctx, sc.kv_heads, d)), case.dtype)
+        k = ref.as_dtype(rng.standard_normal((ctx, sc.kv_heads, d)), case.dtype)
+        v = ref.as_dtype(rng.standard_normal((ctx, sc.kv_heads, d)), case.dtype)
         ks.append(k)
         vs.append(v)
-        qs.append(to_dtype(rng.standard_normal((q_len, sc.heads, d)), case.dtype))
+        qs.append(ref.as_dtype(rng.standard_normal((q_len, sc.heads, d)), case.dtype))
         for pos in range(ctx):
             slot = int(blocks[pos // bs]) * bs + pos % bs
             if pos < ctx - q_len:
@@ -79,7 +75,7 @@ def run_scenario(model, case: AttentionCase, sc: Scenario, rng):
     # The other layers hold finite values: a wrong layer offset would read them instead of NaN-free data.
     for layer in range(NUM_LAYERS):
         if layer != LAYER:
-            cache[layer] = to_dtype(rng.standard_normal(cache[layer].shape), case.dtype)
+            cache[layer] = ref.as_dtype(rng.standard_normal(cache[layer].shape), case.dtype)
     max_blocks = max(len(t) for t in tables) + 2
     block_tables = np.full((len(sc.seqs), max_blocks), -1, np.int32)
     for i, t in enumerate(tables):
@@ -109,7 +105,7 @@ def test_store_and_attention_match_float64(attention_models, case, scenario):
     out, cache_after, expected_cache, (qs, ks, vs, query_start) = run_scenario(
         attention_models[case], case, scenario, rng)
     # The whole cache: new tokens at their slots, everything else (NaN poison included) untouched.
-    np.testing.assert_array_equal(cache_after, to_dtype(expected_cache, case.dtype))
+    np.testing.assert_array_equal(cache_after, ref.as_dtype(expected_cache, case.dtype))
     worst = 0.0
     for b, (q_len, _) in enumerate(scenario.seqs):
         got = out[query_start[b]:query_start[b + 1]]

@@ -31,9 +31,8 @@ def tables():
 
 
 def make_inputs(rng, rows, hidden, tokens, heads, inter, dtype):
-    round_ = ref.bf16_round if dtype == DType.bfloat16 else (lambda a: a.astype(np.float32))
     scale = np.exp(rng.uniform(-3, 3, size=(rows, 1)))  # rows of very different magnitudes
-    return [round_(a) for a in (
+    return [ref.as_dtype(a, dtype) for a in (
         rng.standard_normal((rows, hidden)) * scale, rng.uniform(-2, 2, hidden),
         rng.standard_normal((rows, hidden)) * scale, 3 * rng.standard_normal((tokens, 2 * inter)),
         rng.standard_normal((tokens, heads, 64)), rng.uniform(0.5, 2, 64),
