@@ -40,7 +40,7 @@ serve: install build
 	$(BIN)/mili serve $(SERVE_ARGS)
 
 bench-kernels: install build
-	$(BIN)/python benchmarks/kernels.py $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.kernels $(BENCH_ARGS)
 
 bench: install build
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)

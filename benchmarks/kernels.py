@@ -5,11 +5,13 @@ noisy, so all contenders see the same conditions); we report medians, achieved G
 attention), and ratios: other's time / MILI's time (> 1 means MILI is faster). Shapes are Qwen3-0.6B's
 (hidden 1024, 16 query / 8 KV heads, head_dim 128, intermediate 3072, KV block 16).
 
-    python benchmarks/kernels.py [--repeats 30] [--quick] [--out results/kernels.json]
+    python -m benchmarks.kernels [--repeats 30] [--quick] [--out results/kernels.json]
 
 Every graph time includes MAX's per-execute overhead (~20-30 us here), the same for both sides.
-MAX's attention and KV-store ops need MAX's own KV-cache objects and are not compared yet: attention is
-compared with numpy and with the machine's measured memory bandwidth (decode must stream K and V).
+Attention and the KV store run against MAX's paged-cache ops (`flash_attention_ragged`,
+`kv_cache_store_paged_ragged`, set up in benchmarks/max_paged.py) on the same shapes and page tables;
+decode attention is also reported as a share of the machine's measured read bandwidth, since it must
+stream all of K and V.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from max.engine import InferenceSession
 from max.graph import BufferType, DeviceRef, Graph, TensorType, TensorValue, ops
 from max.nn.kernels import rope_ragged_with_position_ids
 
+from benchmarks import max_paged
 from mili.dtypes import numpy_to_buffer
 from mili.kernels import kernel_package
 from mili.model import ops as mili_ops
@@ -66,13 +69,17 @@ def time_once(fn: Callable[[], object], samples: list[float]) -> None:
 
 
 def time_interleaved(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median microseconds of each callable, timed in alternating order after one warm-up call each."""
+    """Median microseconds of each callable, timed in alternating order after one warm-up call each.
+    The order rotates every round, so no contender always runs right after the same other one (numpy's
+    large temporaries, freed just before, measurably slowed whichever graph ran next)."""
     for fn in contenders.values():
         fn()
     samples: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            time_once(fn, samples[name])
+    names = list(contenders)
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            time_once(contenders[name], samples[name])
     return {name: statistics.median(s) * 1e6 for name, s in samples.items()}
 
 
@@ -220,24 +227,35 @@ class Bench:
         return store, attend
 
     def attention(self, dtype: DType, bandwidth: float) -> None:
+        """KV store, decode and prefill attention, each against MAX's paged-cache op on the same shapes.
+        Both caches hold the same random values; each sequence's pages are a random permutation."""
         contexts = DECODE_CONTEXTS[:2] if self.quick else DECODE_CONTEXTS
-        num_blocks = max(max(contexts), max(PREFILL_TOKENS)) // BLOCK + 1
+        prefills = PREFILL_TOKENS[:1] if self.quick else PREFILL_TOKENS
+        num_blocks = max(max(contexts), max(prefills)) // BLOCK + 1
         store, attend = self.cache_graphs(dtype, num_blocks)
+        theirs = max_paged.build_models(self.session, dtype, HEADS, KV_HEADS, HEAD_DIM, BLOCK)
         shape = KVCacheShape(1, num_blocks, KV_HEADS, BLOCK, HEAD_DIM)
         rng = np.random.default_rng()
         cache = numpy_to_buffer(rng.standard_normal(shape.shape).astype(np.float32), dtype)
+        their_blocks = max_paged.random_blocks(rng, num_blocks, theirs, dtype)
         layer = Buffer.from_numpy(np.zeros(1, np.int32))
         size = dtype.size_in_bytes
-        table = Buffer.from_numpy(rng.permutation(num_blocks).astype(np.int32)[None, :])
-        for tokens in self.tokens():
+        pages = rng.permutation(num_blocks)
+        table = Buffer.from_numpy(pages.astype(np.int32)[None, :])
+        for tokens in self.tokens():  # a prefill's K/V: positions 0..tokens-1 through the page table
             k = numpy_to_buffer(rng.standard_normal((tokens, KV_HEADS, HEAD_DIM)).astype(np.float32), dtype)
-            slots = Buffer.from_numpy(rng.permutation(num_blocks * BLOCK)[:tokens].astype(np.int32))
-            times = time_interleaved({"mili": lambda: store.execute(cache, k, k, slots, layer)}, self.repeats)
+            positions = np.arange(tokens)
+            slots = Buffer.from_numpy((pages[positions // BLOCK] * BLOCK + positions % BLOCK).astype(np.int32))
+            their_args = [k, k, max_paged.row_offsets(tokens), *max_paged.cache_inputs(their_blocks, pages, 0, tokens)]
+            times = time_interleaved({"mili": lambda: store.execute(cache, k, k, slots, layer),
+                                      "max": lambda: theirs.store.execute(*their_args)}, self.repeats)
             self.record("kv_store", dtype, f"{tokens}x{KV_HEADS}x{HEAD_DIM}", times, 4 * tokens * KV_HEADS * HEAD_DIM * size)
         for context in contexts:
             q = rng.standard_normal((1, HEADS, HEAD_DIM)).astype(np.float32)
-            args = [cache, numpy_to_buffer(q, dtype), layer, Buffer.from_numpy(np.array([0, 1], np.int32)),
+            qb = numpy_to_buffer(q, dtype)
+            args = [cache, qb, layer, Buffer.from_numpy(np.array([0, 1], np.int32)),
                     Buffer.from_numpy(np.array([context], np.int32)), table]
+            their_args = [qb, max_paged.row_offsets(1), *max_paged.cache_inputs(their_blocks, pages, context - 1, 1)]
             k_np = rng.standard_normal((context, KV_HEADS, HEAD_DIM)).astype(np.float32)
             q_np = q[0].reshape(KV_HEADS, HEADS // KV_HEADS, HEAD_DIM)
 
@@ -246,16 +264,20 @@ class Bench:
                 p = np.exp(scores - scores.max(-1, keepdims=True))
                 return np.einsum("hgt,thd->hgd", p / p.sum(-1, keepdims=True), k_np)
 
-            times = time_interleaved({"mili": lambda: attend.execute(*args), "numpy": numpy_decode}, self.repeats)
+            times = time_interleaved({"mili": lambda: attend.execute(*args),
+                                      "max": lambda: theirs.attention.execute(*their_args),
+                                      "numpy": numpy_decode}, self.repeats)
             nbytes = 2 * context * KV_HEADS * HEAD_DIM * size
             self.record("attn_decode", dtype, f"ctx {context}", times, nbytes, 4 * context * HEADS * HEAD_DIM)
             print(f"      decode at ctx {context}: {self.rows[-1].mili_gb_s / bandwidth:.0%} of measured bandwidth "
                   f"({bandwidth:.1f} GB/s)", flush=True)
-        for tokens in PREFILL_TOKENS[:1] if self.quick else PREFILL_TOKENS:
+        for tokens in prefills:
             q = numpy_to_buffer(rng.standard_normal((tokens, HEADS, HEAD_DIM)).astype(np.float32), dtype)
             args = [cache, q, layer, Buffer.from_numpy(np.array([0, tokens], np.int32)),
                     Buffer.from_numpy(np.array([tokens], np.int32)), table]
-            times = time_interleaved({"mili": lambda: attend.execute(*args)}, max(3, self.repeats // 5))
+            their_args = [q, max_paged.row_offsets(tokens), *max_paged.cache_inputs(their_blocks, pages, 0, tokens)]
+            times = time_interleaved({"mili": lambda: attend.execute(*args),
+                                      "max": lambda: theirs.attention.execute(*their_args)}, max(3, self.repeats // 5))
             flops = 2 * 2 * HEADS * HEAD_DIM * tokens * (tokens + 1) / 2
             self.record("attn_prefill", dtype, f"{tokens} tokens", times, 2 * tokens * KV_HEADS * HEAD_DIM * size, flops)
 

@@ -12,19 +12,19 @@ from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
 from max.gpu import block_idx, thread_idx, block_dim, grid_dim
 from std.algorithm import vectorize
-from std.sys import simd_width_of, num_physical_cores
+from std.sys import simd_width_of
 from std.math import exp, ceildiv
-from .cpu_parallel import parallel_ranges
+from .cpu_parallel import parallel_ranges, tasks_for
+from .convert import narrow, widen, round_to
 
 comptime GPU_THREADS = 256
-comptime CPU_MIN_ELEMENTS_PER_TASK = 16384  # below this, splitting costs more than it saves
 
 
 @always_inline
 def silu_times_up[dtype: DType, w: Int](gate: SIMD[dtype, w], up: SIMD[dtype, w]) -> SIMD[dtype, w]:
-    var g = gate.cast[DType.float32]()
-    var silu = (g / (1 + exp(-g))).cast[dtype]().cast[DType.float32]()
-    return (silu * up.cast[DType.float32]()).cast[dtype]()
+    var g = widen(gate)
+    var silu = round_to[dtype](g / (1 + exp(-g)))
+    return narrow[dtype](silu * widen(up))
 
 
 def swiglu_cpu[dtype: DType](
@@ -38,7 +38,6 @@ def swiglu_cpu[dtype: DType](
     var total = tokens * inter
     if total == 0:
         return
-    var tasks = max(1, min(num_physical_cores(), total // CPU_MIN_ELEMENTS_PER_TASK))
 
     def do_tokens(start: Int, end: Int) raises {imm out_ptr, imm gate_up_ptr, imm inter}:
         for t in range(start, end):
@@ -52,7 +51,7 @@ def swiglu_cpu[dtype: DType](
 
             vectorize[width](inter, columns)
 
-    parallel_ranges(tokens, tasks, do_tokens)
+    parallel_ranges(tokens, tasks_for(total), do_tokens)
 
 
 def swiglu_gpu_kernel[dtype: DType](

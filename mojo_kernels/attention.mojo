@@ -34,6 +34,7 @@ from std.sys.intrinsics import prefetch, PrefetchOptions
 from std.math import exp, sqrt, ceildiv, iota
 from .kv_cache import CacheLayout, cache_layout
 from .gpu_reduce import block_sum, block_max
+from .convert import narrow
 
 comptime MutableInputTensor = ManagedTensorSlice[IOSpec.MutableInput, ...]
 comptime MAX_ROWS = 16  # query rows (tokens x heads) a CPU work item scores against each K block
@@ -290,7 +291,7 @@ def attend_tile[dtype: DType, head_dim: Int, block_size: Int](
             var out_base = ((token_base + i) * batch.num_heads + head) * D
             var inv_sum = 1.0 / row_sum.unsafe_load(r)
             for d in range(D):
-                out_ptr.unsafe_store(out_base + d, (acc.unsafe_load(r * D + d) * inv_sum).cast[dtype]())
+                out_ptr.unsafe_store(out_base + d, narrow[dtype](acc.unsafe_load(r * D + d) * inv_sum))
 
 
 def merge_partials[dtype: DType, head_dim: Int](
@@ -325,7 +326,7 @@ def merge_partials[dtype: DType, head_dim: Int](
             for s in range(parts):
                 var base = (tiles[first + s].partial * MAX_ROWS + r) * (D + 2)
                 value += partial_ptr.unsafe_load(base + 2 + d) * exp(partial_ptr.unsafe_load(base) - overall_max)
-            out_ptr.unsafe_store(out_base + d, (value / total).cast[dtype]())
+            out_ptr.unsafe_store(out_base + d, narrow[dtype](value / total))
 
 
 def paged_attention_cpu[dtype: DType, head_dim: Int, block_size: Int](

@@ -13,8 +13,9 @@ import extensibility
 from extensibility import InputTensor, ManagedTensorSlice, IOSpec
 from max.gpu.host import DeviceContext
 from max.gpu import block_idx, thread_idx, block_dim, grid_dim
-from std.sys import num_physical_cores
-from .cpu_parallel import parallel_ranges
+from std.algorithm import vectorize
+from std.sys import simd_width_of
+from .cpu_parallel import parallel_ranges, tasks_for
 
 comptime MutableInputTensor = ManagedTensorSlice[IOSpec.MutableInput, ...]
 comptime GPU_THREADS = 256
@@ -75,10 +76,13 @@ def store_token_kv[dtype: DType](
         var k_base = layout.k_block(block, h) + offset
         var v_base = layout.v_block(block, h) + offset * layout.head_dim
         var src = src_row + h * layout.head_dim
-        for d in range(layout.head_dim):
+        for d in range(layout.head_dim):  # K is transposed in the block: one strided store per dim
             cache_ptr.unsafe_store(k_base + d * layout.block_size, k_ptr.unsafe_load(src + d))
-        for d in range(layout.head_dim):
-            cache_ptr.unsafe_store(v_base + d, v_ptr.unsafe_load(src + d))
+
+        def copy_v[w: Int](d: Int) {imm cache_ptr, imm v_ptr, imm v_base, imm src}:
+            cache_ptr.unsafe_store(v_base + d, v_ptr.unsafe_load[width=w](src + d))
+
+        vectorize[simd_width_of[dtype]()](layout.head_dim, copy_v)
 
 
 def check_slots(slots_ptr: Pointer[Int32, ...], tokens: Int, layout: CacheLayout) raises:
@@ -106,7 +110,7 @@ def kv_store_cpu[dtype: DType](
             if slot >= 0:
                 store_token_kv[dtype](cache_ptr, layout, slot, k_ptr, v_ptr, t * row)
 
-    parallel_ranges(tokens, num_physical_cores(), do_tokens)
+    parallel_ranges(tokens, tasks_for(tokens * row), do_tokens)
 
 
 def kv_store_gpu_kernel[dtype: DType](

@@ -9,7 +9,7 @@
 #
 # Sums of squares accumulate in float32; the normalised value is rounded to the input dtype before
 # the weight multiply, exactly like the reference, so bfloat16 runs round the way transformers does.
-# CPU: rows split into one contiguous range per core; each row is two SIMD passes.
+# CPU: rows split into one contiguous range per core (one core for small inputs); each row is two SIMD passes.
 # GPU: one thread block per row; a shared-memory tree reduction gives the sum of squares.
 import extensibility
 from extensibility import InputTensor, OutputTensor
@@ -17,9 +17,10 @@ from max.gpu.host import DeviceContext
 from max.gpu import block_idx, thread_idx
 from std.algorithm import vectorize
 from std.memory import stack_allocation, AddressSpace
-from std.sys import simd_width_of, num_physical_cores
+from std.sys import simd_width_of
 from std.math import sqrt
-from .cpu_parallel import parallel_ranges
+from .cpu_parallel import parallel_ranges, tasks_for
+from .convert import narrow, widen, round_to
 from .gpu_reduce import block_sum
 
 comptime GPU_THREADS_PER_ROW = 256
@@ -32,18 +33,29 @@ def inv_rms(sum_sq: Float32, hidden: Int, eps: Float32) -> Float32:
 
 
 def sum_of_squares[dtype: DType](src: Pointer[Scalar[dtype], ...], base: Int, hidden: Int) -> Float32:
-    var lanes = SIMD[DType.float32, F32_WIDTH](0)  # lane-wise partial sums: one horizontal add per row
+    # Four independent lane-wise accumulators hide the FMA latency; one horizontal add per row.
+    comptime block = 4 * F32_WIDTH
+    var a0 = SIMD[DType.float32, F32_WIDTH](0)
+    var a1 = SIMD[DType.float32, F32_WIDTH](0)
+    var a2 = SIMD[DType.float32, F32_WIDTH](0)
+    var a3 = SIMD[DType.float32, F32_WIDTH](0)
+    var j = 0
+    while j + block <= hidden:
+        var v0 = widen(src.unsafe_load[width=F32_WIDTH](base + j))
+        var v1 = widen(src.unsafe_load[width=F32_WIDTH](base + j + F32_WIDTH))
+        var v2 = widen(src.unsafe_load[width=F32_WIDTH](base + j + 2 * F32_WIDTH))
+        var v3 = widen(src.unsafe_load[width=F32_WIDTH](base + j + 3 * F32_WIDTH))
+        a0 += v0 * v0
+        a1 += v1 * v1
+        a2 += v2 * v2
+        a3 += v3 * v3
+        j += block
     var tail: Float32 = 0
-
-    def accumulate[w: Int](j: Int) {mut lanes, mut tail, imm src, imm base}:
-        var v = src.unsafe_load[width=w](base + j).cast[DType.float32]()
-        comptime if w == F32_WIDTH:
-            lanes += rebind[SIMD[DType.float32, F32_WIDTH]](v * v)
-        else:
-            tail += (v * v).reduce_add()
-
-    vectorize[F32_WIDTH](hidden, accumulate)
-    return lanes.reduce_add() + tail
+    while j < hidden:
+        var v = widen(src.unsafe_load(base + j))
+        tail += v * v
+        j += 1
+    return ((a0 + a1) + (a2 + a3)).reduce_add() + tail
 
 
 def add_and_sum_of_squares[dtype: DType](
@@ -58,10 +70,10 @@ def add_and_sum_of_squares[dtype: DType](
     var tail: Float32 = 0
 
     def accumulate[w: Int](j: Int) {mut lanes, mut tail, imm sum_ptr, imm x_ptr, imm residual_ptr, imm base}:
-        var s = (x_ptr.unsafe_load[width=w](base + j).cast[DType.float32]()
-                 + residual_ptr.unsafe_load[width=w](base + j).cast[DType.float32]()).cast[dtype]()
+        var s = narrow[dtype](widen(x_ptr.unsafe_load[width=w](base + j))
+                              + widen(residual_ptr.unsafe_load[width=w](base + j)))
         sum_ptr.unsafe_store(base + j, s)
-        var v = s.cast[DType.float32]()
+        var v = widen(s)
         comptime if w == F32_WIDTH:
             lanes += rebind[SIMD[DType.float32, F32_WIDTH]](v * v)
         else:
@@ -80,11 +92,10 @@ def scale_row[dtype: DType](
     inv: Float32,
 ):
     def scale[w: Int](j: Int) {imm out_ptr, imm src, imm weight_ptr, imm base, imm inv}:
-        var normed = (src.unsafe_load[width=w](base + j).cast[DType.float32]() * inv).cast[dtype]()
-        var weight = weight_ptr.unsafe_load[width=w](j).cast[DType.float32]()
-        out_ptr.unsafe_store(base + j, (normed.cast[DType.float32]() * weight).cast[dtype]())
+        var normed = round_to[dtype](widen(src.unsafe_load[width=w](base + j)) * inv)
+        out_ptr.unsafe_store(base + j, narrow[dtype](normed * widen(weight_ptr.unsafe_load[width=w](j))))
 
-    vectorize[F32_WIDTH](hidden, scale)
+    vectorize[F32_WIDTH, unroll_factor=4](hidden, scale)
 
 
 def rms_norm_cpu[dtype: DType](
@@ -103,7 +114,7 @@ def rms_norm_cpu[dtype: DType](
             var inv = inv_rms(sum_of_squares[dtype](x_ptr, base, hidden), hidden, eps)
             scale_row[dtype](out_ptr, x_ptr, weight_ptr, base, hidden, inv)
 
-    parallel_ranges(rows, num_physical_cores(), do_rows)
+    parallel_ranges(rows, tasks_for(rows * hidden), do_rows)
 
 
 def add_rms_norm_cpu[dtype: DType](
@@ -122,7 +133,7 @@ def add_rms_norm_cpu[dtype: DType](
             var sum_sq = add_and_sum_of_squares[dtype](sum_ptr, x_ptr, residual_ptr, base, hidden)
             scale_row[dtype](out_ptr, sum_ptr, weight_ptr, base, hidden, inv_rms(sum_sq, hidden, eps))
 
-    parallel_ranges(rows, num_physical_cores(), do_rows)
+    parallel_ranges(rows, tasks_for(rows * hidden), do_rows)
 
 
 def rms_norm_gpu_kernel[dtype: DType, add_residual: Bool](
@@ -146,8 +157,7 @@ def rms_norm_gpu_kernel[dtype: DType, add_residual: Bool](
     while j < hidden:
         var v: Float32
         comptime if add_residual:
-            var s = (x_ptr.unsafe_load(base + j).cast[DType.float32]()
-                     + residual_ptr.unsafe_load(base + j).cast[DType.float32]()).cast[dtype]()
+            var s = narrow[dtype](widen(x_ptr.unsafe_load(base + j)) + widen(residual_ptr.unsafe_load(base + j)))
             sum_ptr.unsafe_store(base + j, s)  # each thread re-reads only what it wrote itself
             v = s.cast[DType.float32]()
         else:
@@ -163,8 +173,8 @@ def rms_norm_gpu_kernel[dtype: DType, add_residual: Bool](
             v = sum_ptr.unsafe_load(base + j).cast[DType.float32]()
         else:
             v = x_ptr.unsafe_load(base + j).cast[DType.float32]()
-        var normed = (v * inv).cast[dtype]().cast[DType.float32]()
-        out_ptr.unsafe_store(base + j, (normed * weight_ptr.unsafe_load(j).cast[DType.float32]()).cast[dtype]())
+        var normed = round_to[dtype](v * inv)
+        out_ptr.unsafe_store(base + j, narrow[dtype](normed * widen(weight_ptr.unsafe_load(j))))
         j += GPU_THREADS_PER_ROW
 
 

@@ -14,9 +14,10 @@ from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
 from max.gpu import block_idx, thread_idx, block_dim, grid_dim
 from std.algorithm import vectorize
-from std.sys import simd_width_of, num_physical_cores
+from std.sys import simd_width_of
 from std.math import ceildiv
-from .cpu_parallel import parallel_ranges
+from .cpu_parallel import parallel_ranges, tasks_for
+from .convert import narrow, widen, round_to
 
 comptime GPU_THREADS = 256
 
@@ -34,12 +35,12 @@ def rotate_head[dtype: DType, head_dim: Int](
     comptime width = min(simd_width_of[DType.float32](), half)
 
     def pairs[w: Int](i: Int) {imm out_ptr, imm x_ptr, imm base, imm table_ptr, imm table_row}:
-        var cos = table_ptr.unsafe_load[width=w](table_row + i).cast[dtype]().cast[DType.float32]()
-        var sin = table_ptr.unsafe_load[width=w](table_row + half + i).cast[dtype]().cast[DType.float32]()
-        var x1 = x_ptr.unsafe_load[width=w](base + i).cast[DType.float32]()
-        var x2 = x_ptr.unsafe_load[width=w](base + half + i).cast[DType.float32]()
-        out_ptr.unsafe_store(base + i, (x1 * cos - x2 * sin).cast[dtype]())
-        out_ptr.unsafe_store(base + half + i, (x2 * cos + x1 * sin).cast[dtype]())
+        var cos = round_to[dtype](table_ptr.unsafe_load[width=w](table_row + i))
+        var sin = round_to[dtype](table_ptr.unsafe_load[width=w](table_row + half + i))
+        var x1 = widen(x_ptr.unsafe_load[width=w](base + i))
+        var x2 = widen(x_ptr.unsafe_load[width=w](base + half + i))
+        out_ptr.unsafe_store(base + i, narrow[dtype](x1 * cos - x2 * sin))
+        out_ptr.unsafe_store(base + half + i, narrow[dtype](x2 * cos + x1 * sin))
 
     vectorize[width](half, pairs)
 
@@ -69,7 +70,7 @@ def rope_cpu[dtype: DType, head_dim: Int](
             for h in range(heads):
                 rotate_head[dtype, head_dim](out_ptr, x_ptr, (t * heads + h) * head_dim, table_ptr, table_row)
 
-    parallel_ranges(tokens, num_physical_cores(), do_tokens)
+    parallel_ranges(tokens, tasks_for(tokens * heads * head_dim), do_tokens)
 
 
 def rope_gpu_kernel[dtype: DType, head_dim: Int](
