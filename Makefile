@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 SERVE_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install install-test build test serve bench-kernels bench checkpoint-0.6b clean
+.PHONY: install install-test build test serve bench-kernels bench-model bench checkpoint-0.6b clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,8 +42,12 @@ serve: install build
 bench-kernels: install build
 	$(BIN)/python -m benchmarks.kernels $(BENCH_ARGS)
 
-bench: install build
-	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+# The model benchmark writes its random-weight checkpoint with transformers on first use: test extras.
+bench-model: install-test build
+	$(BIN)/python -m benchmarks.model $(BENCH_ARGS)
+
+bench: install-test build
+	$(BIN)/python -m benchmarks
 
 # A random-weight checkpoint of Qwen3-0.6B's shape (bf16, ~1.2 GB) in the shared cache, for benchmarks.
 checkpoint-0.6b: install-test

@@ -1,10 +1,12 @@
-"""`python -m benchmarks`: every benchmark suite MILI has, one after another.
+"""`python -m benchmarks`: every benchmark suite MILI has, one after another, each with its defaults.
 
-So far: the kernel benchmarks (benchmarks/kernels.py). Model, throughput and serving benchmarks join
-as the engine and server land.
+The kernel benchmarks (benchmarks/kernels.py: each op against MAX's and numpy), then the whole model
+(benchmarks/model.py: prefill and decode speed per dtype). Throughput and serving benchmarks join as the
+engine and server land. Run a suite alone with `python -m benchmarks.kernels` or `python -m benchmarks.model`.
 """
 
-from benchmarks import kernels
+from benchmarks import kernels, model
 
 if __name__ == "__main__":
-    kernels.main()
+    kernels.main([])
+    model.main([])

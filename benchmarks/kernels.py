@@ -296,12 +296,12 @@ def print_table(rows: list[Row]) -> None:
               f"{fmt(r.vs_max, '6.2f'):>6s}x {fmt(r.vs_numpy, '7.2f'):>7s}x")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds per case (default 30)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
     parser.add_argument("--out", default="results/kernels.json", help="where to write the JSON results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
 

@@ -1,4 +1,5 @@
-"""Compiles every kernel test graph for a virtual GPU (no GPU needed); exits non-zero on failure.
+"""Compiles every kernel test graph and a whole Qwen3 model graph for a virtual GPU (no GPU needed);
+exits non-zero on failure.
 
 Run in its own process: virtual-device mode must be set before any device is created.
 Usage: python tests/kernels/gpu_compile_check.py [sm_90]
@@ -22,14 +23,22 @@ def main(arch: str) -> None:
     driver.set_virtual_device_count(1)  # must follow api/arch and precede any device creation
 
     from max.driver import CPU, Accelerator
+    from max.dtype import DType
     from max.engine import InferenceSession
     from max.graph import DeviceRef
 
+    from mili.config import ModelConfig
+    from mili.model.qwen3 import Qwen3GraphSpec, build_qwen3_graph
+    from mili.testing import cached_checkpoint
     from tests.kernels.graphs import build_all_graphs
 
     gpu = Accelerator()
     session = InferenceSession(devices=[CPU(), gpu])
-    for graph in build_all_graphs(DeviceRef.from_device(gpu)):
+    # The whole model as the engine would run it on a GPU (bfloat16); weights are not needed to compile.
+    model_config = ModelConfig.from_pretrained(cached_checkpoint("tiny-tied-gqa2-d64"))
+    model_graph = build_qwen3_graph(Qwen3GraphSpec(model_config, dtype=DType.bfloat16,
+                                                   device=DeviceRef.from_device(gpu)), name="qwen3_gpu")
+    for graph in [*build_all_graphs(DeviceRef.from_device(gpu)), model_graph]:
         start = time.monotonic()
         model = session.load(graph)
         print(f"compiled {graph.name} for virtual {arch} in {time.monotonic() - start:.1f}s: {type(model).__name__}",

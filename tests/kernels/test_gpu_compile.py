@@ -1,4 +1,5 @@
-"""Every kernel graph compiles for a virtual NVIDIA sm_90 GPU: the GPU code paths are generated and type-checked."""
+"""Every kernel graph and the whole Qwen3 graph compile for a virtual NVIDIA sm_90 GPU: the GPU code paths are
+generated and type-checked."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from tests.kernels.graphs import ATTENTION_CASES
 SCRIPT = Path(__file__).with_name("gpu_compile_check.py")
 
 
-def test_kernel_graph_compiles_for_virtual_sm90():
-    result = subprocess.run([sys.executable, str(SCRIPT), "sm_90"], capture_output=True, text=True, timeout=900)
+def test_kernel_and_model_graphs_compile_for_virtual_sm90():
+    result = subprocess.run([sys.executable, str(SCRIPT), "sm_90"], capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, f"GPU compile failed:\n{result.stdout}\n{result.stderr[-4000:]}"
-    assert result.stdout.count("CompileOnlyModel") == 1 + len(ATTENTION_CASES), result.stdout
+    assert result.stdout.count("CompileOnlyModel") == 1 + len(ATTENTION_CASES) + 1, result.stdout
+    assert "compiled qwen3_gpu" in result.stdout

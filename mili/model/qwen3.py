@@ -1,0 +1,217 @@
+"""Qwen3 as one MAX graph over MILI's paged KV cache.
+
+    from mili.model.qwen3 import Qwen3GraphSpec, build_qwen3_graph, load_qwen3_weights
+
+    spec = Qwen3GraphSpec(ModelConfig.from_pretrained(model_dir), dtype=DType.float32)
+    graph = build_qwen3_graph(spec)
+    model = session.load(graph, weights_registry=load_qwen3_weights(model_dir, spec))
+    logits, = model.execute(*batch_buffers, kv_cache)        # inputs in BATCH_INPUTS order, cache last
+
+One compiled graph serves any ragged batch (DESIGN.md's Batch): prefills, prefill chunks, decodes and
+speculative verifications of different sequences mixed, with every size symbolic. Per layer:
+
+    x = rmsnorm(h)                       (fused with the previous layer's residual add)
+    q, k, v = split(x @ Wqkv^T)          one fused projection
+    q, k = rope(head_norm(q)), rope(head_norm(k))
+    kv_store(cache, k, v, slot_mapping)  in place
+    o = paged_attention(q, cache) @ Wo^T
+    x, h = rmsnorm(h + o), h + o         one fused op
+    h += swiglu(x @ Wgate_up^T) @ Wdown^T
+
+then the final norm and the LM head (tied or not), computed only for the rows in `logits_indices`.
+Logits come out in float32 whatever the run dtype. Weights are graph weights bound at load time, so
+the compiled graph depends on the shapes only and MAX's on-disk compile cache serves every restart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from max.driver import Buffer
+from max.dtype import DType
+from max.graph import BufferType, DeviceRef, Graph, TensorType, TensorValue, Weight, ops
+
+from mili.config import ModelConfig
+from mili.dtypes import numpy_to_buffer, to_numpy_f32
+from mili.kernels import kernel_package
+from mili.model import ops as mili_ops
+from mili.model.kv_layout import KVCacheShape
+from mili.model.rope import rope_table
+from mili.weights import iter_weights
+
+# The Batch inputs, in graph input order (all int32); the KV cache buffer follows them.
+BATCH_INPUTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("input_ids", ("tokens",)),
+    ("positions", ("tokens",)),
+    ("query_start", ("batch_plus_one",)),
+    ("context_lens", ("batch",)),
+    ("block_tables", ("batch", "max_blocks")),
+    ("slot_mapping", ("tokens",)),
+    ("logits_indices", ("logit_rows",)),
+)
+ROPE_TABLE = "rope_table"
+
+
+@dataclass(frozen=True)
+class Qwen3GraphSpec:
+    """What a compiled Qwen3 graph depends on: the model's shape, run dtype, device and KV block size."""
+
+    config: ModelConfig
+    dtype: DType = DType.float32
+    device: DeviceRef = DeviceRef.CPU()
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.dtype not in (DType.float32, DType.bfloat16):
+            raise ValueError(f"run dtype must be float32 or bfloat16, got {self.dtype}")
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+
+    @property
+    def rope_positions(self) -> int:
+        return self.config.max_position_embeddings
+
+    def cache_shape(self, num_blocks: int) -> KVCacheShape:
+        c = self.config
+        return KVCacheShape(c.num_hidden_layers, num_blocks, c.num_key_value_heads, self.block_size, c.head_dim)
+
+    def cache_type(self) -> BufferType:
+        c = self.config
+        return BufferType(self.dtype, [c.num_hidden_layers, 2, "num_blocks", c.num_key_value_heads,
+                                       self.block_size * c.head_dim], self.device)
+
+
+def _layer_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The per-layer weights of the graph (fused where the checkpoint stores them apart), by suffix."""
+    h, d = config.hidden_size, config.head_dim
+    return {
+        "input_layernorm": (h,),
+        "qkv_proj": (config.q_size + 2 * config.kv_size, h),
+        "q_norm": (d,),
+        "k_norm": (d,),
+        "o_proj": (h, config.q_size),
+        "post_attention_layernorm": (h,),
+        "gate_up_proj": (2 * config.intermediate_size, h),
+        "down_proj": (h, config.intermediate_size),
+    }
+
+
+def graph_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight the graph binds at load time, by name, with its shape."""
+    shapes: dict[str, tuple[int, ...]] = {"embed_tokens": (config.vocab_size, config.hidden_size)}
+    for i in range(config.num_hidden_layers):
+        shapes |= {f"layers.{i}.{name}": shape for name, shape in _layer_weight_shapes(config).items()}
+    shapes["norm"] = (config.hidden_size,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = (config.vocab_size, config.hidden_size)
+    return shapes
+
+
+# Graph weight name -> the Hugging Face tensors it is made of, concatenated along the first axis.
+def _sources(name: str) -> tuple[str, ...]:
+    if name in ("embed_tokens", "norm"):
+        return (f"model.{name}.weight",)
+    if name == "lm_head":
+        return ("lm_head.weight",)
+    prefix, _, part = name.rpartition(".")
+    hf = f"model.{prefix}"
+    return {
+        "input_layernorm": (f"{hf}.input_layernorm.weight",),
+        "post_attention_layernorm": (f"{hf}.post_attention_layernorm.weight",),
+        "qkv_proj": (f"{hf}.self_attn.q_proj.weight", f"{hf}.self_attn.k_proj.weight", f"{hf}.self_attn.v_proj.weight"),
+        "q_norm": (f"{hf}.self_attn.q_norm.weight",),
+        "k_norm": (f"{hf}.self_attn.k_norm.weight",),
+        "o_proj": (f"{hf}.self_attn.o_proj.weight",),
+        "gate_up_proj": (f"{hf}.mlp.gate_proj.weight", f"{hf}.mlp.up_proj.weight"),
+        "down_proj": (f"{hf}.mlp.down_proj.weight",),
+    }[part]
+
+
+def load_qwen3_weights(model_dir: str | Path, spec: Qwen3GraphSpec) -> dict[str, Buffer]:
+    """The weights registry for `session.load(build_qwen3_graph(spec), weights_registry=...)`: the
+    checkpoint's tensors in the run dtype, q/k/v and gate/up fused, plus the RoPE table."""
+    config = spec.config
+    hf: dict[str, Buffer] = {}
+    registry: dict[str, Buffer] = {}
+    pending = {name: _sources(name) for name in graph_weight_shapes(config)}
+    for hf_name, buffer in iter_weights(model_dir, config, spec.dtype):
+        hf[hf_name] = buffer
+        # Fuse as soon as a weight's parts are all loaded, so the unfused copies are dropped early.
+        for name in [n for n, parts in pending.items() if hf_name in parts and all(p in hf for p in parts)]:
+            parts = pending.pop(name)
+            if len(parts) == 1:
+                registry[name] = hf.pop(parts[0])
+            else:  # concatenating through float32 is exact for bfloat16 too
+                fused = np.concatenate([to_numpy_f32(hf.pop(p)) for p in parts], axis=0)
+                registry[name] = numpy_to_buffer(fused, spec.dtype)
+    if pending:
+        raise ValueError(f"weights never completed: {sorted(pending)[:4]}")
+    registry[ROPE_TABLE] = Buffer.from_numpy(rope_table(config.head_dim, config.rope_theta, spec.rope_positions))
+    return registry
+
+
+class _Weights:
+    """Declares graph weights on first use, so the graph body reads like the model."""
+
+    def __init__(self, spec: Qwen3GraphSpec) -> None:
+        self.spec = spec
+        self.shapes = graph_weight_shapes(spec.config)
+        self.values: dict[str, TensorValue] = {}
+
+    def __call__(self, name: str) -> TensorValue:
+        if name not in self.values:  # a tied embedding is used twice but declared once
+            self.values[name] = TensorValue(Weight(name, self.spec.dtype, self.shapes[name], self.spec.device))
+        return self.values[name]
+
+    def rope_table(self) -> TensorValue:
+        c = self.spec.config
+        return TensorValue(Weight(ROPE_TABLE, DType.float32, (self.spec.rope_positions, c.head_dim), self.spec.device))
+
+
+def _linear(x: TensorValue, weight: TensorValue) -> TensorValue:
+    """x @ weight^T for a Hugging Face [out, in] weight."""
+    return ops.matmul(x, ops.transpose(weight, 0, 1))
+
+
+def build_qwen3_graph(spec: Qwen3GraphSpec, name: str = "qwen3") -> Graph:
+    """The whole model as one graph. Inputs: BATCH_INPUTS (int32), then the KV cache buffer (mutated in
+    place). Output: float32 logits [len(logits_indices), vocab_size]."""
+    c, device = spec.config, spec.device
+    input_types = [TensorType(DType.int32, list(dims), device) for _, dims in BATCH_INPUTS] + [spec.cache_type()]
+    with Graph(name, input_types=input_types, custom_extensions=[kernel_package()]) as graph:
+        *batch, cache_value = graph.inputs
+        ids, positions, query_start, context_lens, block_tables, slots, logits_indices = (v.tensor for v in batch)
+        cache = cache_value.buffer
+        w = _Weights(spec)
+        table = w.rope_table()
+        tokens = ids.shape[0]
+        eps = c.rms_norm_eps
+
+        h = ops.gather(w("embed_tokens"), ids, axis=0)
+        x = mili_ops.rms_norm(h, w("layers.0.input_layernorm"), eps)
+        for i in range(c.num_hidden_layers):
+            p = f"layers.{i}."
+            layer = ops.constant(np.array([i], np.int32), DType.int32, device)
+            q, k, v = ops.split(_linear(x, w(p + "qkv_proj")), [c.q_size, c.kv_size, c.kv_size], axis=1)
+            q = ops.reshape(q, [tokens, c.num_attention_heads, c.head_dim])
+            k = ops.reshape(k, [tokens, c.num_key_value_heads, c.head_dim])
+            v = ops.reshape(v, [tokens, c.num_key_value_heads, c.head_dim])
+            q = mili_ops.rope(mili_ops.head_rms_norm(q, w(p + "q_norm"), eps), positions, table)
+            k = mili_ops.rope(mili_ops.head_rms_norm(k, w(p + "k_norm"), eps), positions, table)
+            mili_ops.kv_store(cache, k, v, slots, layer, spec.block_size)
+            attn = mili_ops.paged_attention(cache, q, layer, query_start, context_lens, block_tables, spec.block_size)
+            o = _linear(ops.reshape(attn, [tokens, c.q_size]), w(p + "o_proj"))
+            x, h = mili_ops.add_rms_norm(o, h, w(p + "post_attention_layernorm"), eps)
+            mlp = _linear(mili_ops.swiglu(_linear(x, w(p + "gate_up_proj"))), w(p + "down_proj"))
+            if i + 1 < c.num_hidden_layers:
+                x, h = mili_ops.add_rms_norm(mlp, h, w(f"layers.{i + 1}.input_layernorm"), eps)
+            else:
+                h = h + mlp
+
+        rows = mili_ops.rms_norm(ops.gather(h, logits_indices, axis=0), w("norm"), eps)
+        head = w("embed_tokens") if c.tie_word_embeddings else w("lm_head")
+        logits = _linear(rows, head)
+        graph.output(logits if spec.dtype == DType.float32 else ops.cast(logits, DType.float32))
+    return graph

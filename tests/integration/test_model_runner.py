@@ -1,0 +1,63 @@
+"""The model runner's contract beyond numerics: clear errors for bad batches, devices and sizes; examples run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from max.driver import accelerator_count
+
+from mili.engine.batch import Batch, LogitRows, SequenceChunk
+from mili.engine.model_runner import ModelRunner, resolve_device
+from tests.integration.conftest import NUM_BLOCKS, model_pair
+from tests.integration.helpers import run_chunk
+
+ROOT = Path(__file__).resolve().parents[2]
+CHECKPOINT = "tiny-tied-gqa2-d64"
+
+
+@pytest.fixture(scope="module")
+def runner() -> ModelRunner:
+    return model_pair(CHECKPOINT).runner
+
+
+@pytest.mark.parametrize("chunk, message", [
+    (SequenceChunk([151936], 0, [0]), r"token ids must lie in \[0, 151936\)"),
+    (SequenceChunk([5], 0, [NUM_BLOCKS]), rf"block ids must lie in \[0, {NUM_BLOCKS}\)"),
+    (SequenceChunk([5], 40960, [0] * 2561), "position 40960 is beyond the model's 40960 positions"),
+])
+def test_bad_batches_fail_clearly_and_the_runner_goes_on(runner: ModelRunner, chunk, message):
+    with pytest.raises(ValueError, match=message):
+        runner.run(Batch.from_chunks([chunk], runner.block_size))
+    logits = run_chunk(runner, [1, 2, 3], 0, [0], LogitRows.LAST)
+    assert logits.shape == (1, runner.config.vocab_size) and np.isfinite(logits).all()
+
+
+def test_kv_cache_sizing(runner: ModelRunner):
+    assert runner.num_blocks == NUM_BLOCKS
+    c = runner.config
+    per_block = c.num_hidden_layers * 2 * c.num_key_value_heads * runner.block_size * c.head_dim * 4
+    with pytest.raises(ValueError, match="give num_blocks or kv_cache_bytes, not both"):
+        ModelRunner.from_pretrained(model_pair(CHECKPOINT).path, num_blocks=4, kv_cache_bytes=per_block)
+    with pytest.raises(ValueError, match="holds no block"):
+        ModelRunner.from_pretrained(model_pair(CHECKPOINT).path, kv_cache_bytes=per_block - 1)
+
+
+def test_unknown_or_missing_devices_are_named():
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    if accelerator_count() == 0:
+        with pytest.raises(ValueError, match="finds no GPU"):
+            resolve_device("gpu")
+
+
+@pytest.mark.parametrize("script", ["graph_api.py", "prefill_decode.py"])
+def test_examples_run(runner: ModelRunner, script: str):
+    """The README's examples, on the small checkpoint (its graph is already in MAX's compile cache)."""
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / script), str(model_pair(CHECKPOINT).path)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip(), "the example printed nothing"
