@@ -2,6 +2,7 @@
 
     mili info --model DIR                 what a checkpoint folder holds, as MILI reads it
     mili checkpoint --preset NAME --out DIR   write a random-weight Qwen3 checkpoint (needs test extras)
+    mili generate --model DIR --prompt TEXT   greedy generation for one prompt, streamed to stdout
     mili serve ...                        the OpenAI-compatible server (arrives with the server work)
 """
 
@@ -77,6 +78,44 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from mili.detokenizer import IncrementalDetokenizer
+    from mili.engine.batch import Batch, SequenceChunk
+    from mili.engine.model_runner import ModelRunner
+    from mili.tokenizer import Tokenizer
+
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise SystemExit(f"mili generate: --model {model_dir} is not a folder; pass a Hugging Face checkpoint folder")
+    if args.max_tokens < 1:
+        raise SystemExit(f"mili generate: --max-tokens must be at least 1, got {args.max_tokens}")
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    text = args.prompt
+    if args.chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], enable_thinking=False)
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise SystemExit("mili generate: --prompt is empty; give at least one token of text")
+    try:
+        runner = ModelRunner.from_pretrained(model_dir, dtype=args.dtype, device=args.device,
+                                             num_blocks=-(-(len(ids) + args.max_tokens) // 16), block_size=16)
+    except ValueError as exc:  # bad --dtype or --device
+        raise SystemExit(f"mili generate: {exc}") from None
+    blocks = list(range(runner.num_blocks))
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    chunk = SequenceChunk(ids, 0, blocks)
+    for produced in range(args.max_tokens):
+        token = int(np.argmax(runner.run(Batch.from_chunks([chunk], runner.block_size))[0]))
+        if token in tokenizer.eos_token_ids:
+            break
+        print(detokenizer.add(token), end="", flush=True)
+        chunk = SequenceChunk([token], len(ids) + produced, blocks)
+    print(detokenizer.finish(), flush=True)
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     print(
         "mili serve: the HTTP server is not part of MILI yet (it comes with the server work item). "
@@ -105,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.add_argument("--out", help="folder to write into (default: the shared cache, "
                             "$MILI_CACHE_DIR/checkpoints, reused if already written)")
     checkpoint.set_defaults(run=_cmd_checkpoint)
+
+    generate = commands.add_parser("generate", help="greedy generation for one prompt, streamed to stdout")
+    generate.add_argument("--model", required=True, help="a Hugging Face Qwen3 checkpoint folder")
+    generate.add_argument("--prompt", required=True, help="the text to continue")
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the chat template")
+    generate.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default 64)")
+    generate.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                          help="run dtype (default: float32 on CPU, the faster one there; bfloat16 on GPU)")
+    generate.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="where to run (default cpu)")
+    generate.set_defaults(run=_cmd_generate)
 
     serve = commands.add_parser("serve", help="serve a model over HTTP (not available yet)")
     serve.set_defaults(run=_cmd_serve)

@@ -61,3 +61,28 @@ def test_examples_run(runner: ModelRunner, script: str):
                             capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip(), "the example printed nothing"
+
+
+def test_cli_generate_streams_the_greedy_continuation(runner: ModelRunner, capsys):
+    from mili.cli import main
+    from mili.tokenizer import Tokenizer
+    from tests.integration.conftest import BlockAllocator
+    from tests.integration.helpers import greedy_generate
+
+    path = model_pair(CHECKPOINT).path
+    tokenizer = Tokenizer.from_pretrained(path)
+    prompt = "The quick brown fox"
+    ids = np.array(tokenizer.encode(prompt))
+    expected, _ = greedy_generate(runner, ids, 8, BlockAllocator(NUM_BLOCKS).take(len(ids) + 8, 16))
+    expected = expected[:next((i for i, t in enumerate(expected) if t in tokenizer.eos_token_ids), 8)]
+    assert main(["generate", "--model", str(path), "--prompt", prompt, "--max-tokens", "8"]) == 0
+    assert capsys.readouterr().out == tokenizer.decode(expected) + "\n"
+
+
+def test_cli_generate_names_bad_flags(tmp_path):
+    from mili.cli import main
+
+    with pytest.raises(SystemExit, match="--max-tokens must be at least 1"):
+        main(["generate", "--model", str(model_pair(CHECKPOINT).path), "--prompt", "hi", "--max-tokens", "0"])
+    with pytest.raises(SystemExit, match="--model .* is not a folder"):
+        main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"])
