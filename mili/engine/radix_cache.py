@@ -7,7 +7,8 @@ own references to the blocks; when it finishes, `insert` adds what it computed a
 
 - `match` finds the longest cached prefix in whole blocks, and never the whole prompt: at least one token
   is always left to compute (its logits are needed). A match that ends inside an edge splits it.
-- `evict` frees unlocked leaves, least recently used first, until enough blocks are free.
+- `evict` frees unlocked leaves, least recently used first, until enough blocks are free. Lock a match
+  before evicting to make room for the rest of its request, or the match itself may be evicted.
 - Requests with different `salt`s never share blocks: each salt has its own tree.
 - `check` verifies the bookkeeping against the pool (tests, and the engine in debug mode).
 """

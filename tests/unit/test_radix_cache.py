@@ -131,12 +131,13 @@ def test_random_operations_agree_with_a_set_of_prefixes(seed):
             match = cache.match(tokens)
             assert match.num_tokens == longest_cached_prefix(model, tokens)
             needed = -(-len(tokens) // BS) - len(match.blocks)
+            cache.lock(match.node)  # before evicting to make room, or the match itself may go
             if needed > cache.pool.num_free:
                 cache.evict(needed - cache.pool.num_free)
                 model = tree_prefixes(cache)
                 if needed > cache.pool.num_free:
+                    cache.unlock(match.node)
                     continue
-            cache.lock(match.node)
             cache.pool.retain(match.blocks)
             blocks = match.blocks + cache.pool.alloc(needed)
             node = cache.insert(tokens, blocks)
