@@ -1,0 +1,142 @@
+"""The sampler: one token per batch row from the model's logits, under each row's SamplingParams.
+
+Order of operations (transformers' and vLLM's): logprobs are taken from the raw logits (the model's own
+distribution); then repetition / presence / frequency penalties; then greedy argmax, or temperature, top-k,
+top-p and min-p, and one draw from the request's own random generator. A request with a seed owns a
+generator seeded from it, so its tokens do not depend on what else shares the batch.
+
+Greedy rows without penalties are one argmax over the whole batch, and logprobs one log-softmax over the
+rows that ask for them; rows that sample are handled one by one with whole-vocabulary numpy operations (no
+Python loop over tokens). Top-p never sorts the
+whole vocabulary unless it must: it looks at the most likely few hundred tokens first, which almost always
+already hold the nucleus, and widens the search only when they do not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from mili.engine.sampling_params import SamplingParams
+
+NUCLEUS_FIRST_LOOK = 512
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know about one row's request."""
+
+    params: SamplingParams
+    generator: np.random.Generator
+    prompt_token_ids: np.ndarray   # for the repetition penalty
+    output_token_ids: list[int]    # tokens generated so far
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token: int
+    logprob: float | None                               # of the chosen token, under the raw distribution
+    top_logprobs: tuple[tuple[int, float], ...] = ()    # the `params.logprobs` most likely tokens
+
+
+def request_generator(seed: int | None, sibling: int = 0) -> np.random.Generator:
+    """A request's random stream: from its seed (each of n siblings its own), or fresh entropy."""
+    return np.random.default_rng(None if seed is None else [seed, sibling])
+
+
+def apply_penalties(row: np.ndarray, params: SamplingParams, prompt: np.ndarray, output: list[int]) -> None:
+    """In place: transformers' repetition penalty over prompt and output tokens, then OpenAI's presence and
+    frequency penalties over output tokens."""
+    if params.repetition_penalty != 1.0:
+        seen = np.unique(np.concatenate([prompt, np.asarray(output, np.int64)]).astype(np.int64))
+        values = row[seen]
+        row[seen] = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if output and (params.presence_penalty or params.frequency_penalty):
+        tokens, counts = np.unique(np.asarray(output, np.int64), return_counts=True)
+        row[tokens] -= params.frequency_penalty * counts + params.presence_penalty
+
+
+def _candidates(probs: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """Token ids that may hold the kept set, most likely first: the top k, or enough to cover top-p."""
+    vocab = len(probs)
+    if params.top_k:
+        k = min(params.top_k, vocab)
+    elif params.top_p < 1.0:
+        k = min(NUCLEUS_FIRST_LOOK, vocab)
+        while k < vocab:
+            top = np.argpartition(-probs, k - 1)[:k]
+            if probs[top].sum() >= params.top_p * probs.sum():
+                break
+            k = min(vocab, k * 8)
+    else:
+        k = vocab
+    ids = np.argpartition(-probs, k - 1)[:k] if k < vocab else np.arange(vocab)
+    return ids[np.argsort(-probs[ids], kind="stable")]
+
+
+def kept_distribution(row: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens a draw may pick from `row` (penalised logits) under temperature, top-k, top-p and
+    min-p, most likely first, with their probabilities (summing to 1)."""
+    scaled = row.astype(np.float64) / params.temperature
+    probs = np.exp(scaled - scaled.max())
+    ids = _candidates(probs, params)
+    kept = probs[ids]
+    kept = kept / kept.sum()  # renormalised over the top-k set (the whole vocabulary without top-k)
+    if params.top_p < 1.0:
+        # the smallest most-likely prefix whose mass reaches top_p (at least one token)
+        cutoff = int(np.searchsorted(np.cumsum(kept), params.top_p, side="left")) + 1
+        ids, kept = ids[:cutoff], kept[:cutoff]
+    if params.min_p > 0.0:
+        keep = kept >= params.min_p * kept[0]
+        ids, kept = ids[keep], kept[keep]
+    return ids, kept / kept.sum()
+
+
+def sample_row(row: np.ndarray, params: SamplingParams, generator: np.random.Generator) -> int:
+    """One token from `row` (penalised logits): argmax when greedy, else one draw from the kept set."""
+    if params.is_greedy:
+        return int(np.argmax(row))
+    ids, probs = kept_distribution(row, params)
+    choice = int(np.searchsorted(np.cumsum(probs), generator.random(), side="right"))
+    return int(ids[min(choice, len(ids) - 1)])
+
+
+class Sampler:
+    def sample(self, logits: np.ndarray, rows: Sequence[SamplingRow]) -> list[SampledToken]:
+        """One token per row of `logits` [len(rows), vocab] (float32, not modified)."""
+        if len(logits) != len(rows):
+            raise ValueError(f"{len(logits)} logit rows for {len(rows)} requests")
+        argmax = logits.argmax(axis=1)  # greedy rows without penalties need nothing else: one pass for all
+        wants_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        logprobs = dict(zip(wants_logprobs, _log_softmax_rows(logits[wants_logprobs]))) if wants_logprobs else {}
+        results = []
+        for i, request in enumerate(rows):
+            params = request.params
+            if params.is_greedy and not params.has_penalties:
+                token = int(argmax[i])
+            else:
+                row = logits[i]
+                if params.has_penalties:
+                    row = row.copy()
+                    apply_penalties(row, params, request.prompt_token_ids, request.output_token_ids)
+                token = sample_row(row, params, request.generator)
+            results.append(_with_logprobs(token, logprobs.get(i), params.logprobs or 0))
+        return results
+
+
+def _log_softmax_rows(rows: np.ndarray) -> np.ndarray:
+    shifted = rows.astype(np.float64) - rows.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def _with_logprobs(token: int, logprobs: np.ndarray | None, top_n: int) -> SampledToken:
+    if logprobs is None:
+        return SampledToken(token, None)
+    top: tuple[tuple[int, float], ...] = ()
+    if top_n:
+        best = np.argpartition(-logprobs, top_n - 1)[:top_n]
+        best = best[np.argsort(-logprobs[best], kind="stable")]
+        top = tuple((int(t), float(logprobs[t])) for t in best)
+    return SampledToken(token, float(logprobs[token]), top)

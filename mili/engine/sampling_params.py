@@ -1,0 +1,80 @@
+"""SamplingParams: how one request chooses its tokens and when it stops (the OpenAI parameters and
+vLLM/SGLang's usual extensions). Every field is checked at construction; a bad value raises ValueError
+naming the parameter, so servers can turn it into a 400 that says what to fix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+MAX_LOGPROBS = 20  # OpenAI's cap on top_logprobs
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1                          # completions per prompt (siblings share the prompt's KV blocks)
+    max_tokens: int = 16
+    temperature: float = 1.0            # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                      # 0 = no limit
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0     # transformers' rule, over prompt and output tokens
+    presence_penalty: float = 0.0       # OpenAI's rules, over output tokens
+    frequency_penalty: float = 0.0
+    seed: int | None = None             # same seed -> same tokens, whatever else runs in the batch
+    stop: tuple[str, ...] = ()          # strings that end the output; never part of it
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None         # None: none; k: the chosen token's logprob and the top k alternatives
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, requirement: str) -> None:
+            if not ok:
+                raise ValueError(f"'{name}' {requirement}, got {getattr(self, name)!r}")
+
+        def is_int(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value: object) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+        check(is_int(self.n) and self.n >= 1, "n", "must be an integer >= 1")
+        check(is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
+        check(is_number(self.temperature) and 0 <= self.temperature <= 100, "temperature", "must be in [0, 100]")
+        check(is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        check(is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0 (0 = no limit)")
+        check(is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
+        check(is_number(self.repetition_penalty) and 0 < self.repetition_penalty <= 100, "repetition_penalty",
+              "must be in (0, 100]")
+        check(is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty",
+              "must be in [-2, 2]")
+        check(is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty",
+              "must be in [-2, 2]")
+        check(self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**64), "seed",
+              "must be an integer in [0, 2^64) or null")
+        check(isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop), "stop",
+              "must be non-empty strings")
+        check(isinstance(self.stop_token_ids, tuple) and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
+              "stop_token_ids", "must be non-negative token ids")
+        check(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs",
+              f"must be an integer in [0, {MAX_LOGPROBS}] or null")
+
+    @classmethod
+    def greedy(cls, max_tokens: int = 16, **kwargs: object) -> SamplingParams:
+        return cls(max_tokens=max_tokens, temperature=0.0, **kwargs)
+
+    @classmethod
+    def from_lists(cls, stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] | None = None,
+                   **kwargs: object) -> SamplingParams:
+        """Accepts `stop` as one string or a list, as the OpenAI API does."""
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        return cls(stop=stops, stop_token_ids=tuple(stop_token_ids or ()), **kwargs)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
