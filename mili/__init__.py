@@ -1,6 +1,8 @@
 """MILI: a serving engine for Qwen3 language models on Modular's MAX."""
 
 from mili.config import ConfigError, GenerationConfig, ModelConfig
+from mili.engine.sampling_params import SamplingParams
+from mili.llm import LLM
 from mili.tokenizer import Tokenizer, TokenizerError
 from mili.weights import CheckpointError, load_weights
 
@@ -10,7 +12,9 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "GenerationConfig",
+    "LLM",
     "ModelConfig",
+    "SamplingParams",
     "Tokenizer",
     "TokenizerError",
     "load_weights",

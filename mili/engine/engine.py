@@ -77,7 +77,9 @@ class RequestOutput:
 
 
 @dataclass(eq=False)
-class _Request:
+class PreparedRequest:
+    """A checked, tokenized request and the state of its completions."""
+
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
@@ -105,7 +107,7 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler_config(runner.block_size), self.pool, self.cache)
         self.sampler = Sampler()
         self.max_model_len = runner.config.max_position_embeddings
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, PreparedRequest] = {}
         self._seq_ids = itertools.count()
         self.num_aborted = 0
 
@@ -122,6 +124,13 @@ class Engine:
     def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams,
                     salt: Hashable = None) -> list[int]:
         """Queues a request; returns its prompt token ids. Raises RequestError for a request that cannot run."""
+        request = self.prepare_request(request_id, prompt, params, salt)
+        self.enqueue(request)
+        return list(request.prompt_ids)
+
+    def prepare_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams,
+                        salt: Hashable = None) -> PreparedRequest:
+        """Tokenizes and checks a request without touching the queues (safe from another thread)."""
         if request_id in self._requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -139,12 +148,15 @@ class Engine:
                                f"({self.pool.num_blocks * self.runner.block_size} tokens)")
         sequences = [Sequence(next(self._seq_ids), request_id, list(prompt_ids), params,
                               request_generator(params.seed, sibling), salt) for sibling in range(params.n)]
-        request = _Request(request_id, list(prompt_ids), params, sequences,
-                           [CompletionState.create(params, self.tokenizer) for _ in sequences])
-        self._requests[request_id] = request
-        self.scheduler.add(sequences[0])
-        request.pending_siblings = sequences[1:]
-        return list(prompt_ids)
+        return PreparedRequest(request_id, list(prompt_ids), params, sequences,
+                               [CompletionState.create(params, self.tokenizer) for _ in sequences])
+
+    def enqueue(self, request: PreparedRequest) -> None:
+        if request.request_id in self._requests:
+            raise RequestError(f"request id {request.request_id!r} is already in use")
+        self._requests[request.request_id] = request
+        self.scheduler.add(request.sequences[0])
+        request.pending_siblings = request.sequences[1:]
 
     def abort(self, request_id: str) -> bool:
         """Stops a request wherever it is and frees its blocks; False if it is unknown or already done."""
@@ -175,7 +187,7 @@ class Engine:
         if plan is None:
             self._check_when_idle()
             return []
-        touched: dict[str, _Request] = {}
+        touched: dict[str, PreparedRequest] = {}
         try:
             logits = self.runner.run(plan.batch)
         except Exception as exc:  # noqa: BLE001 - one bad batch must not take the engine down
@@ -207,7 +219,7 @@ class Engine:
                 self._finish(seq, reason)
         return self._outputs(touched)
 
-    def _release_siblings(self, request: _Request) -> None:
+    def _release_siblings(self, request: PreparedRequest) -> None:
         """n > 1: the first sequence's prompt is now cached; its siblings start and reuse it."""
         for sibling in request.pending_siblings:
             self.scheduler.add(sibling)
@@ -219,13 +231,13 @@ class Engine:
         seq.finish_time = time.monotonic()
         self.scheduler.remove(seq)
 
-    def _finish_request(self, request: _Request, reason: FinishReason) -> None:
+    def _finish_request(self, request: PreparedRequest, reason: FinishReason) -> None:
         for seq in request.sequences:
             if not seq.is_finished:
                 self._finish(seq, reason)
         request.pending_siblings = []
 
-    def _outputs(self, touched: dict[str, _Request]) -> list[RequestOutput]:
+    def _outputs(self, touched: dict[str, PreparedRequest]) -> list[RequestOutput]:
         outputs = []
         for request in touched.values():
             finished = request.finished
@@ -242,7 +254,7 @@ class Engine:
         return outputs
 
     @staticmethod
-    def _metrics(request: _Request) -> RequestMetrics:
+    def _metrics(request: PreparedRequest) -> RequestMetrics:
         first = request.sequences[0]
         generated = sum(len(s.output_ids) for s in request.sequences)
         end = max((s.finish_time for s in request.sequences if s.finish_time), default=None)

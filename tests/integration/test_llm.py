@@ -1,0 +1,24 @@
+"""The offline API: LLM.generate and LLM.chat, results in prompt order, a progress line."""
+
+from __future__ import annotations
+
+from mili import LLM, SamplingParams
+from mili.testing import cached_checkpoint
+
+
+def test_generate_and_chat_in_order(capsys):
+    llm = LLM(str(cached_checkpoint("tiny-tied-gqa2-d64")), num_kv_blocks=64, max_num_seqs=4)
+    prompts = ["Hello there", "The capital of France is", "1, 2, 3,", "Qwen3 is", "Mojo and MAX"]
+    greedy = SamplingParams.greedy(max_tokens=8, ignore_eos=True)
+    outputs = llm.generate(prompts, greedy)
+    assert [o.prompt_token_ids for o in outputs] == [llm.tokenizer.encode(p) for p in prompts]
+    assert all(len(o.outputs[0].token_ids) == 8 and o.finished for o in outputs)
+    again = llm.generate(prompts[1], greedy)  # one prompt alone (now a prefix-cache hit or not: same tokens)
+    assert again[0].outputs[0].token_ids == outputs[1].outputs[0].token_ids
+    assert "generated 1/1 requests" in capsys.readouterr().err
+
+    chats = llm.chat([[{"role": "user", "content": "Hi!"}], [{"role": "user", "content": "Bye!"}]],
+                     SamplingParams.greedy(max_tokens=4, ignore_eos=True), enable_thinking=False, use_tqdm=False)
+    expected = llm.tokenizer.encode(llm.tokenizer.apply_chat_template([{"role": "user", "content": "Hi!"}],
+                                                                      enable_thinking=False))
+    assert chats[0].prompt_token_ids == expected and len(chats) == 2
