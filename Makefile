@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 SERVE_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install install-test build test serve bench-kernels bench-model bench checkpoint-0.6b clean
+.PHONY: install install-test build test serve bench-kernels bench-model bench-throughput bench checkpoint-0.6b clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ bench-kernels: install build
 # The model benchmark writes its random-weight checkpoint with transformers on first use: test extras.
 bench-model: install-test build
 	$(BIN)/python -m benchmarks.model $(BENCH_ARGS)
+
+bench-throughput: install-test build
+	$(BIN)/python -m benchmarks.throughput $(BENCH_ARGS)
 
 bench: install-test build
 	$(BIN)/python -m benchmarks

@@ -1,12 +1,14 @@
 """`python -m benchmarks`: every benchmark suite MILI has, one after another, each with its defaults.
 
 The kernel benchmarks (benchmarks/kernels.py: each op against MAX's and numpy), then the whole model
-(benchmarks/model.py: prefill and decode speed per dtype). Throughput and serving benchmarks join as the
-engine and server land. Run a suite alone with `python -m benchmarks.kernels` or `python -m benchmarks.model`.
+(benchmarks/model.py: prefill and decode speed per dtype), then the engine (benchmarks/throughput.py:
+offline throughput by concurrency, TTFT with a cached prefix). Serving benchmarks join with the server.
+Run a suite alone with `python -m benchmarks.kernels`, `.model` or `.throughput`.
 """
 
-from benchmarks import kernels, model
+from benchmarks import kernels, model, throughput
 
 if __name__ == "__main__":
     kernels.main([])
     model.main([])
+    throughput.main([])

@@ -11,6 +11,7 @@ on-disk cache (~/.cache/modular, or $MODULAR_CACHE_DIR), so a restart with the s
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,29 @@ def resolve_device(name: str) -> tuple[Device, DeviceRef]:
         gpu = Accelerator()
         return gpu, DeviceRef.from_device(gpu)
     raise ValueError(f"unknown device {name!r}: choose one of {', '.join(DEVICES)}")
+
+
+def available_memory_bytes() -> int:
+    """Memory the OS can still give this process (Linux: MemAvailable)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def kv_cache_budget(kv_cache_memory: float, weight_bytes: int) -> int:
+    """`--kv-cache-memory`: a byte count (> 1), or a fraction (0, 1] of the memory that will be left once
+    the weights (`weight_bytes`) are loaded."""
+    if kv_cache_memory <= 0:
+        raise ValueError(f"the KV cache memory must be positive (bytes, or a fraction of free memory), "
+                         f"got {kv_cache_memory}")
+    if kv_cache_memory <= 1:
+        return int(max(0, available_memory_bytes() - weight_bytes) * kv_cache_memory)
+    return int(kv_cache_memory)
 
 
 def blocks_for_bytes(spec: Qwen3GraphSpec, kv_cache_bytes: int) -> int:
@@ -92,8 +116,9 @@ class ModelRunner:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, *, dtype: DType | str | None = None, device: str = "cpu",
                         block_size: int = 16, num_blocks: int | None = None,
-                        kv_cache_bytes: int | None = None) -> ModelRunner:
-        """Reads config.json and the weights; sizes the KV cache from `num_blocks` or a byte budget."""
+                        kv_cache_bytes: float | None = None) -> ModelRunner:
+        """Reads config.json and the weights; sizes the KV cache from `num_blocks`, or from
+        `kv_cache_bytes`: bytes, or a fraction (0, 1] of the memory left once the weights are loaded."""
         if device not in DEVICES:
             raise ValueError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
         config = ModelConfig.from_pretrained(model_dir)
@@ -103,7 +128,9 @@ class ModelRunner:
             raise ValueError("give num_blocks or kv_cache_bytes, not both")
         if num_blocks is None:
             probe = Qwen3GraphSpec(config, dtype=run_dtype, block_size=block_size)
-            num_blocks = blocks_for_bytes(probe, DEFAULT_KV_CACHE_BYTES if kv_cache_bytes is None else kv_cache_bytes)
+            weight_bytes = sum(int(np.prod(shape)) for shape in probe.weight_shapes().values()) * run_dtype.size_in_bytes
+            budget = DEFAULT_KV_CACHE_BYTES if kv_cache_bytes is None else kv_cache_budget(kv_cache_bytes, weight_bytes)
+            num_blocks = blocks_for_bytes(probe, budget)
             if num_blocks < 1:
                 raise ValueError(f"a KV cache of {kv_cache_bytes} bytes holds no block of {block_size} tokens")
         return cls(model_dir, config, dtype=run_dtype, device=device, block_size=block_size, num_blocks=num_blocks)

@@ -31,7 +31,7 @@ def run_all(engine: Engine) -> dict[str, RequestOutput]:
         for out in engine.step():
             if out.finished:
                 finished[out.request_id] = out
-    engine.check_blocks()
+        engine.check_blocks()  # the bookkeeping holds after every step, not just at the end
     return finished
 
 
@@ -129,6 +129,7 @@ def test_100_requests_with_10_aborts_finish_exactly_and_leak_nothing(pair: Model
         for out in engine.step():
             if out.finished:
                 finished[out.request_id] = out
+        engine.check_blocks()
         steps += 1
         if steps == 5:
             for rid in to_abort:

@@ -86,3 +86,15 @@ def test_cli_generate_names_bad_flags(tmp_path):
         main(["generate", "--model", str(model_pair(CHECKPOINT).path), "--prompt", "hi", "--max-tokens", "0"])
     with pytest.raises(SystemExit, match="--model .* is not a folder"):
         main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"])
+
+
+def test_kv_cache_from_a_fraction_of_free_memory():
+    from mili.engine.model_runner import available_memory_bytes, kv_cache_budget
+
+    free = available_memory_bytes()
+    assert 0 < free
+    assert kv_cache_budget(0.5, weight_bytes=0) == pytest.approx(free / 2, rel=0.05)
+    assert kv_cache_budget(0.5, weight_bytes=free) == 0
+    assert kv_cache_budget(3e9, weight_bytes=0) == 3_000_000_000
+    with pytest.raises(ValueError, match="must be positive"):
+        kv_cache_budget(0, weight_bytes=0)
