@@ -137,7 +137,7 @@ class Scheduler:
     def _next_waiting(self) -> Sequence:
         """FCFS, but a request that shares a long cached prefix may overtake ones that arrived within
         `aging_s` of the oldest waiting request."""
-        oldest = self.waiting[0]
+        oldest = min(self.waiting, key=lambda s: s.arrival_time)  # the front may hold a younger, preempted one
         window = [s for s in self.waiting if s.arrival_time - oldest.arrival_time <= self.config.aging_s]
         if time.monotonic() - oldest.arrival_time > self.config.aging_s or len(window) == 1:
             chosen = oldest
