@@ -3,7 +3,7 @@
     mili info --model DIR                 what a checkpoint folder holds, as MILI reads it
     mili checkpoint --preset NAME --out DIR   write a random-weight Qwen3 checkpoint (needs test extras)
     mili generate --model DIR --prompt TEXT   greedy generation for one prompt, streamed to stdout
-    mili serve ...                        the OpenAI-compatible server (arrives with the server work)
+    mili serve [--model DIR_OR_HF_ID] ... the OpenAI-compatible server (see `mili serve --help`)
 """
 
 from __future__ import annotations
@@ -117,12 +117,26 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    print(
-        "mili serve: the HTTP server is not part of MILI yet (it comes with the server work item). "
-        "Today MILI provides the kernels, config, weight and tokenizer loaders: see README.md.",
-        file=sys.stderr,
-    )
-    return 2
+    from mili.server.serve import ModelNotFound, ServeOptions, serve
+
+    if not 0 < args.port < 65536:
+        raise SystemExit(f"mili serve: --port must be in 1..65535, got {args.port}")
+    for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-num-batched-tokens",
+                        args.max_num_batched_tokens), ("--block-size", args.block_size), ("--max-queue", args.max_queue)):
+        if value < 1:
+            raise SystemExit(f"mili serve: {flag} must be at least 1, got {value}")
+    if args.kv_cache_memory <= 0:
+        raise SystemExit("mili serve: --kv-cache-memory must be positive: bytes (e.g. 2e9) or a fraction of "
+                         "free memory (e.g. 0.5)")
+    try:
+        serve(ServeOptions(
+            model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, prefix_cache=not args.no_prefix_cache,
+            api_key=args.api_key, max_queue=args.max_queue, served_model_name=args.served_model_name))
+    except ModelNotFound as exc:
+        raise SystemExit(f"mili serve: {exc}") from None
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,7 +169,29 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="where to run (default cpu)")
     generate.set_defaults(run=_cmd_generate)
 
-    serve = commands.add_parser("serve", help="serve a model over HTTP (not available yet)")
+    serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                                description="Serves a Qwen3 model: /v1/completions, /v1/chat/completions, "
+                                "/v1/models, /generate, /health, /status, /metrics.")
+    serve.add_argument("--model", help="a Qwen3 checkpoint folder or a Hugging Face repo id (from the local HF "
+                       "cache, downloaded when online); default: a small built-in demo with RANDOM weights")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine "
+                       "only; 0.0.0.0 to accept other machines)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="where the model runs (default cpu)")
+    serve.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                       help="run dtype (default: float32 on CPU, where it is faster; bfloat16 on GPU)")
+    serve.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step (default 64)")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=512,
+                       help="token budget of one step; longer prompts are prefilled in chunks (default 512)")
+    serve.add_argument("--kv-cache-memory", type=float, default=float(1 << 30),
+                       help="KV cache size: bytes (e.g. 2e9), or a fraction of the free memory (e.g. 0.5); "
+                       "default 1 GiB")
+    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    serve.add_argument("--no-prefix-cache", action="store_true", help="turn off prefix caching")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* and /generate")
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="requests in flight before new ones get 429 (default 256)")
+    serve.add_argument("--served-model-name", help="the model name clients use (default: the folder or repo id)")
     serve.set_defaults(run=_cmd_serve)
     return parser
 

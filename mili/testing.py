@@ -112,7 +112,7 @@ def qwen3_tokenizer_dir() -> Path:
     return folder
 
 
-def _generation_config() -> dict[str, Any]:
+def generation_config_json() -> dict[str, Any]:
     # What Qwen3's published generation_config.json says.
     return {"bos_token_id": QWEN3_BOS_TOKEN_ID, "eos_token_id": [QWEN3_EOS_TOKEN_ID, QWEN3_BOS_TOKEN_ID],
             "pad_token_id": QWEN3_BOS_TOKEN_ID, "do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
@@ -142,7 +142,7 @@ def write_checkpoint(spec: CheckpointSpec, out_dir: str | Path, max_shard_size: 
                 param.copy_(1.0 + 0.1 * torch.randn_like(param, dtype=torch.float32))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out_dir, **kwargs)
-    (out_dir / "generation_config.json").write_text(json.dumps(_generation_config(), indent=2))
+    (out_dir / "generation_config.json").write_text(json.dumps(generation_config_json(), indent=2))
     tokenizer_dir = qwen3_tokenizer_dir()
     for name in TOKENIZER_FILES:
         shutil.copyfile(tokenizer_dir / name, out_dir / name)

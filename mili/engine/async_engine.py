@@ -13,16 +13,19 @@ first output, and nothing is queued.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from typing import TypeVar
 
 from mili.engine.engine import Engine, PreparedRequest, RequestOutput
 from mili.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 IDLE_WAIT_S = 0.5  # how long the loop thread sleeps when there is nothing to do (new work wakes it)
 
 
@@ -76,6 +79,19 @@ class AsyncEngine:
     def run_on_loop_thread(self, call: Callable[[], object]) -> None:
         """Runs `call` on the engine thread between steps (for reads that must see a consistent engine)."""
         self._submit(call)
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """The result of `fn()`, run on the engine thread between steps."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except Exception as exc:  # noqa: BLE001 - handed to the awaiting caller
+                future.set_exception(exc)
+
+        self._submit(run)
+        return await asyncio.wrap_future(future)
 
     async def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stops taking work, aborts what is in flight, and joins the loop thread."""

@@ -52,6 +52,7 @@ class RequestMetrics:
     queue_s: float | None          # arrival -> first scheduled
     ttft_s: float | None           # arrival -> first token
     time_per_output_token_s: float | None
+    e2e_s: float | None            # arrival -> last sequence finished
     cached_tokens: int             # prompt tokens served from the prefix cache
     preemptions: int
 
@@ -266,6 +267,7 @@ class Engine:
             queue_s=None if first.first_scheduled_time is None else first.first_scheduled_time - first.arrival_time,
             ttft_s=None if first.first_token_time is None else first.first_token_time - first.arrival_time,
             time_per_output_token_s=per_token,
+            e2e_s=None if end is None else end - first.arrival_time,
             cached_tokens=first.num_cached,
             preemptions=sum(s.num_preemptions for s in request.sequences),
         )

@@ -1,4 +1,4 @@
-"""The `mili` command line: info on a checkpoint, clear errors, serve's honest placeholder."""
+"""The `mili` command line: info on a checkpoint, clear errors naming the flag."""
 
 from __future__ import annotations
 
@@ -41,9 +41,18 @@ def test_checkpoint_writes_a_loadable_folder(tmp_path, capsys):
     assert ModelConfig.from_pretrained(out).num_hidden_layers == 2
 
 
-def test_serve_says_it_is_not_available_yet(capsys):
-    assert main(["serve"]) == 2
-    assert "not part of MILI yet" in capsys.readouterr().err
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--port", "0"], "--port must be in 1..65535"),
+    (["serve", "--max-num-seqs", "0"], "--max-num-seqs must be at least 1"),
+    (["serve", "--kv-cache-memory", "-1"], "--kv-cache-memory must be positive"),
+    (["serve", "--model", "/no/such/folder"], "--model /no/such/folder: no such folder"),
+    (["serve", "--model", "nobody/no-such-model-xyz"], "not in the local Hugging Face cache"),
+])
+def test_serve_flag_errors_name_the_flag(argv, message, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(SystemExit, match=message):
+        main(argv)
 
 
 def test_unknown_preset_is_an_argparse_error(capsys):

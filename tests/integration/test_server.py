@@ -1,0 +1,206 @@
+"""A real `mili serve` process on 127.0.0.1, driven by the official openai client and raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from mili.testing import cached_checkpoint
+
+API_KEY = "test-key"
+MODEL = "tiny"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    port = free_port()
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"mili-serve-{port}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mili.cli", "serve", "--model", str(cached_checkpoint("tiny-tied-gqa2-d64")),
+             "--port", str(port), "--api-key", API_KEY, "--served-model-name", MODEL, "--max-num-seqs", "16",
+             "--max-queue", "48", "--kv-cache-memory", "2e8"],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 900
+        saw_loading = False
+        while True:
+            assert process.poll() is None, f"mili serve exited:\n{log_path.read_text()[-3000:]}"
+            try:
+                response = httpx.get(f"{url}/health", timeout=5)
+                if response.status_code == 200:
+                    break
+                saw_loading |= response.status_code == 503 and response.json() == {"status": "loading",
+                                                                                    "model_loaded": False}
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.5)
+        assert saw_loading, "/health should answer 503 while the model loads"
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+
+
+def test_models_and_status(client: openai.OpenAI, server: str):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    status = httpx.get(f"{server}/status").json()
+    assert status["model"] == MODEL and status["model_loaded"] and status["dtype"] == "float32"
+
+
+def test_completion_with_n_stop_logprobs_and_usage(client: openai.OpenAI):
+    out = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=12, n=2,
+                                    temperature=0.8, seed=7, logprobs=3, extra_body={"ignore_eos": True})
+    assert len(out.choices) == 2 and {c.index for c in out.choices} == {0, 1}
+    assert out.usage.completion_tokens == 24 and out.usage.prompt_tokens == 4
+    assert len(out.choices[0].logprobs.token_logprobs) == 12
+    assert all(len(top) == 3 for top in out.choices[0].logprobs.top_logprobs)
+    again = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=12, n=2,
+                                      temperature=0.8, seed=7, extra_body={"ignore_eos": True})
+    assert [c.text for c in again.choices] == [c.text for c in out.choices]  # seeds reproduce
+    greedy = client.completions.create(model=MODEL, prompt="Hello", max_tokens=16, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    text = greedy.choices[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    stopped = client.completions.create(model=MODEL, prompt="Hello", max_tokens=16, temperature=0, stop=[stop],
+                                        extra_body={"ignore_eos": True})
+    assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].text == text[:text.find(stop)]
+
+
+def test_cached_tokens_are_reported(client: openai.OpenAI):
+    prompt = "Once upon a time " * 12
+    client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+    assert out.usage.prompt_tokens_details.cached_tokens >= 32
+
+
+def test_streaming_completion_and_chat(client: openai.OpenAI):
+    chunks = list(client.completions.create(model=MODEL, prompt=["a", "b"], max_tokens=8, stream=True,
+                                            temperature=0, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}))
+    assert chunks[-1].usage.completion_tokens == 16
+    texts = {0: "", 1: ""}
+    for chunk in chunks[:-1]:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    whole = client.completions.create(model=MODEL, prompt=["a", "b"], max_tokens=8, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert [texts[0], texts[1]] == [c.text for c in whole.choices]
+
+    messages = [{"role": "user", "content": "Say hi"}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=10, temperature=0,
+                                           logprobs=True, top_logprobs=2, extra_body={"enable_thinking": False})
+    assert reply.choices[0].message.role == "assistant" and reply.usage.total_tokens > 10
+    assert len(reply.choices[0].logprobs.content) == reply.usage.completion_tokens
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL, messages=messages, max_completion_tokens=10, temperature=0, stream=True,
+        extra_body={"enable_thinking": False}) if c.choices)
+    assert streamed == reply.choices[0].message.content
+
+
+def test_native_generate(server: str):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"prompt": "Hello", "max_tokens": 5, "temperature": 0}
+    out = httpx.post(f"{server}/generate", json=body, headers=headers, timeout=120).json()
+    assert set(out) == {"generated_text", "prompt_tokens", "completion_tokens", "finish_reason"}
+    assert out["prompt_tokens"] == 1 and out["completion_tokens"] <= 5
+    with httpx.stream("POST", f"{server}/generate", json={**body, "stream": True}, headers=headers,
+                      timeout=120) as response:
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["generated_text"] == out["generated_text"]
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": MODEL, "prompt": "x", "max_tokens": "lots"}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "temperature": 5}, 400, "temperature"),
+    ({"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"model": MODEL, "prompt": "x", "n": 0}, 400, "n"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": []}, 400, "prompt"),
+    ({"model": MODEL}, 400, "prompt"),
+    ({"model": "gpt-4", "prompt": "x"}, 404, "model"),
+    ({"model": MODEL, "prompt": "x", "stop": [""]}, 400, "stop"),
+])
+def test_bad_completion_requests(server: str, body, status, param):
+    response = httpx.post(f"{server}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"]
+
+
+@pytest.mark.parametrize("content, headers, status", [
+    (b'{"model": "tiny", "messages": [', {}, 400),                                      # invalid JSON
+    (json.dumps({"model": MODEL, "messages": []}).encode(), {}, 400),                  # no messages
+    (json.dumps({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}).encode(), {}, 400),
+    (b"x" * (5 << 20), {}, 413),                                                        # oversize body
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}]}).encode(),
+     {"Authorization": "Bearer wrong"}, 401),
+])
+def test_bad_chat_requests(server: str, content, headers, status):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json", **headers}
+    response = httpx.post(f"{server}/v1/chat/completions", content=content, headers=headers)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["message"]
+
+
+def test_32_streaming_clients_some_leaving_early(server: str):
+    async def one(i: int) -> int:
+        client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+        stream = await client.completions.create(model=MODEL, prompt=f"Client {i} says", max_tokens=20,
+                                                 stream=True, temperature=0.7, extra_body={"ignore_eos": True})
+        text, finish = "", None
+        async for chunk in stream:
+            text += chunk.choices[0].text
+            finish = chunk.choices[0].finish_reason or finish
+            if i % 4 == 0 and text:
+                await stream.close()  # disconnect mid-stream
+                return -1
+        await client.close()
+        assert finish == "length"
+        return len(text)
+
+    async def main() -> list[int]:
+        return await asyncio.gather(*(one(i) for i in range(32)))
+
+    results = asyncio.run(main())
+    assert sum(r == -1 for r in results) == 8 and all(r > 0 for r in results if r != -1)
+    deadline = time.monotonic() + 30
+    while True:  # aborted requests are released by the engine between steps
+        status = httpx.get(f"{server}/status").json()
+        if status["running"] == status["waiting"] == 0:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(0.2)
+    assert status["kv_blocks_used"] == status["kv_blocks_cached"], "blocks leaked outside the prefix cache"
+    metrics = httpx.get(f"{server}/metrics").text
+    finished = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith("mili_requests_finished_total{"))
+    aborted = float(next(line.split()[-1] for line in metrics.splitlines()
+                         if line.startswith("mili_requests_aborted_total")))
+    assert aborted >= 8 and finished >= 24
+    assert "mili_time_to_first_token_seconds_bucket" in metrics
