@@ -75,12 +75,7 @@ class Scheduler:
         """Gives back everything `seq` holds: caches what it computed, frees its blocks, unlocks its prefix."""
         if seq.blocks and seq.num_computed:
             self.cache.insert(seq.token_ids[:seq.num_computed], seq.blocks, seq.salt)
-        self.pool.release(seq.blocks)
-        seq.blocks = []
-        if seq.cache_node is not None:
-            self.cache.unlock(seq.cache_node)
-            seq.cache_node = None
-        seq.num_computed = 0
+        self._drop_cached_prefix(seq)
 
     def remove(self, seq: Sequence) -> None:
         """Takes a finished or aborted sequence out of the queues and releases its blocks."""
@@ -155,6 +150,7 @@ class Scheduler:
             seq.num_cached = match.num_tokens
 
     def _drop_cached_prefix(self, seq: Sequence) -> None:
+        """Releases the sequence's blocks and lock without caching anything."""
         self.pool.release(seq.blocks)
         seq.blocks = []
         if seq.cache_node is not None:

@@ -84,6 +84,9 @@ def create_app(state: ServerState) -> FastAPI:
         if first.get("type") == "json_invalid":
             return error_response(400, "the request body is not valid JSON")
         location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        if not location and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
+            return error_response(400, "the request body must be a JSON object, sent with "
+                                       "'Content-Type: application/json'")
         param = location[0] if location else None
         where = ".".join(location)
         message = first.get("msg", "invalid value").removeprefix("Value error, ")
@@ -275,6 +278,18 @@ def create_app(state: ServerState) -> FastAPI:
             first = None
         return first, outputs
 
+    async def last_output(first: tuple[int, RequestOutput] | None,
+                          outputs: AsyncIterator[tuple[int, RequestOutput]]) -> RequestOutput:
+        """The final output of a single-request stream (non-streaming responses)."""
+        final = None
+        item = first
+        while item is not None:
+            final = item[1]
+            item = await anext(outputs, None)
+        if final is None or not final.finished:
+            raise APIError(500, "the request ended without a result", kind="server_error")
+        return final
+
     # ------------------------------------------------------------------ endpoints
 
     def completion_logprobs(tokenizer: Any, completion: CompletionOutput, start: int) -> dict[str, Any] | None:
@@ -368,12 +383,7 @@ def create_app(state: ServerState) -> FastAPI:
         base = {"id": request_id, "created": created, "model": settings.model_name}
 
         if not body.stream:
-            final = None
-            item = first
-            while item is not None:
-                final = item[1]
-                item = await anext(outputs, None)
-            assert final is not None and final.finished
+            final = await last_output(first, outputs)
             choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                         "logprobs": chat_logprobs(core.tokenizer, c, 0), "finish_reason": c.finish_reason}
                        for c in final.outputs]
@@ -426,13 +436,7 @@ def create_app(state: ServerState) -> FastAPI:
                     "completion_tokens": len(c.token_ids), "finish_reason": c.finish_reason}
 
         if not body.stream:
-            final = None
-            item = first
-            while item is not None:
-                final = item[1]
-                item = await anext(outputs, None)
-            assert final is not None
-            return JSONResponse(result(final))
+            return JSONResponse(result(await last_output(first, outputs)))
 
         async def events() -> AsyncIterator[str]:
             item = first

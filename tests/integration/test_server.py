@@ -204,3 +204,11 @@ def test_32_streaming_clients_some_leaving_early(server: str):
                          if line.startswith("mili_requests_aborted_total")))
     assert aborted >= 8 and finished >= 24
     assert "mili_time_to_first_token_seconds_bucket" in metrics
+
+
+def test_a_body_that_is_not_json_is_told_how_to_send_it(server: str):
+    response = httpx.post(f"{server}/generate", content=b"prompt=Hello",
+                          headers={"Authorization": f"Bearer {API_KEY}",
+                                   "Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 400
+    assert "Content-Type: application/json" in response.json()["error"]["message"]
