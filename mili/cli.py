@@ -125,6 +125,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         args.max_num_batched_tokens), ("--block-size", args.block_size), ("--max-queue", args.max_queue)):
         if value < 1:
             raise SystemExit(f"mili serve: {flag} must be at least 1, got {value}")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise SystemExit(f"mili serve: --max-model-len must be at least 2, got {args.max_model_len}")
     if args.kv_cache_memory <= 0:
         raise SystemExit("mili serve: --kv-cache-memory must be positive: bytes (e.g. 2e9) or a fraction of "
                          "free memory (e.g. 0.5)")
@@ -133,7 +135,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, prefix_cache=not args.no_prefix_cache,
-            api_key=args.api_key, max_queue=args.max_queue, served_model_name=args.served_model_name))
+            api_key=args.api_key, max_queue=args.max_queue, served_model_name=args.served_model_name,
+            max_model_len=args.max_model_len))
     except ModelNotFound as exc:
         raise SystemExit(f"mili serve: {exc}") from None
     return 0
@@ -191,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* and /generate")
     serve.add_argument("--max-queue", type=int, default=256,
                        help="requests in flight before new ones get 429 (default 256)")
+    serve.add_argument("--max-model-len", type=int, help="context limit in tokens, prompt plus output "
+                       "(default: the model's max_position_embeddings)")
     serve.add_argument("--served-model-name", help="the model name clients use (default: the folder or repo id)")
     serve.set_defaults(run=_cmd_serve)
     return parser

@@ -41,6 +41,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     enable_prefix_cache: bool = True
     debug_checks: bool = False  # verify the block bookkeeping whenever the engine goes idle
+    max_model_len: int | None = None  # context limit (prompt + output); default: the model's positions
 
     def scheduler_config(self, block_size: int) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, block_size)
@@ -107,7 +108,8 @@ class Engine:
         self.cache = RadixCache(self.pool, runner.block_size, enabled=config.enable_prefix_cache)
         self.scheduler = Scheduler(config.scheduler_config(runner.block_size), self.pool, self.cache)
         self.sampler = Sampler()
-        self.max_model_len = runner.config.max_position_embeddings
+        self.max_model_len = min(runner.config.max_position_embeddings,
+                                 config.max_model_len or runner.config.max_position_embeddings)
         self._requests: dict[str, PreparedRequest] = {}
         self._seq_ids = itertools.count()
         self.num_aborted = 0

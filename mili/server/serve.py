@@ -36,6 +36,7 @@ class ServeOptions:
     api_key: str | None = None
     max_queue: int = 256
     served_model_name: str | None = None
+    max_model_len: int | None = None
 
 
 class ModelNotFound(ValueError):
@@ -100,7 +101,8 @@ def serve(options: ServeOptions) -> None:
         engine = Engine.from_pretrained(
             str(model_dir), dtype=options.dtype, device=options.device, block_size=options.block_size,
             kv_cache_bytes=options.kv_cache_memory, max_num_seqs=options.max_num_seqs,
-            max_num_batched_tokens=options.max_num_batched_tokens, enable_prefix_cache=options.prefix_cache)
+            max_num_batched_tokens=options.max_num_batched_tokens, enable_prefix_cache=options.prefix_cache,
+            max_model_len=options.max_model_len)
         state.attach(AsyncEngine(engine))
         runner = engine.runner
         random_note = " (the built-in demo: RANDOM weights, gibberish output)" if options.model is None else ""

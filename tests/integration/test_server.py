@@ -37,7 +37,7 @@ def server() -> Iterator[str]:
         process = subprocess.Popen(
             [sys.executable, "-m", "mili.cli", "serve", "--model", str(cached_checkpoint("tiny-tied-gqa2-d64")),
              "--port", str(port), "--api-key", API_KEY, "--served-model-name", MODEL, "--max-num-seqs", "16",
-             "--max-queue", "48", "--kv-cache-memory", "2e8"],
+             "--max-queue", "48", "--kv-cache-memory", "2e8", "--max-model-len", "160"],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -212,3 +212,30 @@ def test_a_body_that_is_not_json_is_told_how_to_send_it(server: str):
                                    "Content-Type": "application/x-www-form-urlencoded"})
     assert response.status_code == 400
     assert "Content-Type: application/json" in response.json()["error"]["message"]
+
+
+def test_fuzzing_the_openapi_schema_finds_no_server_error(server: str):
+    """schemathesis generates valid and invalid requests for every operation; none may get a 5xx."""
+    result = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "run", f"{server}/openapi.json", "--checks", "not_a_server_error",
+         "--max-examples", "8", "--header", f"Authorization: Bearer {API_KEY}", "--request-timeout", "120",
+         "--seed", str(int(time.time()))],
+        capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+
+
+def test_requests_beyond_the_queue_limit_get_429(server: str):
+    async def one(client: httpx.AsyncClient) -> int:
+        response = await client.post(f"{server}/v1/completions", json={
+            "model": MODEL, "prompt": "Queue", "max_tokens": 6, "ignore_eos": True}, timeout=300)
+        if response.status_code == 429:
+            assert response.json()["error"]["type"] == "rate_limit_error"
+        return response.status_code
+
+    async def main() -> list[int]:
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_KEY}"},
+                                     limits=httpx.Limits(max_connections=80)) as client:
+            return await asyncio.gather(*(one(client) for _ in range(70)))
+
+    codes = asyncio.run(main())
+    assert set(codes) == {200, 429} and codes.count(200) >= 48, codes
