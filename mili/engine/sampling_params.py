@@ -4,7 +4,6 @@ naming the parameter, so servers can turn it into a 400 that says what to fix.""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20  # OpenAI's cap on top_logprobs
@@ -29,6 +28,14 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
+        # `stop` may be one string or any sequence of them, as in the OpenAI API; stored as tuples.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, (list, tuple)):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.stop_token_ids, (list, tuple)):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
         def check(ok: bool, name: str, requirement: str) -> None:
             if not ok:
                 raise ValueError(f"'{name}' {requirement}, got {getattr(self, name)!r}")
@@ -63,13 +70,6 @@ class SamplingParams:
     @classmethod
     def greedy(cls, max_tokens: int = 16, **kwargs: object) -> SamplingParams:
         return cls(max_tokens=max_tokens, temperature=0.0, **kwargs)
-
-    @classmethod
-    def from_lists(cls, stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] | None = None,
-                   **kwargs: object) -> SamplingParams:
-        """Accepts `stop` as one string or a list, as the OpenAI API does."""
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        return cls(stop=stops, stop_token_ids=tuple(stop_token_ids or ()), **kwargs)
 
     @property
     def is_greedy(self) -> bool:

@@ -152,5 +152,5 @@ def test_bad_parameters_name_themselves(kwargs, name):
 
 
 def test_stop_accepts_one_string_or_a_list():
-    assert SamplingParams.from_lists(stop="###").stop == ("###",)
-    assert SamplingParams.from_lists(stop=["a", "b"], stop_token_ids=[5]).stop_token_ids == (5,)
+    assert SamplingParams(stop="###").stop == ("###",)
+    assert SamplingParams(stop=["a", "b"], stop_token_ids=[5]) == SamplingParams(stop=("a", "b"), stop_token_ids=(5,))
