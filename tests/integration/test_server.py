@@ -145,6 +145,7 @@ def test_native_generate(server: str):
     ({"model": MODEL}, 400, "prompt"),
     ({"model": "gpt-4", "prompt": "x"}, 404, "model"),
     ({"model": MODEL, "prompt": "x", "stop": [""]}, 400, "stop"),
+    ({"model": MODEL, "prompt": "word " * 200}, 400, "prompt"),  # longer than --max-model-len 160
 ])
 def test_bad_completion_requests(server: str, body, status, param):
     response = httpx.post(f"{server}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
