@@ -83,7 +83,9 @@ def kept_distribution(row: np.ndarray, params: SamplingParams) -> tuple[np.ndarr
     probs = np.exp(scaled - scaled.max())
     ids = _candidates(probs, params)
     kept = probs[ids]
-    kept = kept / kept.sum()  # renormalised over the top-k set (the whole vocabulary without top-k)
+    # renormalised over the top-k set, or over the whole vocabulary without top-k (the candidates for
+    # top-p alone are only the head of it: their own sum would overstate each token's share)
+    kept = kept / (kept.sum() if params.top_k else probs.sum())
     if params.top_p < 1.0:
         # the smallest most-likely prefix whose mass reaches top_p (at least one token)
         cutoff = int(np.searchsorted(np.cumsum(kept), params.top_p, side="left")) + 1
