@@ -63,6 +63,20 @@ def test_kept_distribution_matches_transformers_warpers(params, spread):
     assert np.all(np.diff(probs) <= 1e-15)  # most likely first
 
 
+def test_top_p_counts_the_tail_beyond_the_first_look():
+    """A head that holds most of the mass, and a long tail that still holds some: the nucleus must be
+    measured against the whole vocabulary, so it reaches further into the head than the head alone says."""
+    rng = np.random.default_rng()
+    logits = rng.standard_normal(VOCAB).astype(np.float32)
+    head = rng.choice(VOCAB, 40, replace=False)
+    logits[head] = np.linspace(12.0, 9.0, 40, dtype=np.float32)
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    ids, probs = kept_distribution(logits, params)
+    expected = reference_distribution(logits, params)
+    assert set(ids.tolist()) == set(np.flatnonzero(expected > 0).tolist())
+    np.testing.assert_allclose(probs, expected[ids], rtol=1e-9, atol=1e-12)
+
+
 def test_draws_follow_the_distribution():
     logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0, 3.0], np.float32)
     params = SamplingParams(temperature=0.8, top_k=4)
