@@ -38,6 +38,14 @@ def needs_rebuild(package: Path = KERNEL_PACKAGE, sources: Path = KERNEL_SOURCES
     return _newest_source_mtime(sources) > package.stat().st_mtime
 
 
+def build_env() -> dict[str, str]:
+    """The environment for build.sh, taken from os.environ rather than inherited from the C environment:
+    importing max.nn.kernels setenv()s PYTHONEXECUTABLE to the base interpreter (os.environ does not see
+    it), and the venv's `mojo` launcher, a Python script, then starts outside the venv and fails with
+    "No module named 'mojo'"."""
+    return {name: value for name, value in os.environ.items() if name != "PYTHONEXECUTABLE"}
+
+
 def kernel_package() -> Path:
     """Path of the compiled kernel package, rebuilding it first if it is missing or stale.
 
@@ -57,7 +65,7 @@ def kernel_package() -> Path:
                     "install MILI from a source checkout (pip install -e .) or set MILI_KERNEL_PACKAGE"
                 )
             log.info("Mojo kernel sources changed: rebuilding %s", KERNEL_PACKAGE)
-            result = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True)
+            result = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, env=build_env())
             if result.returncode != 0:
                 raise KernelBuildError(f"build.sh failed:\n{result.stdout}{result.stderr}")
     return KERNEL_PACKAGE

@@ -32,6 +32,7 @@ def swiglu_cpu[dtype: DType](
     gate_up_ptr: Pointer[Scalar[dtype], ...],
     tokens: Int,
     inter: Int,
+    ctx: DeviceContext,
 ) raises:
     """One task per token range, with few enough tasks that each has real work."""
     comptime width = simd_width_of[dtype]()
@@ -49,9 +50,9 @@ def swiglu_cpu[dtype: DType](
                 var up = gate_up_ptr.unsafe_load[width=w](in_row + inter + c)
                 out_ptr.unsafe_store(out_row + c, silu_times_up[dtype, w](gate, up))
 
-            vectorize[width](inter, columns)
+            vectorize[width, unroll_factor=4](inter, columns)
 
-    parallel_ranges(tokens, tasks_for(total), do_tokens)
+    parallel_ranges(tokens, tasks_for(total), do_tokens, ctx)
 
 
 def swiglu_gpu_kernel[dtype: DType](
@@ -89,7 +90,7 @@ struct SwiGLU:
         if gate_up.dim_size(1) != 2 * inter:
             raise Error("mili_swiglu: gate_up has ", gate_up.dim_size(1), " columns, expected 2 * ", inter)
         comptime if target == "cpu":
-            swiglu_cpu[output.dtype](output.unsafe_ptr(), gate_up.unsafe_ptr(), tokens, inter)
+            swiglu_cpu[output.dtype](output.unsafe_ptr(), gate_up.unsafe_ptr(), tokens, inter, ctx)
         elif target == "gpu":
             var n = tokens * inter
             if n == 0:

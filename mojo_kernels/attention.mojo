@@ -26,7 +26,7 @@ import extensibility
 from extensibility import InputTensor, OutputTensor, ManagedTensorSlice, IOSpec
 from max.gpu.host import DeviceContext
 from max.gpu import block_idx, thread_idx, barrier
-from max.algorithm import sync_parallelize
+from .cpu_parallel import parallel_for
 from std.algorithm import vectorize
 from std.memory import stack_allocation, AddressSpace
 from std.sys import simd_width_of, num_physical_cores, size_of
@@ -339,6 +339,7 @@ def paged_attention_cpu[dtype: DType, head_dim: Int, block_size: Int](
     block_tables: Pointer[Int32, ...],
     batch: BatchShape,
     tokens: Int,
+    ctx: DeviceContext,
 ) raises:
     validate_batch(query_start, context_lens, block_tables, batch, tokens, layout)
     var tiles = List[Tile]()
@@ -354,14 +355,14 @@ def paged_attention_cpu[dtype: DType, head_dim: Int, block_size: Int](
         attend_tile[dtype, head_dim, block_size](tiles[i], batch, query_start, context_lens, block_tables,
                                                  layout, q_ptr, cache_ptr, out_ptr, partial_ptr, scale)
 
-    sync_parallelize(run_tile, num_tiles)
+    parallel_for(num_tiles, run_tile, ctx)
     if len(split_groups) == 0:
         return
 
     def merge_group(g: Int) raises {imm tiles, imm split_groups, imm batch, imm query_start, imm out_ptr, imm partial_ptr}:
         merge_partials[dtype, head_dim](tiles, split_groups[g], batch, query_start, out_ptr, partial_ptr)
 
-    sync_parallelize(merge_group, len(split_groups))
+    parallel_for(len(split_groups), merge_group, ctx)
     _ = len(partials)  # the partial results must outlive both phases
 
 
@@ -492,7 +493,7 @@ struct PagedAttention[block_size: Int, head_dim: Int]:
             var batch = BatchShape(batch_size, block_tables.dim_size(1), num_heads, num_heads // kv_heads)
             paged_attention_cpu[output.dtype, Self.head_dim, Self.block_size](
                 output.unsafe_ptr(), q.unsafe_ptr(), cache.unsafe_ptr(), layout, query_start.unsafe_ptr(),
-                context_lens.unsafe_ptr(), block_tables.unsafe_ptr(), batch, tokens)
+                context_lens.unsafe_ptr(), block_tables.unsafe_ptr(), batch, tokens, ctx)
         elif target == "gpu":
             ctx.enqueue_function[paged_attention_gpu_kernel[output.dtype, Self.head_dim, Self.block_size]](
                 output.unsafe_ptr(), q.unsafe_ptr(), cache.unsafe_ptr(), layer.unsafe_ptr(),

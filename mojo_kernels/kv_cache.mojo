@@ -100,6 +100,7 @@ def kv_store_cpu[dtype: DType](
     v_ptr: Pointer[Scalar[dtype], ...],
     slots_ptr: Pointer[Int32, ...],
     tokens: Int,
+    ctx: DeviceContext,
 ) raises:
     check_slots(slots_ptr, tokens, layout)
     var row = layout.kv_heads * layout.head_dim
@@ -110,7 +111,7 @@ def kv_store_cpu[dtype: DType](
             if slot >= 0:
                 store_token_kv[dtype](cache_ptr, layout, slot, k_ptr, v_ptr, t * row)
 
-    parallel_ranges(tokens, tasks_for(tokens * row), do_tokens)
+    parallel_ranges(tokens, tasks_for(tokens * row), do_tokens, ctx)
 
 
 def kv_store_gpu_kernel[dtype: DType](
@@ -167,7 +168,7 @@ struct KVStore[block_size: Int, head_dim: Int]:
         comptime if target == "cpu":
             var layout = cache_layout[Self.block_size, Self.head_dim](cache, Int(layer.unsafe_ptr().unsafe_load(0)))
             kv_store_cpu[cache.dtype](cache.unsafe_ptr(), layout, k.unsafe_ptr(), v.unsafe_ptr(),
-                                      slots.unsafe_ptr(), tokens)
+                                      slots.unsafe_ptr(), tokens, ctx)
         elif target == "gpu":
             if tokens == 0:
                 return

@@ -105,6 +105,7 @@ def rms_norm_cpu[dtype: DType](
     rows: Int,
     hidden: Int,
     eps: Float32,
+    ctx: DeviceContext,
 ) raises:
     """All rows, one contiguous range of rows per core."""
 
@@ -114,7 +115,7 @@ def rms_norm_cpu[dtype: DType](
             var inv = inv_rms(sum_of_squares[dtype](x_ptr, base, hidden), hidden, eps)
             scale_row[dtype](out_ptr, x_ptr, weight_ptr, base, hidden, inv)
 
-    parallel_ranges(rows, tasks_for(rows * hidden), do_rows)
+    parallel_ranges(rows, tasks_for(rows * hidden), do_rows, ctx)
 
 
 def add_rms_norm_cpu[dtype: DType](
@@ -126,6 +127,7 @@ def add_rms_norm_cpu[dtype: DType](
     rows: Int,
     hidden: Int,
     eps: Float32,
+    ctx: DeviceContext,
 ) raises:
     def do_rows(start: Int, end: Int) raises {imm out_ptr, imm sum_ptr, imm x_ptr, imm residual_ptr, imm weight_ptr, imm hidden, imm eps}:
         for r in range(start, end):
@@ -133,7 +135,7 @@ def add_rms_norm_cpu[dtype: DType](
             var sum_sq = add_and_sum_of_squares[dtype](sum_ptr, x_ptr, residual_ptr, base, hidden)
             scale_row[dtype](out_ptr, sum_ptr, weight_ptr, base, hidden, inv_rms(sum_sq, hidden, eps))
 
-    parallel_ranges(rows, tasks_for(rows * hidden), do_rows)
+    parallel_ranges(rows, tasks_for(rows * hidden), do_rows, ctx)
 
 
 def rms_norm_gpu_kernel[dtype: DType, add_residual: Bool](
@@ -197,7 +199,7 @@ struct RMSNorm[eps: Float32]:
             raise Error("mili_rms_norm: weight has ", weight.dim_size(0), " elements, rows have ", hidden)
         comptime if target == "cpu":
             rms_norm_cpu[output.dtype](output.unsafe_ptr(), x.unsafe_ptr(), weight.unsafe_ptr(), rows, hidden,
-                                       Self.eps)
+                                       Self.eps, ctx)
         elif target == "gpu":
             if rows == 0:
                 return
@@ -230,7 +232,7 @@ struct AddRMSNorm[eps: Float32]:
             raise Error("mili_add_rms_norm: x, residual [rows, hidden] and weight [hidden] disagree")
         comptime if target == "cpu":
             add_rms_norm_cpu[output.dtype](output.unsafe_ptr(), residual_out.unsafe_ptr(), x.unsafe_ptr(),
-                                           residual.unsafe_ptr(), weight.unsafe_ptr(), rows, hidden, Self.eps)
+                                           residual.unsafe_ptr(), weight.unsafe_ptr(), rows, hidden, Self.eps, ctx)
         elif target == "gpu":
             if rows == 0:
                 return

@@ -61,6 +61,7 @@ def rope_cpu[dtype: DType, head_dim: Int](
     tokens: Int,
     heads: Int,
     max_positions: Int,
+    ctx: DeviceContext,
 ) raises:
     check_positions(positions_ptr, tokens, max_positions)
 
@@ -70,7 +71,7 @@ def rope_cpu[dtype: DType, head_dim: Int](
             for h in range(heads):
                 rotate_head[dtype, head_dim](out_ptr, x_ptr, (t * heads + h) * head_dim, table_ptr, table_row)
 
-    parallel_ranges(tokens, tasks_for(tokens * heads * head_dim), do_tokens)
+    parallel_ranges(tokens, tasks_for(tokens * heads * head_dim), do_tokens, ctx)
 
 
 def rope_gpu_kernel[dtype: DType, head_dim: Int](
@@ -123,7 +124,7 @@ struct RoPE[head_dim: Int]:
             raise Error("mili_rope: ", positions.dim_size(0), " positions for ", tokens, " tokens")
         comptime if target == "cpu":
             rope_cpu[output.dtype, Self.head_dim](output.unsafe_ptr(), x.unsafe_ptr(), positions.unsafe_ptr(),
-                                                  table.unsafe_ptr(), tokens, heads, table.dim_size(0))
+                                                  table.unsafe_ptr(), tokens, heads, table.dim_size(0), ctx)
         elif target == "gpu":
             var n = tokens * heads * (Self.head_dim // 2)
             if n == 0:

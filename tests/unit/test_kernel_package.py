@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from mili import kernels
+from mili.kernels import build_env
 
 
 def test_needs_rebuild_follows_source_times(tmp_path):
@@ -46,3 +50,15 @@ def test_failed_build_reports_compiler_output(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "BUILD_SCRIPT", script)
     with pytest.raises(kernels.KernelBuildError, match="expected argument name"):
         kernels.kernel_package()
+
+
+def test_a_rebuild_after_max_nn_kernels_runs_the_venv_mojo():
+    """Importing max.nn.kernels points PYTHONEXECUTABLE (in the C environment) at the base interpreter;
+    build.sh must still run the venv's `mojo` launcher (it failed with "No module named 'mojo'" when the
+    environment was inherited)."""
+    import max.nn.kernels  # noqa: F401
+
+    mojo = Path(sys.executable).with_name("mojo")
+    result = subprocess.run([str(mojo), "--version"], capture_output=True, text=True, env=build_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Mojo" in result.stdout

@@ -1,6 +1,7 @@
 # Mojo unit tests of the CPU RMSNorm body (run by tests/kernels/test_mojo_unit.py via `mojo run`).
 from std.testing import assert_almost_equal, TestSuite
 from std.math import sqrt
+from max.gpu.host import DeviceContext
 from mojo_kernels.norm import rms_norm_cpu
 
 
@@ -13,7 +14,8 @@ def _check_rows(rows: Int, hidden: Int) raises:
     for j in range(hidden):
         w[j] = 0.25 + Float32(j % 11) / 7.0
     var eps: Float32 = 1e-6
-    rms_norm_cpu[DType.float32](out.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), rows, hidden, eps)
+    rms_norm_cpu[DType.float32](out.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), rows, hidden, eps,
+                                DeviceContext(api="cpu"))
     for r in range(rows):
         var sum_sq: Float64 = 0
         for j in range(hidden):
@@ -30,6 +32,10 @@ def test_tail_not_multiple_of_simd_width() raises:
 
 def test_more_rows_than_cores() raises:
     _check_rows(13, 100)
+
+
+def test_rows_split_across_cores() raises:
+    _check_rows(101, 1000)  # enough elements for several tasks on the context's CPU threads
 
 
 def test_single_element_rows() raises:
