@@ -17,6 +17,7 @@ stream all of K and V.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -70,15 +71,15 @@ def time_once(fn: Callable[[], object], samples: list[float]) -> None:
 
 def time_interleaved(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median microseconds of each callable, timed in alternating order after one warm-up call each.
-    The order rotates every round, so no contender always runs right after the same other one (numpy's
-    large temporaries, freed just before, measurably slowed whichever graph ran next)."""
+    Round r runs the contenders in the r-th of all their orders, so each one follows every other one
+    equally often: what ran just before matters (numpy's large temporaries, freed just before, slowed
+    whichever graph ran next by up to 2x), and a mere rotation of one order keeps who-follows-whom."""
     for fn in contenders.values():
         fn()
     samples: dict[str, list[float]] = {name: [] for name in contenders}
-    names = list(contenders)
-    for round_index in range(repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
+    orders = list(itertools.permutations(contenders))
+    for round_index in range(max(repeats, len(orders))):
+        for name in orders[round_index % len(orders)]:
             time_once(contenders[name], samples[name])
     return {name: statistics.median(s) * 1e6 for name, s in samples.items()}
 
