@@ -47,6 +47,7 @@ DECODE_CONTEXTS = (512, 4096, 16384)
 PREFILL_TOKENS = (512, 2048)
 EPS, THETA, MAX_POSITIONS = 1e-6, 1_000_000.0, 40960
 CPU_REF = DeviceRef.CPU()
+MIN_SECONDS_PER_CASE, MAX_ROUNDS = 1.0, 5000
 
 
 @dataclass
@@ -71,14 +72,20 @@ def time_once(fn: Callable[[], object], samples: list[float]) -> None:
 
 def time_interleaved(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median microseconds of each callable, timed in alternating order after one warm-up call each.
+
+    At least `repeats` rounds, and as many more as fit in MIN_SECONDS_PER_CASE (capped at MAX_ROUNDS):
+    a 30 us op needs thousands of rounds before its median stops moving by +-10% on this shared machine.
     Round r runs the contenders in the r-th of all their orders, so each one follows every other one
     equally often: what ran just before matters (numpy's large temporaries, freed just before, slowed
     whichever graph ran next by up to 2x), and a mere rotation of one order keeps who-follows-whom."""
+    start = time.perf_counter()
     for fn in contenders.values():
         fn()
+    round_seconds = time.perf_counter() - start
+    rounds = max(repeats, min(MAX_ROUNDS, int(MIN_SECONDS_PER_CASE / max(round_seconds, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     orders = list(itertools.permutations(contenders))
-    for round_index in range(max(repeats, len(orders))):
+    for round_index in range(max(rounds, len(orders))):
         for name in orders[round_index % len(orders)]:
             time_once(contenders[name], samples[name])
     return {name: statistics.median(s) * 1e6 for name, s in samples.items()}
@@ -299,7 +306,7 @@ def print_table(rows: list[Row]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=30, help="timed rounds per case (default 30)")
+    parser.add_argument("--repeats", type=int, default=30, help="at least this many timed rounds per case (default 30); fast cases run more, filling 1 s each")
     parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
     parser.add_argument("--out", default="results/kernels.json", help="where to write the JSON results")
     args = parser.parse_args(argv)
