@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from mili import kernels
-from mili.kernels import build_env
 
 
 def test_needs_rebuild_follows_source_times(tmp_path):
@@ -55,10 +54,16 @@ def test_failed_build_reports_compiler_output(monkeypatch, tmp_path):
 def test_a_rebuild_after_max_nn_kernels_runs_the_venv_mojo():
     """Importing max.nn.kernels points PYTHONEXECUTABLE (in the C environment) at the base interpreter;
     build.sh must still run the venv's `mojo` launcher (it failed with "No module named 'mojo'" when the
-    environment was inherited)."""
-    import max.nn.kernels  # noqa: F401
-
+    environment was inherited). The import runs in a child process: its setenv() would otherwise stay in
+    this one and break every later test that starts the venv's python or mojo."""
     mojo = Path(sys.executable).with_name("mojo")
-    result = subprocess.run([str(mojo), "--version"], capture_output=True, text=True, env=build_env(), timeout=120)
-    assert result.returncode == 0, result.stderr
+    child = (
+        "import subprocess, max.nn.kernels\n"
+        "from mili.kernels import build_env\n"
+        f"result = subprocess.run([{str(mojo)!r}, '--version'], capture_output=True, text=True, env=build_env())\n"
+        "print(result.stdout, result.stderr)\n"
+        "raise SystemExit(result.returncode)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
     assert "Mojo" in result.stdout
