@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     if args.model is None:
-        from mili.testing import cached_checkpoint  # writes the checkpoint on first use (needs transformers)
+        from mili.checkpoints import cached_checkpoint  # writes the checkpoint on first use (needs transformers)
         model_dir = cached_checkpoint("qwen3-0.6b")
     else:
         model_dir = Path(args.model)

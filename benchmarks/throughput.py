@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.model is None:
-        from mili.testing import cached_checkpoint
+        from mili.checkpoints import cached_checkpoint
         model_dir = str(cached_checkpoint("qwen3-0.6b"))
     else:
         model_dir = args.model

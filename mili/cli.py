@@ -62,7 +62,7 @@ def _product(shape: Sequence[int]) -> int:
 
 def _cmd_checkpoint(args: argparse.Namespace) -> int:
     try:
-        from mili.testing import PRESETS, cached_checkpoint, write_checkpoint
+        from mili.checkpoints import PRESETS, cached_checkpoint, write_checkpoint
     except ImportError as exc:
         raise SystemExit(f"mili checkpoint needs the test extras ({exc.name} is missing): pip install -e '.[test]'")
     spec = PRESETS[args.preset]
@@ -143,7 +143,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mili.testing import PRESETS  # plain data; importing it needs no test extras
+    from mili.checkpoints import PRESETS  # plain data; importing it needs no test extras
 
     parser = argparse.ArgumentParser(prog="mili", description="MILI: a serving engine for Qwen3 on MAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")

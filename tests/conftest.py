@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mili.testing import TEST_CHECKPOINTS, cached_checkpoint, qwen3_tokenizer_dir
+from mili.checkpoints import TEST_CHECKPOINTS, cached_checkpoint, qwen3_tokenizer_dir
 
 
 @pytest.fixture(scope="session", params=sorted(TEST_CHECKPOINTS))

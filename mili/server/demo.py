@@ -15,7 +15,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from mili.config import ModelConfig
-from mili.testing import QWEN3_EOS_TOKEN_ID, TOKENIZER_FILES, generation_config_json, cache_dir, qwen3_tokenizer_dir
+from mili.checkpoints import QWEN3_EOS_TOKEN_ID, TOKENIZER_FILES, generation_config_json, cache_dir, qwen3_tokenizer_dir
 from mili.weights import expected_shapes
 
 log = logging.getLogger(__name__)

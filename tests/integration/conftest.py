@@ -12,7 +12,7 @@ import torch
 from transformers import Qwen3ForCausalLM
 
 from mili.engine.model_runner import ModelRunner
-from mili.testing import TEST_CHECKPOINTS, cached_checkpoint
+from mili.checkpoints import TEST_CHECKPOINTS, cached_checkpoint
 
 NUM_BLOCKS = 192
 FP32_CHECKPOINTS = sorted(name for name, spec in TEST_CHECKPOINTS.items() if spec.dtype == "float32")

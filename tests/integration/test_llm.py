@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mili import LLM, SamplingParams
-from mili.testing import cached_checkpoint
+from mili.checkpoints import cached_checkpoint
 
 
 def test_generate_and_chat_in_order(capsys):

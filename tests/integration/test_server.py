@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from mili.testing import cached_checkpoint
+from mili.checkpoints import cached_checkpoint
 
 API_KEY = "test-key"
 MODEL = "tiny"

@@ -29,7 +29,7 @@ def main(arch: str) -> None:
 
     from mili.config import ModelConfig
     from mili.model.qwen3 import Qwen3GraphSpec, build_qwen3_graph
-    from mili.testing import cached_checkpoint
+    from mili.checkpoints import cached_checkpoint
     from tests.kernels.graphs import build_all_graphs
 
     gpu = Accelerator()

@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from mili.detokenizer import IncrementalDetokenizer
-from mili.testing import TOKENIZER_SHA256, qwen3_tokenizer_dir
+from mili.checkpoints import TOKENIZER_SHA256, qwen3_tokenizer_dir
 from mili.tokenizer import Tokenizer, TokenizerError
 
 TEXTS = [

