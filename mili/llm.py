@@ -6,8 +6,11 @@
         print(out.outputs[0].text)
     llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(max_tokens=64))
 
-All prompts are queued at once and run with continuous batching; results come back in prompt order.
-A progress line on stderr shows finished requests and generated tokens per second.
+All prompts are checked first (a bad one raises before anything runs), then queued at once and run with
+continuous batching; results come back in prompt order. Without `sampling_params`, the checkpoint's own
+sampling defaults apply (generation_config.json; Qwen3: temperature 0.6, top_p 0.95, top_k 20); pass
+`SamplingParams(temperature=0)` for greedy. Progress goes to stderr: one updating line on a terminal,
+a plain line every few seconds otherwise.
 """
 
 from __future__ import annotations
@@ -15,36 +18,72 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
-from mili.engine.engine import Engine, RequestOutput
+from mili.engine.engine import Engine
+from mili.engine.outputs import RequestOutput
 from mili.engine.sampling_params import SamplingParams
 
 Message = dict[str, Any]
-PROGRESS_INTERVAL_S = 0.5
+
+
+class Progress:
+    """Finished requests and generated tokens per second, counting tokens as they are generated."""
+
+    def __init__(self, total: int, stream: TextIO = sys.stderr) -> None:
+        self.total, self.stream = total, stream
+        self.is_terminal = stream.isatty()
+        self.interval_s = 0.5 if self.is_terminal else 5.0
+        self.started = self.last_shown = time.monotonic()
+        self.finished = self.tokens = 0
+
+    def update(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            self.tokens += sum(len(c.delta_token_ids) for c in out.outputs)
+            self.finished += out.finished
+        now = time.monotonic()
+        if now - self.last_shown >= self.interval_s:
+            self.last_shown = now
+            self._show(now, end="")
+
+    def close(self) -> None:
+        self._show(time.monotonic(), end="\n")
+
+    def _show(self, now: float, end: str) -> None:
+        rate = self.tokens / max(now - self.started, 1e-9)
+        line = f"generated {self.finished}/{self.total} requests, {self.tokens} tokens, {rate:.1f} tokens/s"
+        if self.is_terminal:
+            print(f"\r{line}", end=end, file=self.stream, flush=True)
+        elif end or now != self.started:
+            print(line, file=self.stream, flush=True)
 
 
 class LLM:
     def __init__(self, model: str, **engine_args: Any) -> None:
         """`engine_args`: dtype, device, block_size, num_kv_blocks or kv_cache_bytes, max_num_seqs,
-        max_num_batched_tokens, enable_prefix_cache (see Engine.from_pretrained and EngineConfig)."""
+        max_num_batched_tokens, enable_prefix_cache, max_model_len (see Engine.from_pretrained and EngineConfig)."""
         self.engine = Engine.from_pretrained(model, **engine_args)
         self.tokenizer = self.engine.tokenizer
 
-    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+    def default_sampling_params(self) -> SamplingParams:
+        return self.engine.default_sampling_params()
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Completions for text prompts or token-id prompts, in the order given."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.default_sampling_params()
         per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(per_prompt)} sampling params for {len(prompts)} prompts")
-        ids = [f"offline-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
-        for request_id, prompt, p in zip(ids, prompts, per_prompt):
-            self.engine.add_request(request_id, prompt, p)  # type: ignore[arg-type]
-        return self._run(ids, use_tqdm)
+        stamp = time.monotonic_ns()
+        requests = [self.engine.prepare_request(f"offline-{stamp}-{i}", prompt, p)  # type: ignore[arg-type]
+                    for i, (prompt, p) in enumerate(zip(prompts, per_prompt))]
+        for request in requests:  # only once every prompt passed its checks
+            self.engine.enqueue(request)
+        return self._run([r.request_id for r in requests], use_tqdm)
 
     def chat(self, messages: Sequence[Message] | Sequence[Sequence[Message]],
              sampling_params: SamplingParams | None = None, enable_thinking: bool | None = None,
@@ -56,20 +95,21 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, ids: list[str], show_progress: bool) -> list[RequestOutput]:
-        finished: dict[str, RequestOutput] = {}
-        started = last_report = time.monotonic()
-        generated = 0
-        while len(finished) < len(ids):
-            for out in self.engine.step():
-                if out.finished:
-                    finished[out.request_id] = out
-                    generated += sum(len(c.token_ids) for c in out.outputs)
-            now = time.monotonic()
-            if show_progress and (now - last_report >= PROGRESS_INTERVAL_S or len(finished) == len(ids)):
-                last_report = now
-                rate = generated / max(now - started, 1e-9)
-                print(f"\rgenerated {len(finished)}/{len(ids)} requests, {rate:.1f} tokens/s", end="",
-                      file=sys.stderr, flush=True)
-        if show_progress:
-            print(file=sys.stderr)
-        return [finished[i] for i in ids]
+        results: dict[str, RequestOutput] = {}
+        wanted = set(ids)
+        progress = Progress(len(ids)) if show_progress else None
+        try:
+            while self.engine.has_unfinished() and len(results) < len(ids):
+                outputs = self.engine.step()
+                for out in outputs:
+                    if out.finished and out.request_id in wanted:
+                        results[out.request_id] = out
+                if progress is not None:
+                    progress.update(outputs)
+        finally:
+            for request_id in ids:  # an interrupted run leaves nothing behind in the engine
+                if request_id not in results:
+                    self.engine.abort(request_id)
+            if progress is not None:
+                progress.close()
+        return [results[i] for i in ids]

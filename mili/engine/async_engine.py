@@ -5,9 +5,15 @@ event loop never waits for the model; each request gets an async iterator of its
     async for out in engine.generate("Hello", SamplingParams(max_tokens=20)):
         print(out.outputs[0].delta, end="")
 
-Leaving the `async for` early (a client that disconnected) aborts the request and frees its blocks.
-Requests are checked on the caller's side: a bad one raises RequestError from `generate` before the
-first output, and nothing is queued.
+- Tokenizing and checking a request run in a worker thread, not on the event loop; a bad request raises
+  RequestError from `generate` before the first output, and nothing is queued.
+- A reader that falls behind gets the outputs it missed merged into one (RequestStream), so what waits for
+  a slow client is its unread text, never a copy per step.
+- Leaving the `async for` early (a client that disconnected, a cancelled task) aborts the request.
+- `drain` stops taking requests and lets those in flight finish for a grace period; `shutdown` then aborts
+  the rest: each of their readers gets EngineDeadError, so a stream can end with an error event.
+- If the loop thread ever dies (a bug: every step already fails only its own requests), every reader gets
+  EngineDeadError and `on_death` runs: the server uses it to exit non-zero, so a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -17,11 +23,14 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from typing import TypeVar
 
-from mili.engine.engine import Engine, PreparedRequest, RequestOutput
+from mili.engine.engine import Engine
+from mili.engine.outputs import RequestOutput
+from mili.engine.request import Request
 from mili.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -30,16 +39,48 @@ IDLE_WAIT_S = 0.5  # how long the loop thread sleeps when there is nothing to do
 
 
 class EngineDeadError(RuntimeError):
-    """The step loop stopped (shut down, or crashed); no request can be served."""
+    """The step loop stopped (shut down, or crashed) or takes no more requests."""
+
+
+class RequestStream:
+    """One request's outputs on their way from the engine thread to the event loop. Unread outputs are
+    merged into one, and an error is handed out after whatever output came before it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._pending: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """Event-loop side (the engine thread calls it through `loop.call_soon_threadsafe`)."""
+        if isinstance(item, BaseException):
+            self._error = self._error or item
+        else:
+            self._pending = item if self._pending is None else self._pending.merge(item)
+        self._ready.set()
+
+    async def get(self) -> RequestOutput:
+        await self._ready.wait()
+        if self._pending is not None:
+            out, self._pending = self._pending, None
+            if self._error is None:
+                self._ready.clear()
+            return out
+        assert self._error is not None  # _ready is only set with something to hand out
+        raise self._error
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, on_death: Callable[[BaseException], None] | None = None) -> None:
         self.engine = engine
+        self.on_death = on_death
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
+        self._accepting = True
+        self.crash: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="mili-engine", daemon=True)
         self._thread.start()
 
@@ -47,25 +88,29 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread.is_alive() and not self._stopping.is_set()
 
+    @property
+    def is_accepting(self) -> bool:
+        return self._accepting and self.is_running
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
     async def generate(self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None,
                        salt: Hashable = None) -> AsyncIterator[RequestOutput]:
-        if not self.is_running:
-            raise EngineDeadError("the engine is not running")
+        if not self.is_accepting:
+            raise EngineDeadError("the server is shutting down" if self.is_running else "the engine is not running")
         request_id = request_id or uuid.uuid4().hex
-        request = self.engine.prepare_request(request_id, prompt, params, salt)  # raises RequestError
-        outputs: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), outputs)
+        request = await asyncio.to_thread(self.engine.prepare_request, request_id, prompt, params, salt)
+        stream = RequestStream(asyncio.get_running_loop())
+        self._streams[request_id] = stream
         self._submit(lambda: self._enqueue(request))
         finished = False
         try:
-            while True:
-                item = await outputs.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
+            while not finished:
+                out = await stream.get()
+                finished = out.finished
+                yield out
         finally:
             self._streams.pop(request_id, None)
             if not finished:
@@ -76,12 +121,10 @@ class AsyncEngine:
         self._streams.pop(request_id, None)
         self._submit(lambda: self.engine.abort(request_id))
 
-    def run_on_loop_thread(self, call: Callable[[], object]) -> None:
-        """Runs `call` on the engine thread between steps (for reads that must see a consistent engine)."""
-        self._submit(call)
-
     async def call(self, fn: Callable[[], T]) -> T:
-        """The result of `fn()`, run on the engine thread between steps."""
+        """The result of `fn()`, run on the engine thread between steps (a consistent view of the engine)."""
+        if not self._thread.is_alive():
+            return fn()  # nothing else touches the engine any more
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
 
         def run() -> None:
@@ -93,13 +136,26 @@ class AsyncEngine:
         self._submit(run)
         return await asyncio.wrap_future(future)
 
-    async def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Stops taking work, aborts what is in flight, and joins the loop thread."""
+    async def drain(self, grace_s: float) -> int:
+        """Takes no new requests and waits up to `grace_s` for those in flight to finish; returns how many
+        are still running then."""
+        self._accepting = False
+        deadline = time.monotonic() + grace_s
+        while self._streams and self.is_running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return len(self._streams)
+
+    async def shutdown(self, timeout_s: float = 60.0) -> None:
+        """Stops the loop after its current step: aborts what is in flight (each reader gets
+        EngineDeadError) and joins the thread, so no model call is cut off at interpreter exit."""
+        self._accepting = False
         self._stopping.set()
         self._wake.set()
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout_s)
 
-    def _enqueue(self, request: PreparedRequest) -> None:
+    def _enqueue(self, request: Request) -> None:
+        if request.request_id not in self._streams:
+            return  # its reader left before it was queued
         try:
             self.engine.enqueue(request)
         except Exception as exc:  # noqa: BLE001 - e.g. a request id taken meanwhile: that request fails
@@ -110,10 +166,12 @@ class AsyncEngine:
         self._wake.set()
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, outputs = target
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            try:
+                stream.loop.call_soon_threadsafe(stream.put, item)
+            except RuntimeError:  # its event loop has closed: nobody is reading
+                pass
 
     def _loop(self) -> None:
         try:
@@ -126,12 +184,15 @@ class AsyncEngine:
                     continue
                 for out in self.engine.step():
                     self._deliver(out.request_id, out)
-        except BaseException as exc:  # noqa: BLE001 - report to every waiting client, then stop
-            log.exception("the engine loop crashed")
+        except BaseException as exc:  # noqa: BLE001 - report to every reader, then to whoever supervises
+            log.critical("the engine loop crashed; no request can be served any more", exc_info=True)
+            self.crash = exc
+            self._stopping.set()
             for request_id in list(self._streams):
                 self._deliver(request_id, EngineDeadError(f"the engine loop crashed: {exc}"))
-            self._stopping.set()
+            if self.on_death is not None:
+                self.on_death(exc)
             return
         for request_id in list(self._streams):
             self.engine.abort(request_id)
-            self._deliver(request_id, EngineDeadError("the engine shut down"))
+            self._deliver(request_id, EngineDeadError("the server shut down before this request finished"))

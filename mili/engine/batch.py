@@ -76,12 +76,11 @@ class Batch:
         needed_blocks = -(-context_lens // block_size)
         max_blocks = int(needed_blocks.max())
         block_tables = np.zeros((len(chunks), max_blocks), np.int32)
-        for row, (chunk, needed) in enumerate(zip(chunks, needed_blocks)):
-            table = np.asarray(chunk.block_table, np.int64)
-            if len(table) < needed:
-                raise ValueError(f"sequence {row} has {len(table)} KV blocks for {context_lens[row]} tokens; "
-                                 f"needs {needed} of {block_size} tokens")
-            block_tables[row] = np.pad(table[:needed], (0, max_blocks - needed))
+        for row, (chunk, needed) in enumerate(zip(chunks, needed_blocks.tolist())):
+            if len(chunk.block_table) < needed:
+                raise ValueError(f"sequence {row} has {len(chunk.block_table)} KV blocks for {context_lens[row]} "
+                                 f"tokens; needs {needed} of {block_size} tokens")
+            block_tables[row, :needed] = chunk.block_table[:needed]
 
         query_start = np.concatenate([[0], np.cumsum(q_lens)])
         seq_of_token = np.repeat(np.arange(len(chunks)), q_lens)

@@ -1,8 +1,9 @@
-"""A fixed pool of KV-cache blocks with reference counts.
+"""The free list of KV-cache blocks.
 
-Every block is either free (on the free list, count 0) or held by one or more owners: running sequences
-and the radix prefix cache each hold one reference per block they use. `alloc` and `release` are O(1) per
-block. The pool never decides what to evict; the radix cache does, and releases its references here.
+Every block has exactly one owner at any time: this pool (free), the radix prefix cache (a cached prefix,
+shared by whoever locks it), or one sequence (its private blocks). Ownership moves, it is never shared,
+so there are no reference counts to keep consistent: `alloc` hands blocks out, `free` takes them back, and
+freeing a block that is already free is an error caught at once.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ class BlockPool:
         if num_blocks < 1:
             raise ValueError(f"a block pool needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._ref_counts = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))
+        self._is_free = bytearray(b"\x01") * num_blocks
 
     @property
     def num_free(self) -> int:
@@ -31,33 +32,24 @@ class BlockPool:
     def num_used(self) -> int:
         return self.num_blocks - len(self._free)
 
-    def ref_count(self, block: int) -> int:
-        return self._ref_counts[block]
+    def is_free(self, block: int) -> bool:
+        return bool(self._is_free[block])
 
     def alloc(self, count: int) -> list[int]:
-        """`count` fresh blocks, each with one reference (the caller's)."""
+        """`count` free blocks, now owned by the caller."""
         if count < 0:
             raise ValueError(f"cannot allocate {count} blocks")
         if count > len(self._free):
             raise OutOfBlocks(f"asked for {count} KV blocks, {len(self._free)} free of {self.num_blocks}")
         blocks = [self._free.popleft() for _ in range(count)]
         for block in blocks:
-            self._ref_counts[block] = 1
+            self._is_free[block] = 0
         return blocks
 
-    def retain(self, blocks: Iterable[int]) -> None:
-        """One more reference to each of `blocks` (all must be in use)."""
+    def free(self, blocks: Iterable[int]) -> None:
+        """Takes blocks back from their owner."""
         for block in blocks:
-            if self._ref_counts[block] <= 0:
-                raise ValueError(f"block {block} is free; only blocks in use can be shared")
-            self._ref_counts[block] += 1
-
-    def release(self, blocks: Iterable[int]) -> None:
-        """Drops one reference to each of `blocks`; a block whose last reference goes is free again."""
-        for block in blocks:
-            count = self._ref_counts[block]
-            if count <= 0:
-                raise ValueError(f"block {block} released more often than it was taken")
-            self._ref_counts[block] = count - 1
-            if count == 1:
-                self._free.append(block)
+            if self._is_free[block]:
+                raise ValueError(f"KV block {block} freed twice")
+            self._is_free[block] = 1
+            self._free.append(block)

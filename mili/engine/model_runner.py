@@ -11,6 +11,7 @@ on-disk cache (~/.cache/modular, or $MODULAR_CACHE_DIR), so a restart with the s
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from mili.config import ModelConfig
 from mili.dtypes import parse_run_dtype
 from mili.engine.batch import Batch
 from mili.model.qwen3 import Qwen3GraphSpec, build_qwen3_graph, load_qwen3_weights
+from mili.progress import report_while_slow
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +50,15 @@ def resolve_device(name: str) -> tuple[Device, DeviceRef]:
     raise ValueError(f"unknown device {name!r}: choose one of {', '.join(DEVICES)}")
 
 
+class KvCacheSizeError(ValueError):
+    """The KV cache budget cannot be met: not positive, more than the free memory, or too small for one block."""
+
+
 def available_memory_bytes() -> int:
-    """Memory the OS can still give this process (Linux: MemAvailable)."""
+    """Host memory the OS can still give this process (Linux: MemAvailable).
+
+    Not MAX's `CPU().stats["free_memory"]`: measured on a 25.3 GB machine it said 25.1 GB free while the
+    kernel's MemAvailable said 24.0 GB, so it does not see what other processes hold."""
     try:
         with open("/proc/meminfo", encoding="ascii") as meminfo:
             for line in meminfo:
@@ -60,14 +69,42 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def kv_cache_budget(kv_cache_memory: float, weight_bytes: int) -> int:
-    """`--kv-cache-memory`: a byte count (> 1), or a fraction (0, 1] of the memory that will be left once
-    the weights (`weight_bytes`) are loaded."""
-    if kv_cache_memory <= 0:
-        raise ValueError(f"the KV cache memory must be positive (bytes, or a fraction of free memory), "
-                         f"got {kv_cache_memory}")
+def device_free_memory_bytes(device: Device | None) -> int | None:
+    """Free memory where the KV cache will live: host memory for the CPU (or None), and for an accelerator
+    the device's own free memory as MAX's driver reports it (`Device.stats["free_memory"]` in MAX 26.7),
+    never host RAM. None when the driver reports nothing usable."""
+    if device is None or device.is_host:
+        return available_memory_bytes()
+    free = dict(device.stats).get("free_memory")
+    return free if isinstance(free, int) and free > 0 else None
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB"
+
+
+def kv_cache_budget(kv_cache_memory: float, weight_bytes: int, device: Device | None = None) -> int:
+    """KV cache bytes for `kv_cache_memory`: a byte count (> 1), or a fraction (0, 1] of the memory that will
+    be free on `device` (default: the host) once the weights (`weight_bytes`) are loaded there.
+
+    A byte count larger than that free memory is refused here, before the graph compile: allocating it
+    afterwards fails with MAX's out-of-memory abort (or, on the host, sends the machine into swap)."""
+    if not (math.isfinite(kv_cache_memory) and kv_cache_memory > 0):
+        raise KvCacheSizeError(f"the KV cache memory must be positive (bytes, or a fraction of free memory), "
+                               f"got {kv_cache_memory}")
+    free = device_free_memory_bytes(device)
+    where = "host" if device is None or device.is_host else "GPU"
+    if free is None:
+        if kv_cache_memory <= 1:
+            raise KvCacheSizeError(f"MAX reports no free memory for this {where}, so a fraction of it cannot be "
+                                   f"sized; give the KV cache size in bytes")
+        return int(kv_cache_memory)
+    left = max(0, free - weight_bytes)
     if kv_cache_memory <= 1:
-        return int(max(0, available_memory_bytes() - weight_bytes) * kv_cache_memory)
+        return int(left * kv_cache_memory)
+    if kv_cache_memory > left:
+        raise KvCacheSizeError(f"{_gb(kv_cache_memory)} is more than the {_gb(left)} of {where} memory free once "
+                               f"the weights ({_gb(weight_bytes)}) are loaded")
     return int(kv_cache_memory)
 
 
@@ -75,6 +112,25 @@ def blocks_for_bytes(spec: Qwen3GraphSpec, kv_cache_bytes: int) -> int:
     """How many KV blocks of `spec`'s shape fit in a byte budget."""
     per_block = spec.cache_shape(1).bytes(spec.dtype.size_in_bytes)
     return kv_cache_bytes // per_block
+
+
+def kv_cache_blocks(config: ModelConfig, dtype: DType, block_size: int, kv_cache_memory: float | None,
+                    device: Device | None = None) -> int:
+    """KV blocks for `kv_cache_memory` (see kv_cache_budget; None: DEFAULT_KV_CACHE_BYTES) on `device`.
+
+    Needs only config.json, so callers can check a budget before the minute-long graph compile."""
+    probe = Qwen3GraphSpec(config, dtype=dtype, block_size=block_size)
+    weight_bytes = sum(int(np.prod(shape)) for shape in probe.weight_shapes().values()) * dtype.size_in_bytes
+    asked = DEFAULT_KV_CACHE_BYTES if kv_cache_memory is None else kv_cache_memory
+    budget = kv_cache_budget(asked, weight_bytes, device)
+    num_blocks = blocks_for_bytes(probe, budget)
+    if num_blocks < 1:
+        per_block = probe.cache_shape(1).bytes(dtype.size_in_bytes)
+        nbytes = f"{budget} byte" + ("" if budget == 1 else "s")
+        what = f"{asked:g} of the free memory ({nbytes})" if asked <= 1 else nbytes
+        raise KvCacheSizeError(f"a KV cache of {what} holds no block of {block_size} tokens (one takes "
+                               f"{per_block} bytes for this model)")
+    return num_blocks
 
 
 @dataclass(frozen=True)
@@ -101,9 +157,12 @@ class ModelRunner:
             weights = {name: buffer.to(self.device) for name, buffer in weights.items()}
         loaded = time.perf_counter()
         log.info("compiling the Qwen3 graph (%d layers, %s, %s); a first compile takes a minute or more, "
-                 "MAX's compile cache makes later starts fast", config.num_hidden_layers, dtype, device)
+                 "MAX's compile cache makes later starts fast", config.num_hidden_layers, dtype.name, device)
         session = InferenceSession(devices=[self.device])
-        self.model: Model = session.load(build_qwen3_graph(self.spec), weights_registry=weights)
+        # A cold compile is a minute or more with no output of MAX's own; a warm start (seconds) logs nothing here.
+        with report_while_slow(log, "still compiling the Qwen3 graph (%d s so far; only the first start of a "
+                               "model shape is this slow)"):
+            self.model: Model = session.load(build_qwen3_graph(self.spec), weights_registry=weights)
         compiled = time.perf_counter()
         self.startup = StartupTimes(weights_s=loaded - started, compile_s=compiled - loaded)
         log.info("model ready: weights %.1f s, compile/load %.1f s", self.startup.weights_s, self.startup.compile_s)
@@ -111,7 +170,7 @@ class ModelRunner:
         cache_shape = self.spec.cache_shape(num_blocks)
         self.kv_cache = Buffer(dtype, cache_shape.shape, self.device)
         log.info("KV cache: %d blocks of %d tokens (%.2f GB, %s)", num_blocks, block_size,
-                 cache_shape.bytes(dtype.size_in_bytes) / 1e9, dtype)
+                 cache_shape.bytes(dtype.size_in_bytes) / 1e9, dtype.name)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, *, dtype: DType | str | None = None, device: str = "cpu",
@@ -127,12 +186,7 @@ class ModelRunner:
         if num_blocks is not None and kv_cache_bytes is not None:
             raise ValueError("give num_blocks or kv_cache_bytes, not both")
         if num_blocks is None:
-            probe = Qwen3GraphSpec(config, dtype=run_dtype, block_size=block_size)
-            weight_bytes = sum(int(np.prod(shape)) for shape in probe.weight_shapes().values()) * run_dtype.size_in_bytes
-            budget = DEFAULT_KV_CACHE_BYTES if kv_cache_bytes is None else kv_cache_budget(kv_cache_bytes, weight_bytes)
-            num_blocks = blocks_for_bytes(probe, budget)
-            if num_blocks < 1:
-                raise ValueError(f"a KV cache of {kv_cache_bytes} bytes holds no block of {block_size} tokens")
+            num_blocks = kv_cache_blocks(config, run_dtype, block_size, kv_cache_bytes, resolve_device(device)[0])
         return cls(model_dir, config, dtype=run_dtype, device=device, block_size=block_size, num_blocks=num_blocks)
 
     @property

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -24,14 +25,15 @@ from mili.engine.sampling_params import SamplingParams
 NUCLEUS_FIRST_LOOK = 512
 
 
-@dataclass
-class SamplingRow:
-    """What the sampler needs to know about one row's request."""
+class SamplingRow(Protocol):
+    """What the sampler reads of one row's sequence (mili.engine.sequence.Sequence is one)."""
 
-    params: SamplingParams
+    @property
+    def params(self) -> SamplingParams: ...
+    @property
+    def prompt_array(self) -> np.ndarray: ...       # distinct prompt token ids (repetition penalty)
     generator: np.random.Generator
-    prompt_token_ids: np.ndarray   # for the repetition penalty
-    output_token_ids: list[int]    # tokens generated so far
+    output_counts: dict[int, int]                  # generated token -> how often (penalties)
 
 
 @dataclass(frozen=True)
@@ -46,15 +48,17 @@ def request_generator(seed: int | None, sibling: int = 0) -> np.random.Generator
     return np.random.default_rng(None if seed is None else [seed, sibling])
 
 
-def apply_penalties(row: np.ndarray, params: SamplingParams, prompt: np.ndarray, output: list[int]) -> None:
+def apply_penalties(row: np.ndarray, params: SamplingParams, prompt: np.ndarray, output_counts: dict[int, int]) -> None:
     """In place: transformers' repetition penalty over prompt and output tokens, then OpenAI's presence and
-    frequency penalties over output tokens."""
+    frequency penalties over output tokens. `prompt`: the prompt's distinct token ids; `output_counts`:
+    each generated token's count (kept up to date as tokens are appended, so no step re-counts)."""
+    tokens = np.fromiter(output_counts.keys(), np.int64, len(output_counts))
     if params.repetition_penalty != 1.0:
-        seen = np.unique(np.concatenate([prompt, np.asarray(output, np.int64)]).astype(np.int64))
+        seen = np.union1d(prompt, tokens)
         values = row[seen]
         row[seen] = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
-    if output and (params.presence_penalty or params.frequency_penalty):
-        tokens, counts = np.unique(np.asarray(output, np.int64), return_counts=True)
+    if output_counts and (params.presence_penalty or params.frequency_penalty):
+        counts = np.fromiter(output_counts.values(), np.float64, len(output_counts))
         row[tokens] -= params.frequency_penalty * counts + params.presence_penalty
 
 
@@ -77,10 +81,13 @@ def _candidates(probs: np.ndarray, params: SamplingParams) -> np.ndarray:
 
 
 def kept_distribution(row: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
-    """The tokens a draw may pick from `row` (penalised logits) under temperature, top-k, top-p and
-    min-p, most likely first, with their probabilities (summing to 1)."""
-    scaled = row.astype(np.float64) / params.temperature
-    probs = np.exp(scaled - scaled.max())
+    """The tokens a draw may pick from `row` (finite or -inf penalised logits, not all -inf) under
+    temperature, top-k, top-p and min-p, most likely first, with their probabilities (summing to 1).
+    Never empty: the most likely token always stays (its probability is exp(0) = 1 before normalising,
+    and a temperature >= GREEDY_BELOW keeps every scaled logit finite in float64)."""
+    shifted = row.astype(np.float64)
+    scaled = (shifted - shifted.max()) / params.temperature  # <= 0, so no temperature can overflow it
+    probs = np.exp(scaled)
     ids = _candidates(probs, params)
     kept = probs[ids]
     # renormalised over the top-k set, or over the whole vocabulary without top-k (the candidates for
@@ -105,11 +112,23 @@ def sample_row(row: np.ndarray, params: SamplingParams, generator: np.random.Gen
     return int(ids[min(choice, len(ids) - 1)])
 
 
+def finite_logits(logits: np.ndarray) -> np.ndarray:
+    """`logits` with NaN read as "never" (-inf) and +inf as the largest float, so every later step is
+    defined; a row with nothing left (all -inf) becomes uniform. Returns `logits` itself when all is finite."""
+    if np.isfinite(logits).all():
+        return logits
+    cleaned = np.nan_to_num(logits, nan=-np.inf, posinf=np.finfo(logits.dtype).max, neginf=-np.inf)
+    cleaned[np.isneginf(cleaned).all(axis=1)] = 0.0
+    return cleaned
+
+
 class Sampler:
     def sample(self, logits: np.ndarray, rows: Sequence[SamplingRow]) -> list[SampledToken]:
-        """One token per row of `logits` [len(rows), vocab] (float32, not modified)."""
+        """One token per row of `logits` [len(rows), vocab] (float32, not modified). Total: any logits,
+        NaN and infinities included, and any valid SamplingParams give a token."""
         if len(logits) != len(rows):
             raise ValueError(f"{len(logits)} logit rows for {len(rows)} requests")
+        logits = finite_logits(logits)
         argmax = logits.argmax(axis=1)  # greedy rows without penalties need nothing else: one pass for all
         wants_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         logprobs = dict(zip(wants_logprobs, _log_softmax_rows(logits[wants_logprobs]))) if wants_logprobs else {}
@@ -121,8 +140,9 @@ class Sampler:
             else:
                 row = logits[i]
                 if params.has_penalties:
-                    row = row.copy()
-                    apply_penalties(row, params, request.prompt_token_ids, request.output_token_ids)
+                    row = row.astype(np.float64)  # a copy, wide enough that penalties cannot overflow
+                    apply_penalties(row, params, request.prompt_array, request.output_counts)
+                    row = finite_logits(row[None])[0]
                 token = sample_row(row, params, request.generator)
             results.append(_with_logprobs(token, logprobs.get(i), params.logprobs or 0))
         return results

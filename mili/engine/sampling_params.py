@@ -7,13 +7,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20  # OpenAI's cap on top_logprobs
+# Temperatures below this sample greedily (as vLLM does): dividing logits by a tinier one only overflows,
+# and the distribution it describes is the argmax anyway.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     n: int = 1                          # completions per prompt (siblings share the prompt's KV blocks)
     max_tokens: int = 16
-    temperature: float = 1.0            # 0 = greedy
+    temperature: float = 1.0            # 0 (or anything below GREEDY_BELOW) = greedy
     top_p: float = 1.0
     top_k: int = 0                      # 0 = no limit
     min_p: float = 0.0
@@ -73,7 +76,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def has_penalties(self) -> bool:

@@ -1,30 +1,37 @@
 """The scheduler: which sequences run in the next step, and how many tokens each.
 
 Each step fills a token budget (`max_num_batched_tokens`) and a sequence cap (`max_num_seqs`):
-1. running decodes first (one token each), in arrival order;
+1. running decodes first (one token each), oldest first;
 2. then prefill chunks: running sequences part-way through their prompt, then waiting ones. A waiting
    sequence first takes the longest cached prefix from the radix cache; a prompt longer than the budget
    left is cut into chunks that run over several steps (chunked prefill, mixed with the decodes).
-Waiting sequences go first-come first-served, except that among those that arrived within `aging_s` of
-the oldest, the one with the longest cached prefix goes first (it costs the least); nothing waits more
-than `aging_s` behind a younger request.
+Waiting sequences go first-come first-served, except that among the first few that arrived within
+`aging_s` of the oldest, the one with the longest cached prefix goes first (it costs the least); nothing
+waits more than `aging_s` behind a younger request.
 
-When the pool runs out of blocks, the radix cache evicts unlocked prefixes; when that is not enough, the
-newest running sequence is preempted by recompute: its blocks go back, it returns to the front of the
-waiting queue, and when resumed it re-matches its cached prefix, so the recompute is mostly cache hits.
+Blocks: when the pool runs out, the radix cache evicts unlocked prefixes; when that is not enough, the
+sequence preempts the newest sequence that is younger than itself and not in this step (recompute
+preemption: its computed blocks go to the prefix cache, the rest back to the pool, and it waits at its
+place in the queue; when resumed it re-matches its cached prefix, so the recompute is mostly cache hits).
+Preemption only ever goes from older to younger, so the oldest running sequence can always take every
+block it needs, and every step with work to do computes something: the engine caps the context at what
+the KV cache holds, so a sequence always fits alone. One that would not (a pool shrunk below the context)
+is handed back in `StepPlan.cannot_fit` for the engine to finish with "length".
 """
 
 from __future__ import annotations
 
+import bisect
 import time
-from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mili.engine.batch import Batch, LogitRows, SequenceChunk
 from mili.engine.block_pool import BlockPool
-from mili.engine.radix_cache import RadixCache
+from mili.engine.radix_cache import RadixCache, RadixNode
 from mili.engine.sequence import Sequence, SequenceStatus
+
+WAITING_LOOKAHEAD = 8  # waiting sequences compared for a cached prefix per step (bounds the host work)
 
 
 @dataclass(frozen=True)
@@ -48,10 +55,20 @@ class ScheduledChunk:
     samples: bool         # the chunk reaches the sequence's end: a token is sampled from its last row
 
 
-@dataclass(frozen=True)
+@dataclass
 class StepPlan:
-    chunks: list[ScheduledChunk]
-    batch: Batch
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    cannot_fit: list[Sequence] = field(default_factory=list)  # longer than the whole KV cache: finish them
+    budget: int = 0
+
+    def __contains__(self, seq: Sequence) -> bool:
+        return any(c.seq is seq for c in self.chunks)
+
+    def batch(self, block_size: int) -> Batch:
+        return Batch.from_chunks([
+            SequenceChunk(c.seq.token_ids[c.seq.num_computed:c.seq.num_computed + c.num_tokens], c.seq.num_computed,
+                          c.seq.blocks, LogitRows.LAST if c.samples else LogitRows.NONE)
+            for c in self.chunks], block_size)
 
 
 class Scheduler:
@@ -59,151 +76,168 @@ class Scheduler:
         self.config = config
         self.pool = pool
         self.cache = cache
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting: list[Sequence] = []  # by priority (oldest first)
+        self.running: list[Sequence] = []  # by priority
         self.num_preemptions = 0
 
     # ------------------------------------------------------------------ queue changes
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        bisect.insort(self.waiting, seq, key=lambda s: s.priority)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def release(self, seq: Sequence) -> None:
-        """Gives back everything `seq` holds: caches what it computed, frees its blocks, unlocks its prefix."""
-        if seq.blocks and seq.num_computed:
-            self.cache.insert(seq.token_ids[:seq.num_computed], seq.blocks, seq.salt)
-        self._drop_cached_prefix(seq)
-
-    def remove(self, seq: Sequence) -> None:
-        """Takes a finished or aborted sequence out of the queues and releases its blocks."""
+    def remove(self, seq: Sequence, cache_computed: bool = True) -> None:
+        """Takes a finished or aborted sequence out of the queues and gives back its blocks (its computed
+        blocks into the prefix cache, unless `cache_computed` is False: their K/V may be unsound)."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.release(seq)
+        self._release_blocks(seq, cache_computed)
 
     def all_sequences(self) -> Iterable[Sequence]:
         return [*self.running, *self.waiting]
 
     # ------------------------------------------------------------------ one step
 
-    def schedule(self) -> StepPlan | None:
-        budget = self.config.max_num_batched_tokens
-        chunks: list[ScheduledChunk] = []
+    def schedule(self) -> StepPlan:
+        plan = StepPlan(budget=self.config.max_num_batched_tokens)
 
-        for seq in list(self.running):  # decodes (and running prefills, below) keep their order
-            if budget == 0 or len(chunks) == self.config.max_num_seqs:
+        for seq in list(self.running):  # decodes first, oldest first
+            if self._full(plan):
                 break
-            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed != 1:
-                continue
-            if self._grow(seq, 1, chunks):
-                chunks.append(ScheduledChunk(seq, 1, True))
-                budget -= 1
+            if seq.status is SequenceStatus.RUNNING and seq.num_uncomputed == 1 and self._reserve(seq, 1, plan):
+                self._add_chunk(plan, seq, 1)
 
-        for seq in [s for s in self.running if s.num_uncomputed > 1]:  # unfinished prefills
-            if budget == 0 or len(chunks) == self.config.max_num_seqs:
+        for seq in list(self.running):  # then unfinished prefills (or recomputes), oldest first
+            if self._full(plan):
                 break
-            budget -= self._schedule_prefill(seq, budget, chunks)
+            if seq.status is SequenceStatus.RUNNING and seq.num_uncomputed > 1:
+                self._schedule_prefill(seq, plan)
 
-        while self.waiting and budget > 0 and len(chunks) < self.config.max_num_seqs:
+        while self.waiting and not self._full(plan):
             seq = self._next_waiting()
-            self._take_cached_prefix(seq)
-            taken = self._schedule_prefill(seq, budget, chunks)
-            if taken == 0:  # no room even after eviction: keep it waiting, at the front
-                self._drop_cached_prefix(seq)
-                self.waiting.appendleft(seq)
+            self._admit(seq)
+            if not self._schedule_prefill(seq, plan):
+                self._send_back(seq)  # no room even after eviction: it waits at its place
                 break
-            seq.status = SequenceStatus.RUNNING
-            seq.first_scheduled_time = seq.first_scheduled_time or time.monotonic()
-            self.running.append(seq)
-            budget -= taken
+        return plan
 
-        if not chunks:
-            return None
-        batch = Batch.from_chunks([
-            SequenceChunk(c.seq.token_ids[c.seq.num_computed:c.seq.num_computed + c.num_tokens], c.seq.num_computed,
-                          c.seq.blocks, LogitRows.LAST if c.samples else LogitRows.NONE)
-            for c in chunks], self.config.block_size)
-        return StepPlan(chunks, batch)
+    def _full(self, plan: StepPlan) -> bool:
+        return plan.budget == 0 or len(plan.chunks) == self.config.max_num_seqs
+
+    def _add_chunk(self, plan: StepPlan, seq: Sequence, count: int) -> None:
+        plan.chunks.append(ScheduledChunk(seq, count, count == seq.num_uncomputed))
+        plan.budget -= count
 
     def _next_waiting(self) -> Sequence:
-        """FCFS, but a request that shares a long cached prefix may overtake ones that arrived within
-        `aging_s` of the oldest waiting request."""
-        oldest = min(self.waiting, key=lambda s: s.arrival_time)  # the front may hold a younger, preempted one
-        window = [s for s in self.waiting if s.arrival_time - oldest.arrival_time <= self.config.aging_s]
-        if time.monotonic() - oldest.arrival_time > self.config.aging_s or len(window) == 1:
-            chosen = oldest
-        else:
-            chosen = max(window, key=lambda s: (self.cache.match(s.token_ids, s.salt).num_tokens, -s.arrival_time))
+        """FCFS, but a sequence that shares a long cached prefix may overtake ones that arrived within
+        `aging_s` of the oldest waiting sequence (only the first few are compared)."""
+        oldest = self.waiting[0]
+        window = [s for s in self.waiting[:WAITING_LOOKAHEAD]
+                  if s.request.arrival_time - oldest.request.arrival_time <= self.config.aging_s]
+        chosen = oldest
+        if len(window) > 1 and time.monotonic() - oldest.request.arrival_time <= self.config.aging_s:
+            chosen = max(window, key=lambda s: (self.cache.match(s.token_ids, s.request.salt).num_tokens,
+                                                [-p for p in s.priority]))
         self.waiting.remove(chosen)
         return chosen
 
-    def _take_cached_prefix(self, seq: Sequence) -> None:
-        match = self.cache.match(seq.token_ids, seq.salt)
-        self.cache.lock(match.node)
-        self.pool.retain(match.blocks)
-        seq.cache_node, seq.blocks, seq.num_computed = match.node, list(match.blocks), match.num_tokens
+    def _admit(self, seq: Sequence) -> None:
+        """Moves a waiting sequence to running, holding its longest cached prefix."""
+        match = self.cache.match(seq.token_ids, seq.request.salt)
+        if match.num_tokens:
+            seq.cache_node = self.cache.acquire(match)
+            seq.blocks = list(match.blocks)
+            seq.num_shared_blocks = len(match.blocks)
+            seq.num_computed = match.num_tokens
         if seq.num_preemptions == 0:
             seq.num_cached = match.num_tokens
+        seq.status = SequenceStatus.RUNNING
+        bisect.insort(self.running, seq, key=lambda s: s.priority)
 
-    def _drop_cached_prefix(self, seq: Sequence) -> None:
-        """Releases the sequence's blocks and lock without caching anything."""
-        self.pool.release(seq.blocks)
-        seq.blocks = []
-        if seq.cache_node is not None:
-            self.cache.unlock(seq.cache_node)
-            seq.cache_node = None
-        seq.num_computed = 0
+    def _send_back(self, seq: Sequence) -> None:
+        """Undoes `_admit` for a sequence that got no blocks (nothing of it was computed)."""
+        self.running.remove(seq)
+        self._release_blocks(seq, cache_computed=False)
+        seq.status = SequenceStatus.WAITING
+        self.add(seq)
 
-    def _schedule_prefill(self, seq: Sequence, budget: int, chunks: list[ScheduledChunk]) -> int:
-        """Schedules as much of `seq`'s uncomputed tokens as the budget and the pool allow; returns how many."""
-        count = min(seq.num_uncomputed, budget)
-        while count > 0 and not self._grow(seq, count, chunks, preempt=False):
-            count = count // 2  # a smaller chunk may fit where the whole one does not
-        if count == 0:
-            return 0
-        chunks.append(ScheduledChunk(seq, count, count == seq.num_uncomputed))
-        return count
+    def _schedule_prefill(self, seq: Sequence, plan: StepPlan) -> bool:
+        """Schedules as many of `seq`'s uncomputed tokens as the budget and the pool allow; False if none."""
+        count = min(seq.num_uncomputed, plan.budget)
+        if not self._reserve(seq, count, plan):
+            # everything evictable and preemptible is gone: take what the free blocks still hold
+            room = (len(seq.blocks) + self.pool.num_free) * self.config.block_size - seq.num_computed
+            count = min(count, room)
+            if count < 1 or not self._reserve(seq, count, plan):
+                return False
+        if seq.first_scheduled_time is None:
+            seq.first_scheduled_time = time.monotonic()
+        self._add_chunk(plan, seq, count)
+        return True
 
-    def _grow(self, seq: Sequence, new_tokens: int, chunks: list[ScheduledChunk], preempt: bool = True) -> bool:
+    def _reserve(self, seq: Sequence, new_tokens: int, plan: StepPlan) -> bool:
         """Makes `seq`'s blocks cover `new_tokens` more tokens: allocates, evicting cached prefixes and
-        (for decodes) preempting newer sequences when needed. False if it cannot."""
-        needed = -(-(seq.num_computed + new_tokens) // self.config.block_size) - len(seq.blocks)
+        preempting younger sequences not in `plan` when needed. False if it cannot."""
+        total = -(-(seq.num_computed + new_tokens) // self.config.block_size)
+        needed = total - len(seq.blocks)
         if needed <= 0:
             return True
-        if needed > self.pool.num_free:
-            self.cache.evict(needed - self.pool.num_free)
-        while preempt and needed > self.pool.num_free:
-            victim = self._newest_preemptible(seq, chunks)
-            if victim is None:
-                break
-            self._preempt(victim)
-            self.cache.evict(max(0, needed - self.pool.num_free))
-        if needed > self.pool.num_free:
-            if preempt:  # not even alone could it grow: preempt it instead
-                self._preempt(seq)
+        if total > self.pool.num_blocks:  # not even alone: the engine finishes it
+            if seq not in plan.cannot_fit:
+                plan.cannot_fit.append(seq)
             return False
+        while self.pool.num_free < needed:
+            if self.cache.evict(needed - self.pool.num_free):
+                continue
+            victim = self._youngest_preemptible(seq, plan)
+            if victim is None:
+                return False
+            self._preempt(victim)
         seq.blocks.extend(self.pool.alloc(needed))
         return True
 
-    def _newest_preemptible(self, keep: Sequence, chunks: list[ScheduledChunk]) -> Sequence | None:
-        scheduled = {id(c.seq) for c in chunks}
+    def _youngest_preemptible(self, keep: Sequence, plan: StepPlan) -> Sequence | None:
         for seq in reversed(self.running):
-            if seq is not keep and id(seq) not in scheduled:
+            if seq.priority <= keep.priority:
+                return None
+            if seq not in plan:
                 return seq
         return None
 
     def _preempt(self, seq: Sequence) -> None:
-        """Recompute preemption: caches what it computed, frees its blocks, back to the front of the queue."""
+        """Recompute preemption: its computed blocks go to the prefix cache, it waits at its place."""
         self.running.remove(seq)
-        self.release(seq)
+        self._release_blocks(seq, cache_computed=True)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self.add(seq)
+
+    def _release_blocks(self, seq: Sequence, cache_computed: bool) -> None:
+        """Gives back everything `seq` holds: computed whole blocks to the prefix cache (when allowed),
+        its other private blocks to the pool, its lock on the cached prefix."""
+        private_from = seq.num_shared_blocks
+        if cache_computed and seq.num_computed >= self.config.block_size:
+            private_from = max(private_from, len(self._cache_prefix(seq, seq.num_computed)[1]))
+        self.pool.free(seq.blocks[private_from:])
+        if seq.cache_node is not None:
+            self.cache.release(seq.cache_node)
+        seq.blocks, seq.num_shared_blocks, seq.cache_node, seq.num_computed = [], 0, None, 0
+
+    def _cache_prefix(self, seq: Sequence, num_tokens: int) -> tuple[RadixNode, list[int]]:
+        """Hands the whole blocks of `seq`'s first `num_tokens` tokens to the prefix cache and re-points
+        its block table at the cache's blocks (freeing its duplicates). Returns the node where they end
+        (not locked: the caller decides) and the cache's blocks for them."""
+        node, tree_blocks = self.cache.insert(seq.token_ids[:num_tokens], seq.blocks, seq.request.salt)
+        for i in range(seq.num_shared_blocks, len(tree_blocks)):
+            if seq.blocks[i] != tree_blocks[i]:
+                self.pool.free([seq.blocks[i]])  # the cache already held these tokens: ours is a duplicate
+                seq.blocks[i] = tree_blocks[i]
+        return node, tree_blocks
 
     # ------------------------------------------------------------------ after the step
 
@@ -212,9 +246,10 @@ class Scheduler:
         (its whole blocks), so requests arriving meanwhile share it; the sequence then locks that node."""
         seq = chunk.seq
         seq.num_computed += chunk.num_tokens
-        if chunk.samples and not seq.output_ids:
-            node = self.cache.insert(seq.token_ids[:seq.num_computed], seq.blocks, seq.salt)
-            self.cache.lock(node)
-            if seq.cache_node is not None:
-                self.cache.unlock(seq.cache_node)
-            seq.cache_node = node
+        if chunk.samples and seq.num_output_tokens == 0 and self.cache.enabled:
+            node, tree_blocks = self._cache_prefix(seq, seq.num_computed)
+            if len(tree_blocks) > seq.num_shared_blocks:
+                self.cache.lock(node)
+                if seq.cache_node is not None:
+                    self.cache.release(seq.cache_node)
+                seq.cache_node, seq.num_shared_blocks = node, len(tree_blocks)
