@@ -2,8 +2,10 @@
 
     mili info --model DIR                 what a checkpoint folder holds, as MILI reads it
     mili checkpoint --preset NAME --out DIR   write a random-weight Qwen3 checkpoint (needs test extras)
-    mili generate --model DIR --prompt TEXT   greedy generation for one prompt, streamed to stdout
+    mili generate --prompt TEXT [--model DIR_OR_HF_ID]   greedy generation for one prompt, streamed to stdout
     mili serve [--model DIR_OR_HF_ID] ... the OpenAI-compatible server (see `mili serve --help`)
+
+`generate` and `serve` without --model use the built-in demo model (random weights, real tokenizer).
 """
 
 from __future__ import annotations
@@ -61,10 +63,13 @@ def _product(shape: Sequence[int]) -> int:
 
 
 def _cmd_checkpoint(args: argparse.Namespace) -> int:
-    try:
-        from mili.checkpoints import PRESETS, cached_checkpoint, write_checkpoint
-    except ImportError as exc:
-        raise SystemExit(f"mili checkpoint needs the test extras ({exc.name} is missing): pip install -e '.[test]'")
+    from mili.checkpoints import PRESETS, cached_checkpoint, missing_writer_modules, write_checkpoint
+
+    # write_checkpoint imports torch and transformers only when it runs: check for them before anything starts.
+    missing = missing_writer_modules()
+    if missing:
+        raise SystemExit(f"mili checkpoint needs the test extras ({', '.join(missing)} missing): "
+                         f"pip install -e '.[test]' (or make install-test)")
     spec = PRESETS[args.preset]
     if args.out is None:
         path = cached_checkpoint(spec)
@@ -78,19 +83,24 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    import numpy as np
+GENERATE_BLOCK_SIZE = 16  # tokens per KV block; one prompt needs only a handful of blocks
 
-    from mili.detokenizer import IncrementalDetokenizer
-    from mili.engine.batch import Batch, SequenceChunk
-    from mili.engine.model_runner import ModelRunner
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from mili.engine.engine import Engine
+    from mili.engine.sampling_params import SamplingParams
+    from mili.server.startup import StartupError, check_checkpoint_folder, resolve_model
     from mili.tokenizer import Tokenizer
 
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():
-        raise SystemExit(f"mili generate: --model {model_dir} is not a folder; pass a Hugging Face checkpoint folder")
     if args.max_tokens < 1:
         raise SystemExit(f"mili generate: --max-tokens must be at least 1, got {args.max_tokens}")
+    try:
+        model_dir, _ = resolve_model(args.model)
+        check_checkpoint_folder(model_dir)
+    except StartupError as exc:
+        raise SystemExit(f"mili generate: {exc}") from None
+    if args.model is None:
+        log.info("no --model: generating with the built-in demo model (RANDOM weights: the text is gibberish)")
     tokenizer = Tokenizer.from_pretrained(model_dir)
     text = args.prompt
     if args.chat:
@@ -99,26 +109,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not ids:
         raise SystemExit("mili generate: --prompt is empty; give at least one token of text")
     try:
-        runner = ModelRunner.from_pretrained(model_dir, dtype=args.dtype, device=args.device,
-                                             num_blocks=-(-(len(ids) + args.max_tokens) // 16), block_size=16)
+        engine = Engine.from_pretrained(str(model_dir), dtype=args.dtype, device=args.device,
+                                        block_size=GENERATE_BLOCK_SIZE,
+                                        num_kv_blocks=-(-(len(ids) + args.max_tokens) // GENERATE_BLOCK_SIZE))
     except ValueError as exc:  # bad --dtype or --device
         raise SystemExit(f"mili generate: {exc}") from None
-    blocks = list(range(runner.num_blocks))
-    detokenizer = IncrementalDetokenizer(tokenizer)
-    chunk = SequenceChunk(ids, 0, blocks)
-    for produced in range(args.max_tokens):
-        token = int(np.argmax(runner.run(Batch.from_chunks([chunk], runner.block_size))[0]))
-        if token in tokenizer.eos_token_ids:
-            break
-        print(detokenizer.add(token), end="", flush=True)
-        chunk = SequenceChunk([token], len(ids) + produced, blocks)
-    print(detokenizer.finish(), flush=True)
+    engine.add_request("generate", ids, SamplingParams.greedy(max_tokens=args.max_tokens))
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.error is not None:
+                raise SystemExit(f"mili generate: generation failed: {out.error}")
+            print(out.outputs[0].delta, end="", flush=True)
+    print(flush=True)
     return 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from mili.server.serve import ModelNotFound, ServeOptions, serve
-
     if not 0 < args.port < 65536:
         raise SystemExit(f"mili serve: --port must be in 1..65535, got {args.port}")
     for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-num-batched-tokens",
@@ -127,9 +133,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise SystemExit(f"mili serve: {flag} must be at least 1, got {value}")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise SystemExit(f"mili serve: --max-model-len must be at least 2, got {args.max_model_len}")
-    if args.kv_cache_memory <= 0:
-        raise SystemExit("mili serve: --kv-cache-memory must be positive: bytes (e.g. 2e9) or a fraction of "
-                         "free memory (e.g. 0.5)")
+    from mili.server.serve import ServeOptions, StartupError, serve
+
     try:
         serve(ServeOptions(
             model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
@@ -137,7 +142,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, prefix_cache=not args.no_prefix_cache,
             api_key=args.api_key, max_queue=args.max_queue, served_model_name=args.served_model_name,
             max_model_len=args.max_model_len))
-    except ModelNotFound as exc:
+    except StartupError as exc:
         raise SystemExit(f"mili serve: {exc}") from None
     return 0
 
@@ -163,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.set_defaults(run=_cmd_checkpoint)
 
     generate = commands.add_parser("generate", help="greedy generation for one prompt, streamed to stdout")
-    generate.add_argument("--model", required=True, help="a Hugging Face Qwen3 checkpoint folder")
+    generate.add_argument("--model", help="a Qwen3 checkpoint folder or a Hugging Face repo id (as for serve); "
+                          "default: the built-in demo with RANDOM weights (gibberish text), as for serve")
     generate.add_argument("--prompt", required=True, help="the text to continue")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the chat template")
     generate.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default 64)")
@@ -186,9 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step (default 64)")
     serve.add_argument("--max-num-batched-tokens", type=int, default=512,
                        help="token budget of one step; longer prompts are prefilled in chunks (default 512)")
-    serve.add_argument("--kv-cache-memory", type=float, default=float(1 << 30),
-                       help="KV cache size: bytes (e.g. 2e9), or a fraction of the free memory (e.g. 0.5); "
-                       "default 1 GiB")
+    serve.add_argument("--kv-cache-memory", default="1GiB",
+                       help="KV cache size: bytes, with a unit or without (4GiB, 512MB, 2e9; KB/MB/GB count "
+                       "1000s, KiB/MiB/GiB 1024s), or a plain number in (0, 1]: that fraction of the free memory "
+                       "(of the GPU with --device gpu) once the weights are loaded; default 1GiB")
     serve.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     serve.add_argument("--no-prefix-cache", action="store_true", help="turn off prefix caching")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* and /generate")

@@ -1,10 +1,24 @@
-"""The `mili` command line: info on a checkpoint, clear errors naming the flag."""
+"""The `mili` command line: info on a checkpoint, clear errors naming the flag, found before any compile."""
 
 from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from mili.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_info_describes_a_checkpoint(small_checkpoint_dir, capsys):
@@ -41,18 +55,46 @@ def test_checkpoint_writes_a_loadable_folder(tmp_path, capsys):
     assert ModelConfig.from_pretrained(out).num_hidden_layers == 2
 
 
+def test_checkpoint_without_the_test_extras_says_so(tmp_path, monkeypatch):
+    # write_checkpoint imports torch only when it runs, below the import guard: simulate it missing.
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(SystemExit, match=r"mili checkpoint needs the test extras \(torch missing\): pip install"):
+        main(["checkpoint", "--preset", "tiny-tied-gqa2-d64", "--out", str(tmp_path / "ckpt")])
+    assert not (tmp_path / "ckpt").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["serve", "--port", "0"], "--port must be in 1..65535"),
-    (["serve", "--max-num-seqs", "0"], "--max-num-seqs must be at least 1"),
-    (["serve", "--kv-cache-memory", "-1"], "--kv-cache-memory must be positive"),
-    (["serve", "--model", "/no/such/folder"], "--model /no/such/folder: no such folder"),
-    (["serve", "--model", "nobody/no-such-model-xyz"], "not in the local Hugging Face cache"),
+    (["--port", "0"], "--port must be in 1..65535"),
+    (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1"),
+    (["--kv-cache-memory", "-1"], "--kv-cache-memory -1: '-1' is not a positive size"),
+    (["--kv-cache-memory", "lots"], "--kv-cache-memory lots: 'lots' is not a size; pass bytes"),
+    (["--kv-cache-memory", "99e12"], "--kv-cache-memory 99e12: .* is more than the .* of host memory free"),
+    (["--kv-cache-memory", "100"], "--kv-cache-memory 100: a KV cache of 100 bytes holds no block"),
+    (["--model", "/no/such/folder"], "--model /no/such/folder: no such folder"),
+    (["--model", "nobody/no-such-model-xyz"], "not in the local Hugging Face cache.*hf download nobody/"),
 ])
-def test_serve_flag_errors_name_the_flag(argv, message, monkeypatch, tmp_path):
+def test_serve_flag_errors_name_the_flag(argv, message, monkeypatch, tmp_path, small_checkpoint_dir):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(SystemExit, match=message):
-        main(argv)
+    if "--model" not in argv:
+        argv = [*argv, "--model", str(small_checkpoint_dir)]
+    with pytest.raises(SystemExit, match=message) as caught:
+        main(["serve", "--port", str(free_port()), *argv])
+    assert "\n" not in str(caught.value)
+
+
+def test_serve_on_a_busy_port_fails_at_once_naming_the_flag(small_checkpoint_dir):
+    """Before: uvicorn's bind error was logged, the model compiled anyway (a minute), and the exit status was 0."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "mili.cli", "serve", "--model", str(small_checkpoint_dir),
+                                 "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert f"--port {port}: 127.0.0.1:{port} is already in use" in result.stderr
+    assert "compiling" not in result.stderr and time.monotonic() - started < 30
 
 
 def test_unknown_preset_is_an_argparse_error(capsys):

@@ -1,0 +1,118 @@
+"""What `mili serve` (and `mili generate`) check before the minute-long graph compile: the model can be found
+and holds the files a checkpoint needs, the port can be bound, the KV cache budget can be allocated. Each
+failure is one line naming the flag and what to pass instead.
+
+Kept free of uvicorn, FastAPI and MAX at import time, so a bad flag is answered in about a second.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from pathlib import Path
+
+from mili.memory_size import HOW_TO_PASS, MemorySizeError, parse_memory_size
+
+
+class StartupError(ValueError):
+    """A precondition of starting failed; the message names the flag and the fix."""
+
+
+class ModelNotFound(StartupError):
+    """--model names neither a folder nor a model in the local Hugging Face cache (and none could be fetched)."""
+
+
+def resolve_model(model: str | None) -> tuple[Path, str]:
+    """(checkpoint folder, name to serve it as) for a folder, a Hugging Face repo id, or None (the demo)."""
+    if model is None:
+        from mili.server.demo import DEMO_NAME, demo_model_dir
+        return demo_model_dir(), DEMO_NAME
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path, path.name
+    if model.count("/") != 1 or path.exists():
+        raise ModelNotFound(f"--model {model}: no such folder (pass a Qwen3 checkpoint folder or a Hugging Face "
+                            f"repo id such as Qwen/Qwen3-0.6B)")
+    hub = Path(os.environ.get("HF_HUB_CACHE", Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+                              / "hub"))
+    repo = hub / ("models--" + model.replace("/", "--"))
+    ref = repo / "refs" / "main"
+    if ref.exists() and (repo / "snapshots" / ref.read_text().strip()).is_dir():
+        return repo / "snapshots" / ref.read_text().strip(), model
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.txt"])), model
+    except ImportError:
+        reason = "huggingface_hub is not installed to download it"
+    except Exception as exc:  # noqa: BLE001 - offline, gated, unknown repo...
+        first_line = (str(exc).splitlines() or [""])[0]  # hub errors run to several lines of advice
+        reason = f"downloading it failed ({type(exc).__name__}: {first_line})"
+    raise ModelNotFound(f"--model {model}: not in the local Hugging Face cache ({hub}) and {reason}; "
+                        f"download it where you have internet (hf download {model}) or pass a folder")
+
+
+def check_checkpoint_folder(model_dir: Path) -> None:
+    """The files every later step reads, so a wrong folder fails now rather than after the weights load."""
+    missing = [name for name in ("config.json", "tokenizer.json") if not (model_dir / name).is_file()]
+    if not any(model_dir.glob("*.safetensors")):
+        missing.append("*.safetensors")
+    if missing:
+        raise StartupError(f"--model {model_dir}: no {', '.join(missing)} in that folder; pass a Hugging Face "
+                           f"Qwen3 checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+
+
+def bind_listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, for uvicorn to listen on (`Server.run(sockets=...)`).
+
+    Bound here, before the model is built, so a busy port fails at once rather than after the compile,
+    and nothing can take the port between this check and uvicorn's start. SO_REUSEADDR as uvicorn sets
+    it: a port left in TIME_WAIT by a server that just stopped is free to use."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise StartupError(f"--host {host}: not an address this machine can resolve ({exc.strerror}); "
+                           f"pass an IP address such as 127.0.0.1 or 0.0.0.0") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError(f"--port {port}: {host}:{port} is already in use (another `mili serve`?); "
+                               f"pass a free port with --port, or stop the program that holds it") from None
+        if exc.errno == errno.EACCES:
+            raise StartupError(f"--port {port}: binding ports below 1024 needs root; pass --port 8000 "
+                               f"or another port above 1023") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise StartupError(f"--host {host}: not an address of this machine; pass 127.0.0.1 (this machine "
+                               f"only) or 0.0.0.0 (every interface)") from None
+        raise StartupError(f"--host {host} --port {port}: cannot bind ({exc.strerror})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def plan_kv_cache_blocks(model_dir: Path, *, kv_cache_memory: str, dtype: str | None, device: str,
+                         block_size: int) -> int:
+    """KV blocks for `--kv-cache-memory` as typed (see mili/memory_size.py), sized as the engine would size
+    them but from config.json alone, so a budget that cannot be allocated fails before the compile."""
+    from mili.config import ModelConfig
+    from mili.dtypes import parse_run_dtype
+    from mili.engine.model_runner import DEFAULT_DTYPE, KvCacheSizeError, kv_cache_blocks, resolve_device
+
+    try:
+        size = parse_memory_size(kv_cache_memory)
+    except MemorySizeError as exc:
+        raise StartupError(f"--kv-cache-memory {kv_cache_memory}: {exc}") from None
+    try:
+        driver_device = resolve_device(device)[0]
+    except ValueError as exc:  # --device gpu on a machine without one
+        raise StartupError(f"--device {device}: {exc}") from None
+    config = ModelConfig.from_pretrained(model_dir)
+    run_dtype = DEFAULT_DTYPE[device] if dtype is None else parse_run_dtype(dtype)
+    try:
+        return kv_cache_blocks(config, run_dtype, block_size, size, driver_device)
+    except KvCacheSizeError as exc:
+        raise StartupError(f"--kv-cache-memory {kv_cache_memory}: {exc}; {HOW_TO_PASS}") from None
