@@ -12,16 +12,23 @@ BENCH_ARGS ?=
 .PHONY: install install-test build test serve bench-kernels bench-model bench-throughput bench checkpoint-0.6b clean
 
 $(BIN)/python:
+	@echo "make: creating the virtual environment $(VENV) with $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
 
-# Runtime dependencies (modular, numpy, tokenizers, fastapi, ...) and the package itself, editable.
+# Runtime dependencies (modular, numpy, tokenizers, fastapi, the Qwen3 tokenizer files, ...) and the package
+# itself, editable. pip runs --quiet (its full output is hundreds of lines); the echo says what the silent
+# minute or two is spent on.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
+	@echo "make: installing MILI and its dependencies (MAX, numpy, tokenizers, fastapi, ...) into $(VENV)," \
+	      "quietly; the first time takes a minute or two"
 	$(PIP) install --quiet --upgrade "pip>=24"
 	$(PIP) install --quiet -e .
 	touch $@
 
-# Test references on top: pytest, torch 2.13.0 (CPU), transformers, the Qwen3 tokenizer files.
+# Test references on top: pytest, torch 2.13.0, transformers, the openai client, httpx, schemathesis.
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	@echo "make: installing the test references (pytest, torch, transformers, openai, httpx, schemathesis)," \
+	      "quietly; the first time takes a few minutes (torch is a large download)"
 	$(PIP) install --quiet -e ".[test]"
 	touch $@
 
