@@ -1,4 +1,4 @@
-"""The Batch: the flat arrays that cross from the host to the compiled graph (see DESIGN.md).
+"""The Batch: the flat arrays that cross from the host to the compiled graph, the only thing that does.
 
 A step runs a ragged batch of sequences; each contributes `q_len >= 1` new tokens: a prefill, a chunk of
 one, a decode token, or k+1 tokens to verify. `Batch.from_chunks` builds every array with numpy from one

@@ -32,8 +32,8 @@ from mili.progress import report_while_slow
 log = logging.getLogger(__name__)
 
 DEVICES = ("cpu", "gpu")
-# float32 is the CPU default: MAX's CPU matmul runs bf16 at half the fp32 rate for prompts (see the
-# closing note of the Qwen3-graph issue and benchmarks/model.py for the measurement).
+# float32 is the CPU default: MAX's CPU matmul runs bf16 at half the fp32 rate for prompts
+# (benchmarks/model.py measures both dtypes).
 DEFAULT_DTYPE = {"cpu": DType.float32, "gpu": DType.bfloat16}
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 

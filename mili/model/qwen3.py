@@ -7,7 +7,7 @@
     model = session.load(graph, weights_registry=load_qwen3_weights(model_dir, spec))
     logits, = model.execute(*batch_buffers, kv_cache)        # inputs in BATCH_INPUTS order, cache last
 
-One compiled graph serves any ragged batch (DESIGN.md's Batch): prefills, prefill chunks, decodes and
+One compiled graph serves any ragged batch (mili/engine/batch.py): prefills, prefill chunks, decodes and
 speculative verifications of different sequences mixed, with every size symbolic. Per layer:
 
     x = rmsnorm(h)                       (fused with the previous layer's residual add)
