@@ -128,7 +128,7 @@ class Bench:
                flops: float | None = None) -> None:
         mili = times["mili"]
         row = Row(
-            op=op, dtype=str(dtype).removeprefix("DType."), shape=shape, mili_us=mili,
+            op=op, dtype=dtype.name, shape=shape, mili_us=mili,
             max_us=times.get("max"), numpy_us=times.get("numpy"), mili_gb_s=nbytes / (mili * 1e-6) / 1e9,
             mili_gflop_s=None if flops is None else flops / (mili * 1e-6) / 1e9,
             vs_max=times["max"] / mili if "max" in times else None,
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = measure_bandwidth_gb_s(args.repeats)
     print(f"  {bandwidth:.1f} GB/s read (2 threads)", flush=True)
     for dtype in (DType.float32, DType.bfloat16):
-        print(f"{dtype}: compiling and timing (graph compiles take tens of seconds the first time)", flush=True)
+        print(f"{dtype.name}: compiling and timing (graph compiles take tens of seconds the first time)", flush=True)
         bench.norms(dtype)
         bench.swiglu(dtype)
         bench.rope(dtype)
