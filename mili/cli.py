@@ -119,7 +119,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         for out in engine.step():
             if out.error is not None:
                 raise SystemExit(f"mili generate: generation failed: {out.error}")
-            print(out.outputs[0].delta, end="", flush=True)
+            for completion in out.outputs:  # one (n=1), or none in a step that only prefilled
+                print(completion.delta, end="", flush=True)
     print(flush=True)
     return 0
 
