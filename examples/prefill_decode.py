@@ -5,6 +5,9 @@
 The runner owns the compiled graph and the KV cache; a Batch says which tokens run and where their K/V
 live (here one sequence on KV blocks 0, 1, 2, ...). The engine's scheduler does the same for many
 sequences at once.
+
+This is the one example with a hand-written loop, because its point is the layer below the engine. To
+generate text, use the engine: `mili generate`, `mili.LLM`, or `Engine.add_request` + `Engine.step`.
 """
 
 from __future__ import annotations
