@@ -30,9 +30,9 @@ Message = dict[str, Any]
 class Progress:
     """Finished requests and generated tokens per second, counting tokens as they are generated."""
 
-    def __init__(self, total: int, stream: TextIO = sys.stderr) -> None:
-        self.total, self.stream = total, stream
-        self.is_terminal = stream.isatty()
+    def __init__(self, total: int, stream: TextIO | None = None) -> None:
+        self.total, self.stream = total, stream or sys.stderr
+        self.is_terminal = self.stream.isatty()
         self.interval_s = 0.5 if self.is_terminal else 5.0
         self.started = self.last_shown = time.monotonic()
         self.finished = self.tokens = 0

@@ -94,6 +94,22 @@ class SpecialTokens:
         return variables
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (Qwen's too): the character that stands for each byte in the vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+
+
 class Tokenizer:
     """Encode, decode and chat-format text for one Qwen3 checkpoint folder."""
 
@@ -157,6 +173,19 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._hf.id_to_token(token_id)
+
+    @cached_property
+    def _added_token_ids(self) -> frozenset[int]:
+        return frozenset(self._hf.get_added_tokens_decoder())
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a token may hold part of a UTF-8 character, so not all are text)."""
+        piece = self._hf.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._added_token_ids or any(c not in _BYTE_OF_CHAR for c in piece):
+            return piece.encode("utf-8")
+        return bytes(_BYTE_OF_CHAR[c] for c in piece)
 
     @cached_property
     def _chat_template(self) -> jinja2.Template:

@@ -53,10 +53,11 @@ def apply_penalties(row: np.ndarray, params: SamplingParams, prompt: np.ndarray,
     frequency penalties over output tokens. `prompt`: the prompt's distinct token ids; `output_counts`:
     each generated token's count (kept up to date as tokens are appended, so no step re-counts)."""
     tokens = np.fromiter(output_counts.keys(), np.int64, len(output_counts))
-    if params.repetition_penalty != 1.0:
+    if params.repetition_penalty != 1.0:  # may overflow to +-inf: finite_logits tidies up after
         seen = np.union1d(prompt, tokens)
         values = row[seen]
-        row[seen] = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+        with np.errstate(over="ignore"):
+            row[seen] = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
     if output_counts and (params.presence_penalty or params.frequency_penalty):
         counts = np.fromiter(output_counts.values(), np.float64, len(output_counts))
         row[tokens] -= params.frequency_penalty * counts + params.presence_penalty
@@ -86,7 +87,8 @@ def kept_distribution(row: np.ndarray, params: SamplingParams) -> tuple[np.ndarr
     Never empty: the most likely token always stays (its probability is exp(0) = 1 before normalising,
     and a temperature >= GREEDY_BELOW keeps every scaled logit finite in float64)."""
     shifted = row.astype(np.float64)
-    scaled = (shifted - shifted.max()) / params.temperature  # <= 0, so no temperature can overflow it
+    with np.errstate(over="ignore"):  # large gaps over a small temperature go to -inf: probability 0
+        scaled = (shifted - shifted.max()) / params.temperature  # <= 0: the most likely token stays exp(0) = 1
     probs = np.exp(scaled)
     ids = _candidates(probs, params)
     kept = probs[ids]

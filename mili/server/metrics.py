@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from mili.engine.engine import Engine, RequestOutput
+from mili.engine.engine import Engine
+from mili.engine.outputs import RequestOutput
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
 
@@ -52,7 +53,7 @@ class ServerMetrics:
             if value is not None:
                 histogram.observe(value)
         self.prompt_tokens.inc(len(out.prompt_token_ids))
-        self.generated_tokens.inc(sum(len(c.token_ids) for c in out.outputs))
+        self.generated_tokens.inc(sum(c.num_tokens for c in out.outputs))
         self.cached_tokens.inc(m.cached_tokens)
         for completion in out.outputs:
             self.finished.labels(completion.finish_reason or "abort").inc()

@@ -50,14 +50,18 @@ class SamplingFields(BaseModel):
             raise ValueError("'stop' takes up to 4 non-empty strings")
         return value
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None,
+                        defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """The engine's parameters: what the client sent, `defaults` (the checkpoint's suggested settings)
+        for fields it left unset, OpenAI's defaults for the rest. Raises ValueError naming a bad field."""
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        fields = dict(temperature=self.temperature, top_p=self.top_p, top_k=max(0, self.top_k), min_p=self.min_p,
+                      repetition_penalty=self.repetition_penalty)
+        fields.update(defaults or {})
         return SamplingParams(
-            n=self.n, max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-            top_k=max(0, self.top_k), min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=self.seed,
-            stop=stops, ignore_eos=self.ignore_eos, logprobs=logprobs,
-        )
+            n=self.n, max_tokens=max_tokens, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, seed=self.seed, stop=stops, ignore_eos=self.ignore_eos,
+            logprobs=logprobs, **fields)
 
 
 class CompletionRequest(SamplingFields):
@@ -128,18 +132,9 @@ class ChatCompletionRequest(SamplingFields):
         return (self.chat_template_kwargs or {}).get("enable_thinking")
 
 
-class GenerateRequest(BaseModel):
-    """MILI's native API."""
+class GenerateRequest(SamplingFields):
+    """MILI's native API: one text prompt, the same sampling fields as the OpenAI endpoints."""
 
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1)
-    max_tokens: int = Field(default=128, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=0)
-    stream: bool = False
-
-    def sampling_params(self) -> SamplingParams:
-        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k)

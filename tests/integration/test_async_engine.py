@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from mili.engine.async_engine import AsyncEngine
-from mili.engine.engine import Engine, EngineConfig, RequestError
+from mili.engine.config import EngineConfig
+from mili.engine.engine import Engine, RequestError
 from mili.engine.sampling_params import SamplingParams
 from mili.tokenizer import Tokenizer
 from tests.integration.conftest import model_pair
@@ -31,7 +32,7 @@ def test_concurrent_streams_disconnects_and_errors():
 
     async def leaves_early(prompt):
         async for out in async_engine.generate(prompt, params):
-            if len(out.outputs[0].token_ids) >= 3:
+            if out.outputs[0].num_tokens >= 3:
                 break  # the client went away
 
     async def main():
@@ -40,10 +41,7 @@ def test_concurrent_streams_disconnects_and_errors():
             async for _ in async_engine.generate([], params):
                 pass
         await asyncio.sleep(0.2)  # the aborts are applied by the loop thread between steps
-        done = asyncio.Event()
-        async_engine.run_on_loop_thread(lambda: (engine.check_blocks(), engine.cache.clear(),
-                                                 loop.call_soon_threadsafe(done.set)))
-        await done.wait()
+        await async_engine.call(lambda: (engine.check_blocks(), engine.cache.clear()))
         await async_engine.shutdown()
         return results
 

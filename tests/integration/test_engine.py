@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from mili.engine.engine import Engine, EngineConfig, RequestError, RequestOutput
+from mili.engine.config import ContextTooLong, EngineConfig
+from mili.engine.engine import Engine, RequestError
+from mili.engine.outputs import RequestOutput
 from mili.engine.sampling_params import SamplingParams
 from mili.tokenizer import Tokenizer
 from tests.integration.conftest import ModelPair, model_pair
@@ -178,17 +180,29 @@ def test_stop_strings_end_the_text_even_across_tokens(pair: ModelPair):
 
 
 def test_requests_that_cannot_run_are_refused_up_front(pair: ModelPair):
-    engine = new_engine(pair, num_blocks=4)
+    engine = new_engine(pair, num_blocks=4)  # 64 tokens of KV: the context is capped there
+    assert engine.max_model_len == 64
     with pytest.raises(RequestError, match="empty"):
         engine.add_request("a", [], GREEDY)
-    with pytest.raises(RequestError, match="more than the whole KV cache holds"):
+    with pytest.raises(RequestError, match="context is 64 tokens"):
         engine.add_request("b", list(range(100)), GREEDY)
-    with pytest.raises(RequestError, match="context is 40960 tokens"):
-        engine.add_request("c", [1] * 40960, GREEDY)
     engine.add_request("d", [1, 2], GREEDY)
     with pytest.raises(RequestError, match="already in use"):
         engine.add_request("d", [1, 2], GREEDY)
     assert engine.abort("d") and not engine.abort("d")
+    with pytest.raises(ContextTooLong, match="--kv-cache-memory"):
+        new_engine(pair, num_blocks=4, max_model_len=65)
+
+
+def test_a_request_longer_than_the_pool_finishes_with_length_instead_of_hanging(pair: ModelPair):
+    """The reproduced hang: one request whose prompt + output outgrew the whole KV pool preempted itself and
+    blocked the queue forever. Now its context is capped at what the pool holds."""
+    engine = new_engine(pair, num_blocks=8)  # 128 tokens
+    engine.add_request("long", prompts(1, 20, 21)[0], SamplingParams.greedy(max_tokens=3500, ignore_eos=True))
+    engine.add_request("next", [5, 6, 7], GREEDY)
+    done = run_all(engine)
+    assert done["long"].outputs[0].finish_reason == "length" and len(done["long"].outputs[0].token_ids) == 108
+    assert len(done["next"].outputs[0].token_ids) == 24
 
 
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(pair: ModelPair, monkeypatch):
@@ -201,3 +215,46 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(pair: ModelPai
     monkeypatch.setattr(pair.runner, "run", real_run)
     engine.add_request("fine", [5, 6, 7], GREEDY)
     assert len(run_all(engine)["fine"].outputs[0].token_ids) == 24
+
+
+def test_a_hostile_sampling_request_fails_nothing_and_the_engine_goes_on(pair: ModelPair, monkeypatch):
+    """The reproduced crash: temperature 1e-308 with min_p raised in the sampler, outside the guarded model
+    call, and killed the engine. Now it samples greedily; and a sampler that does raise fails only the
+    requests of its step."""
+    engine = new_engine(pair)
+    engine.add_request("tiny-t", [5, 6, 7], SamplingParams(temperature=1e-308, min_p=0.1, max_tokens=8))
+    assert run_all(engine)["tiny-t"].outputs[0].token_ids == tokens_alone(pair, [5, 6, 7],
+                                                                          SamplingParams.greedy(max_tokens=8))
+    engine.add_request("doomed", [5, 6, 7], GREEDY)
+    monkeypatch.setattr(engine.sampler, "sample", lambda *args: (_ for _ in ()).throw(FloatingPointError("nan")))
+    (out,) = engine.step()
+    assert out.finished and out.outputs[0].finish_reason == "abort" and "nan" in out.error
+    monkeypatch.undo()
+    engine.add_request("fine", [5, 6, 7], GREEDY)
+    assert len(run_all(engine)["fine"].outputs[0].token_ids) == 24
+
+
+def test_streamed_deltas_add_up_to_the_whole_completion(pair: ModelPair):
+    """Every token and logprob reaches the reader exactly once, in order, also while a stop-string prefix
+    holds the text back; the deltas join to the final text."""
+    tokenizer = Tokenizer.from_pretrained(pair.path)
+    prompt = prompts(1)[0]
+    free = tokens_alone(pair, prompt, GREEDY)
+    text = tokenizer.decode(free)
+    stop = text[len(text) // 2:len(text) // 2 + 3] + "never"  # its prefix is seen, the whole never comes
+    params = SamplingParams.greedy(max_tokens=24, ignore_eos=True, stop=(stop,), logprobs=2)
+    engine = new_engine(pair)
+    engine.add_request("s", prompt, params)
+    text_parts, tokens, logprobs = [], [], []
+    final = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            c = out.outputs[0]
+            text_parts.append(c.delta)
+            tokens += c.delta_token_ids
+            logprobs += c.delta_logprobs
+            final = out
+    c = final.outputs[0]
+    assert len(tokens) == 24 and tokens == c.token_ids == free
+    assert [s.token for s in logprobs] == tokens and logprobs == c.logprobs
+    assert "".join(text_parts) == c.text == text

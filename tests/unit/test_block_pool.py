@@ -1,4 +1,4 @@
-"""BlockPool: allocation, sharing and release of reference-counted KV blocks."""
+"""BlockPool: one owner per block; allocation, return, and misuse caught at once."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import pytest
 from mili.engine.block_pool import BlockPool, OutOfBlocks
 
 
-def test_alloc_share_release_cycle():
+def test_alloc_and_free_cycle():
     pool = BlockPool(5)
     a = pool.alloc(3)
     assert len(set(a)) == 3 and pool.num_free == 2 and pool.num_used == 3
-    pool.retain(a[:2])                      # a second owner of two of them
-    pool.release(a)                         # the first owner lets go of all three
-    assert pool.num_free == 3 and [pool.ref_count(b) for b in a] == [1, 1, 0]
-    pool.release(a[:2])
+    assert not any(pool.is_free(b) for b in a)
+    pool.free(a[:2])
+    assert pool.num_free == 4 and pool.is_free(a[0]) and not pool.is_free(a[2])
+    pool.free(a[2:])
     assert pool.num_free == 5
 
 
@@ -28,9 +28,9 @@ def test_running_out_is_an_error_that_changes_nothing():
 
 def test_misuse_is_caught():
     pool = BlockPool(2)
-    with pytest.raises(ValueError, match="is free"):
-        pool.retain([0])
-    with pytest.raises(ValueError, match="released more often"):
-        pool.release([1])
+    with pytest.raises(ValueError, match="freed twice"):
+        pool.free([1])
     with pytest.raises(ValueError, match="at least one block"):
         BlockPool(0)
+    with pytest.raises(ValueError, match="cannot allocate -1"):
+        pool.alloc(-1)

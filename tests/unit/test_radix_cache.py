@@ -7,6 +7,7 @@ import random
 import pytest
 
 from mili.engine.block_pool import BlockPool
+from mili.engine.block_audit import audit_blocks
 from mili.engine.radix_cache import RadixCache
 
 BS = 4
@@ -16,39 +17,66 @@ def cache_with(num_blocks: int = 32, enabled: bool = True) -> RadixCache:
     return RadixCache(BlockPool(num_blocks), BS, enabled)
 
 
-def finish_request(cache: RadixCache, tokens: list[int], salt=None) -> list[int]:
-    """What the engine does for one request: match, lock, compute the rest, insert, release, unlock."""
+def start_request(cache: RadixCache, tokens: list[int], salt=None):
+    """What the scheduler does: lock the cached prefix, allocate private blocks for the rest."""
     match = cache.match(tokens, salt)
-    cache.lock(match.node)
-    cache.pool.retain(match.blocks)
-    fresh = cache.pool.alloc(-(-len(tokens) // BS) - len(match.blocks))
-    blocks = match.blocks + fresh
-    cache.insert(tokens, blocks, salt)
-    cache.pool.release(blocks)
-    cache.unlock(match.node)
-    cache.check()
+    node = cache.acquire(match) if match.num_tokens else None
+    blocks = list(match.blocks) + cache.pool.alloc(-(-len(tokens) // BS) - len(match.blocks))
+    return node, blocks, len(match.blocks)
+
+
+def end_request(cache: RadixCache, tokens: list[int], node, blocks: list[int], shared: int, salt=None) -> list[int]:
+    """What the scheduler does when a request ends: cache its whole blocks (the tree adopts them or already
+    has them: then ours are duplicates), free the rest, unlock. Returns the blocks now holding its prefix."""
+    _, tree_blocks = cache.insert(tokens, blocks, salt)
+    duplicates = [b for b, t in zip(blocks[shared:len(tree_blocks)], tree_blocks[shared:]) if b != t]
+    cache.pool.free(duplicates + blocks[len(tree_blocks):])
+    if node is not None:
+        cache.release(node)
+    return tree_blocks
+
+
+def finish_request(cache: RadixCache, tokens: list[int], salt=None) -> list[int]:
+    blocks = end_request(cache, tokens, *start_request(cache, tokens, salt), salt=salt)
+    audit_blocks(cache.pool, cache, [])
     return blocks
 
 
-def test_match_never_covers_the_whole_prompt():
+def test_match_never_covers_the_whole_prompt_and_does_not_change_the_tree():
     cache = cache_with()
     tokens = list(range(12))                        # exactly three blocks
     finish_request(cache, tokens)
+    nodes_before = [(n.tokens, n.last_access) for n in cache.nodes()]
     match = cache.match(tokens)
     assert match.num_tokens == 8 and len(match.blocks) == 2  # the last block is recomputed
     assert cache.match(tokens + [99]).num_tokens == 12
+    assert [(n.tokens, n.last_access) for n in cache.nodes()] == nodes_before  # match only reads
 
 
-def test_partial_match_splits_an_edge_and_keeps_the_first_blocks():
+def test_partial_match_splits_an_edge_only_when_acquired():
     cache = cache_with()
     first = finish_request(cache, list(range(16)))
     other = list(range(8)) + [50, 51, 52, 53, 54, 55, 56, 57, 58]
     match = cache.match(other)
-    assert match.num_tokens == 8 and match.blocks == first[:2]
+    assert match.num_tokens == 8 and list(match.blocks) == first[:2] and match.blocks_in_node == 2
+    assert sum(1 for _ in cache.nodes()) == 2       # root + one edge: not split yet
+    node = cache.acquire(match)
+    assert node.blocks == first[:2] and node.lock_count == 1 and sum(1 for _ in cache.nodes()) == 3
+    cache.release(node)
     finish_request(cache, other)
-    assert cache.match(list(range(16)) + [1]).blocks == first  # both branches still there
+    assert list(cache.match(list(range(16)) + [1]).blocks) == first  # both branches still there
     assert cache.match(other + [1]).num_tokens == 16
     assert cache.usage().cached_blocks == 4 + 2
+
+
+def test_insert_of_an_already_cached_prefix_keeps_the_trees_blocks():
+    cache = cache_with()
+    tokens = list(range(9))
+    kept = finish_request(cache, tokens)
+    node, blocks, shared = cache.root(), cache.pool.alloc(3), 0  # computed again without using the cache
+    assert end_request(cache, tokens, None, blocks, shared) == kept  # ours were duplicates: freed
+    audit_blocks(cache.pool, cache, [])
+    assert cache.pool.num_free == cache.pool.num_blocks - 2
 
 
 def test_lru_eviction_spares_locked_and_recent_prefixes():
@@ -57,17 +85,15 @@ def test_lru_eviction_spares_locked_and_recent_prefixes():
     for tokens in (old, mid, new):
         finish_request(cache, tokens)
     assert cache.pool.num_free == 0
-    held = cache.match(mid + [0])
-    cache.lock(held.node)
-    cache.match(old + [0])                  # touching `old` makes `new` the least recently used unlocked
+    held = cache.acquire(cache.match(mid + [0]))
+    cache.release(cache.acquire(cache.match(old + [0])))  # touching `old` makes `new` the least recently used
     assert cache.evict(2) == 2
     assert cache.match(new + [0]).num_tokens == 0
     assert cache.match(old + [0]).num_tokens == 8
     assert cache.evict(10) == 2             # only `old` is left to evict; `mid` is locked
     assert cache.match(mid + [0]).num_tokens == 8
-    cache.unlock(held.node)
+    cache.release(held)
     assert cache.evict(10) == 2 and cache.pool.num_free == 6
-    cache.check()
 
 
 def test_salts_never_share_blocks():
@@ -86,12 +112,16 @@ def test_disabled_cache_matches_nothing_and_holds_nothing():
     assert cache.pool.num_free == cache.pool.num_blocks
 
 
-def test_check_catches_a_leaked_reference():
+def test_audit_catches_a_leaked_block_and_a_stray_lock():
     cache = cache_with()
     finish_request(cache, list(range(9)))
-    cache.pool.retain(cache.match(list(range(9))).blocks)  # a holder the check is not told about
-    with pytest.raises(AssertionError, match="pool counts 2 references, owners hold 1"):
-        cache.check()
+    lost = cache.pool.alloc(1)  # owned by nobody the audit is told about
+    with pytest.raises(AssertionError, match="1 KV blocks have no owner"):
+        audit_blocks(cache.pool, cache, [])
+    cache.pool.free(lost)
+    cache.lock(cache.acquire(cache.match(list(range(9)))))
+    with pytest.raises(AssertionError, match="locks"):
+        audit_blocks(cache.pool, cache, [])
 
 
 def longest_cached_prefix(model: set[tuple[int, ...]], tokens: list[int]) -> int:
@@ -116,48 +146,43 @@ def tree_prefixes(cache: RadixCache) -> set[tuple[int, ...]]:
     return found
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_random_operations_agree_with_a_set_of_prefixes(seed):
-    """Inserts, matches, evictions and concurrent holders in random order; after every step the tree
-    matches exactly what a plain set of cached prefixes says, and the pool bookkeeping checks out."""
-    rng = random.Random(seed ^ random.getrandbits(32))
+def test_random_operations_agree_with_a_set_of_prefixes():
+    """Requests starting and ending, and evictions, in random order; after every step the tree matches
+    exactly what a plain set of cached prefixes says, and every block has one owner."""
+    seed = random.randrange(1 << 32)
+    print(f"radix cache random run: seed {seed}")
+    rng = random.Random(seed)
     cache = cache_with(num_blocks=40)
     model: set[tuple[int, ...]] = set()
-    running: list[tuple[list[int], object]] = []  # requests holding blocks: (blocks, locked node)
-    for _ in range(400):
+    running = []  # (tokens, node, blocks, shared)
+    for _ in range(2000):
         tokens = [rng.randrange(3) for _ in range(rng.randrange(1, 24))]  # tiny alphabet: many shared prefixes
         action = rng.random()
         if action < 0.45:
             match = cache.match(tokens)
-            assert match.num_tokens == longest_cached_prefix(model, tokens)
+            assert match.num_tokens == longest_cached_prefix(model, tokens), seed
             needed = -(-len(tokens) // BS) - len(match.blocks)
-            cache.lock(match.node)  # before evicting to make room, or the match itself may go
+            node = cache.acquire(match) if match.num_tokens else None  # before evicting, or the match may go
             if needed > cache.pool.num_free:
                 cache.evict(needed - cache.pool.num_free)
                 model = tree_prefixes(cache)
-                if needed > cache.pool.num_free:
-                    cache.unlock(match.node)
-                    continue
-            cache.pool.retain(match.blocks)
-            blocks = match.blocks + cache.pool.alloc(needed)
-            node = cache.insert(tokens, blocks)
-            cache.lock(node)
-            cache.unlock(match.node)
-            model |= {tuple(tokens[:end]) for end in range(BS, len(tokens) // BS * BS + 1, BS)}
-            running.append((blocks, node))
+            if needed > cache.pool.num_free:
+                if node is not None:
+                    cache.release(node)
+                continue
+            running.append((tokens, node, list(match.blocks) + cache.pool.alloc(needed), len(match.blocks)))
         elif action < 0.8 and running:
-            blocks, node = running.pop(rng.randrange(len(running)))
-            cache.pool.release(blocks)
-            cache.unlock(node)
+            tokens, node, blocks, shared = running.pop(rng.randrange(len(running)))
+            end_request(cache, tokens, node, blocks, shared)
+            model |= {tuple(tokens[:end]) for end in range(BS, len(tokens) // BS * BS + 1, BS)}
         else:
             before = cache.pool.num_free
             freed = cache.evict(rng.randrange(1, 8))
             assert cache.pool.num_free == before + freed
             model = tree_prefixes(cache)
-        cache.check(blocks for blocks, _ in running)
-        assert tree_prefixes(cache) == model
-    for blocks, node in running:
-        cache.pool.release(blocks)
-        cache.unlock(node)
+        assert tree_prefixes(cache) == model, seed
+    for tokens, node, blocks, shared in running:
+        end_request(cache, tokens, node, blocks, shared)
+    audit_blocks(cache.pool, cache, [])
     cache.clear()
     assert cache.pool.num_free == cache.pool.num_blocks

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import torch
@@ -25,9 +28,19 @@ from mili.engine.sampling_params import SamplingParams
 VOCAB = 151_936
 
 
+@dataclass
+class Row:
+    """A SamplingRow without a whole engine Sequence."""
+
+    params: SamplingParams
+    generator: np.random.Generator
+    prompt_array: np.ndarray
+    output_counts: dict[int, int]
+
+
 def row_for(params: SamplingParams, seed: int | None = None, prompt=(), output=()) -> SamplingRow:
-    return SamplingRow(params, request_generator(seed if seed is not None else params.seed),
-                       np.asarray(prompt, np.int64), list(output))
+    return Row(params, request_generator(seed if seed is not None else params.seed),
+               np.unique(np.asarray(prompt, np.int64)), dict(Counter(int(t) for t in output)))
 
 
 def reference_distribution(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
@@ -101,7 +114,7 @@ def test_repetition_penalty_matches_transformers():
     prompt, output = rng.integers(0, VOCAB, 50), rng.integers(0, VOCAB, 20).tolist()
     params = SamplingParams(repetition_penalty=1.3)
     ours = logits.copy()
-    apply_penalties(ours, params, prompt, output)
+    apply_penalties(ours, params, np.unique(prompt), dict(Counter(output)))
     history = torch.tensor(np.concatenate([prompt, output])[None])
     theirs = RepetitionPenaltyLogitsProcessor(1.3)(history, torch.tensor(logits[None]))[0].numpy()
     np.testing.assert_allclose(ours, theirs, rtol=1e-6)
@@ -110,7 +123,7 @@ def test_repetition_penalty_matches_transformers():
 def test_presence_and_frequency_penalties_follow_openai():
     logits = np.zeros(10, np.float32)
     params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
-    apply_penalties(logits, params, np.array([9]), [3, 3, 3, 7])
+    apply_penalties(logits, params, np.array([9]), {3: 3, 7: 1})
     expected = np.zeros(10)
     expected[3] = -(3 * 0.25 + 0.5)
     expected[7] = -(1 * 0.25 + 0.5)  # prompt-only token 9 is untouched
@@ -136,8 +149,7 @@ def test_seeded_requests_repeat_whatever_shares_the_batch():
     assert tokens_of_seeded([SamplingParams(temperature=1.0)], 1) == alone
     assert tokens_of_seeded([SamplingParams(temperature=2.0, top_k=3), SamplingParams(temperature=0.5, seed=5),
                              SamplingParams.greedy()], 2) == alone
-    reseeded = SamplingRow(SamplingParams(temperature=1.0, top_p=0.9, seed=99), request_generator(99),
-                           np.zeros(0, np.int64), [])
+    reseeded = row_for(SamplingParams(temperature=1.0, top_p=0.9, seed=99))
     other = [Sampler().sample(mine[step][None], [reseeded])[0].token for step in range(len(mine))]
     assert other != alone  # a different seed gives a different stream (12 draws among hundreds of tokens)
 
@@ -168,3 +180,38 @@ def test_bad_parameters_name_themselves(kwargs, name):
 def test_stop_accepts_one_string_or_a_list():
     assert SamplingParams(stop="###").stop == ("###",)
     assert SamplingParams(stop=["a", "b"], stop_token_ids=[5]) == SamplingParams(stop=("a", "b"), stop_token_ids=(5,))
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1e-308, min_p=0.1), SamplingParams(temperature=5e-324),
+    SamplingParams(temperature=1e-5, top_p=0.5), SamplingParams(temperature=100, top_k=3, min_p=1.0),
+    SamplingParams(temperature=0.7, repetition_penalty=1e-300), SamplingParams(temperature=0.7, repetition_penalty=100,
+                                                                               frequency_penalty=2, presence_penalty=-2),
+    SamplingParams.greedy(repetition_penalty=1e-300, logprobs=3),
+])
+def test_every_sampling_path_is_total_on_hostile_logits(params):
+    """The reproduced crash: temperature 1e-308 with min_p overflowed and raised, killing the engine loop.
+    No valid SamplingParams and no logits (huge, NaN, inf, all -inf) may raise or give a token outside
+    the vocabulary."""
+    seed = int(np.random.SeedSequence().entropy % (1 << 32))
+    print(f"seed {seed}")
+    rng = np.random.default_rng(seed)
+    big = np.finfo(np.float32).max
+    rows = [rng.standard_normal(50).astype(np.float32) * 1e38,
+            np.full(50, big, np.float32), np.full(50, -np.inf, np.float32), np.full(50, np.nan, np.float32),
+            np.where(rng.random(50) < 0.5, np.inf, -np.inf).astype(np.float32),
+            np.where(rng.random(50) < 0.5, np.nan, rng.standard_normal(50)).astype(np.float32)]
+    logits = np.stack(rows)
+    out = Sampler().sample(logits, [row_for(params, seed=1, prompt=[1, 2, 3], output=[4, 4, 5]) for _ in rows])
+    assert all(0 <= s.token < 50 for s in out)
+    assert out[1].token == 0 or not params.is_greedy or params.has_penalties  # all equal: the first, like argmax
+    assert out[4].token in np.flatnonzero(np.isposinf(rows[4])).tolist() or params.has_penalties
+
+
+def test_tiny_temperatures_are_greedy():
+    logits = np.random.default_rng(3).standard_normal((1, 1000)).astype(np.float32)
+    for temperature in (1e-308, 1e-6, 9.9e-6):
+        assert SamplingParams(temperature=temperature).is_greedy
+        out = Sampler().sample(logits, [row_for(SamplingParams(temperature=temperature, min_p=0.1), seed=0)])
+        assert out[0].token == int(np.argmax(logits[0]))
+    assert not SamplingParams(temperature=1e-5).is_greedy

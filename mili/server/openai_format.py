@@ -1,0 +1,122 @@
+"""Engine outputs in the response shapes of OpenAI's completions and chat completions (whole bodies and
+streamed chunks) and of MILI's /generate. Each response object remembers what it already streamed, so
+every generated token's logprob reaches the client exactly once, in order, whether or not its text was
+held back (a possible stop-string prefix, half a UTF-8 character)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from mili.engine.outputs import CompletionOutput, RequestOutput
+from mili.server.logprobs import chat_logprobs, completion_logprobs
+from mili.tokenizer import Tokenizer
+
+Chunk = dict[str, Any]
+
+
+def usage(finals: list[RequestOutput]) -> dict[str, Any]:
+    prompt = sum(len(o.prompt_token_ids) for o in finals)
+    completion = sum(c.num_tokens for o in finals for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(o.metrics.cached_tokens for o in finals)}}
+
+
+class _Streamed:
+    """Per choice: whether its finish was sent; per request: its latest output (for usage)."""
+
+    def __init__(self) -> None:
+        self.finished: set[tuple[int, int]] = set()
+        self.latest: dict[int, RequestOutput] = {}
+
+    def news(self, index: int, out: RequestOutput) -> Iterator[CompletionOutput]:
+        self.latest[index] = out
+        for c in out.outputs:
+            if (index, c.index) in self.finished:
+                continue
+            if c.finish_reason:
+                self.finished.add((index, c.index))
+            if c.delta or c.finish_reason or c.delta_logprobs:
+                yield c
+
+
+class Completions:
+    """/v1/completions for `num_prompts` prompts of `n` choices each (choice index = prompt * n + choice)."""
+
+    def __init__(self, tokenizer: Tokenizer, response_id: str, model: str, n: int, num_prompts: int) -> None:
+        self.tokenizer, self.n, self.num_prompts = tokenizer, n, num_prompts
+        self.base = {"id": response_id, "object": "text_completion", "created": int(time.time()), "model": model}
+        self.streamed = _Streamed()
+        self.text_offsets: dict[tuple[int, int], int] = {}
+
+    def _logprobs(self, index: int, c: CompletionOutput, tokens: list | None) -> dict[str, Any] | None:
+        if tokens is None:
+            return None
+        key = (index, c.index)
+        result = completion_logprobs(self.tokenizer, tokens, self.text_offsets.get(key, 0))
+        self.text_offsets[key] = self.text_offsets.get(key, 0) + sum(len(t) for t in result["tokens"])
+        return result
+
+    def chunks(self, index: int, out: RequestOutput) -> Iterator[Chunk]:
+        for c in self.streamed.news(index, out):
+            yield {**self.base, "choices": [{"index": index * self.n + c.index, "text": c.delta,
+                                             "finish_reason": c.finish_reason,
+                                             "logprobs": self._logprobs(index, c, c.delta_logprobs)}]}
+
+    def usage_chunk(self) -> Chunk:
+        return {**self.base, "choices": [], "usage": usage(list(self.streamed.latest.values()))}
+
+    def body(self, finals: list[RequestOutput]) -> dict[str, Any]:
+        choices = [{"index": i * self.n + c.index, "text": c.text, "finish_reason": c.finish_reason,
+                    "logprobs": self._logprobs(i, c, c.logprobs)}
+                   for i, out in enumerate(finals) for c in out.outputs]
+        return {**self.base, "choices": choices, "usage": usage(finals)}
+
+
+class ChatCompletions:
+    def __init__(self, tokenizer: Tokenizer, response_id: str, model: str, n: int) -> None:
+        self.tokenizer, self.n = tokenizer, n
+        self.base = {"id": response_id, "created": int(time.time()), "model": model}
+        self.chunk_base = {**self.base, "object": "chat.completion.chunk"}
+        self.streamed = _Streamed()
+        self.started = False
+
+    def _logprobs(self, tokens: list | None) -> dict[str, Any] | None:
+        return None if tokens is None else chat_logprobs(self.tokenizer, tokens)
+
+    def chunks(self, index: int, out: RequestOutput) -> Iterator[Chunk]:
+        if not self.started:  # OpenAI opens each choice with the role
+            self.started = True
+            for i in range(self.n):
+                yield {**self.chunk_base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                       "logprobs": None, "finish_reason": None}]}
+        for c in self.streamed.news(index, out):
+            yield {**self.chunk_base, "choices": [{"index": c.index, "delta": {"content": c.delta} if c.delta else {},
+                                                   "finish_reason": c.finish_reason,
+                                                   "logprobs": self._logprobs(c.delta_logprobs)}]}
+
+    def usage_chunk(self) -> Chunk:
+        return {**self.chunk_base, "choices": [], "usage": usage(list(self.streamed.latest.values()))}
+
+    def body(self, final: RequestOutput) -> dict[str, Any]:
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": self._logprobs(c.logprobs), "finish_reason": c.finish_reason}
+                   for c in final.outputs]
+        return {**self.base, "object": "chat.completion", "choices": choices, "usage": usage([final])}
+
+
+class Generate:
+    """MILI's /generate: {"text": delta} events, then the result."""
+
+    @staticmethod
+    def result(out: RequestOutput) -> dict[str, Any]:
+        c = out.outputs[0]
+        return {"generated_text": c.text, "prompt_tokens": len(out.prompt_token_ids),
+                "completion_tokens": c.num_tokens, "finish_reason": c.finish_reason}
+
+    def chunks(self, index: int, out: RequestOutput) -> Iterator[Chunk]:
+        if out.outputs and out.outputs[0].delta:
+            yield {"text": out.outputs[0].delta}
+        if out.finished:
+            yield self.result(out)

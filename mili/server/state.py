@@ -1,0 +1,52 @@
+"""The server's settings and its one piece of mutable state (the engine, counters, metrics)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from mili.engine.async_engine import AsyncEngine
+from mili.engine.outputs import RequestOutput
+from mili.server.metrics import ServerMetrics
+
+
+@dataclass
+class ServerSettings:
+    model_name: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    api_key: str | None = None
+    max_queue: int = 256               # requests in flight beyond this get 429
+    max_body_bytes: int = 4 << 20
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    engine: AsyncEngine | None = None  # None while the model loads
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    in_flight: int = 0
+    started: float = field(default_factory=time.monotonic)
+    requests_seen: int = 0
+    prompt_tokens_seen: int = 0
+    cached_tokens_seen: int = 0
+
+    def attach(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.metrics.watch(engine.engine)
+
+    @property
+    def health(self) -> str:
+        """"ok", "loading", "draining" (shutting down) or "dead" (the engine loop stopped)."""
+        if self.engine is None:
+            return "loading"
+        if self.engine.is_accepting:
+            return "ok"
+        return "draining" if self.engine.is_running else "dead"
+
+    def record(self, out: RequestOutput) -> None:
+        """Counts a finished request."""
+        self.metrics.observe(out)
+        self.requests_seen += 1
+        self.prompt_tokens_seen += len(out.prompt_token_ids)
+        self.cached_tokens_seen += out.metrics.cached_tokens
