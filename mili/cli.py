@@ -136,16 +136,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"mili serve: --max-model-len must be at least 2, got {args.max_model_len}")
     from mili.server.serve import ServeOptions, StartupError, serve
 
+    if not args.shutdown_grace >= 0:
+        raise SystemExit(f"mili serve: --shutdown-grace must be 0 or more seconds, got {args.shutdown_grace}")
     try:
-        serve(ServeOptions(
+        return serve(ServeOptions(
             model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, prefix_cache=not args.no_prefix_cache,
             api_key=args.api_key, max_queue=args.max_queue, served_model_name=args.served_model_name,
-            max_model_len=args.max_model_len))
+            max_model_len=args.max_model_len, shutdown_grace_s=args.shutdown_grace))
     except StartupError as exc:
         raise SystemExit(f"mili serve: {exc}") from None
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests in flight before new ones get 429 (default 256)")
     serve.add_argument("--max-model-len", type=int, help="context limit in tokens, prompt plus output "
                        "(default: the model's max_position_embeddings)")
+    serve.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
+                       help="on SIGTERM or Ctrl-C, how long requests in flight may take to finish before they are "
+                       "ended with an error event (default 30)")
     serve.add_argument("--served-model-name", help="the model name clients use (default: the folder or repo id)")
     serve.set_defaults(run=_cmd_serve)
     return parser

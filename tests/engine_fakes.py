@@ -11,8 +11,10 @@ differs from `reference_completion`, and the property tests fail.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -48,13 +50,17 @@ class FakeRunner:
         self.config = FakeModelConfig(max_position_embeddings=max_positions)
         self.model_dir = model_dir or Path("/nonexistent")  # no generation_config.json: no sampling defaults
         self.kv = np.full(num_blocks * block_size, -1, np.int64)
+        self.dtype = SimpleNamespace(name="fake")  # what `mili serve` logs about a runner
+        self.startup = SimpleNamespace(weights_s=0.0, compile_s=0.0)
         self.steps = 0
-        self.fail_next = False
+        self.fail_at_step: int | None = None  # the step (1-based) that raises, to test failure handling
+        self.step_delay_s = 0.0               # to make requests last long enough to disconnect mid-way
 
     def run(self, batch: Batch) -> np.ndarray:
         self.steps += 1
-        if self.fail_next:
-            self.fail_next = False
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
+        if self.steps == self.fail_at_step:
             raise RuntimeError("injected model failure")
         self.kv[batch.slot_mapping] = batch.input_ids
         rows = []
@@ -78,3 +84,6 @@ class FakeTokenizer:
 
     def decode(self, token_ids, skip_special_tokens: bool = False) -> str:
         return "".join(chr(ord("a") + t % 26) + ("" if t < 26 else str(t // 26)) for t in token_ids)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.decode([token_id]).encode()

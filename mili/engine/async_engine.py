@@ -145,6 +145,21 @@ class AsyncEngine:
             await asyncio.sleep(0.05)
         return len(self._streams)
 
+    def drain_blocking(self, grace_s: float) -> int:
+        """`drain` for a thread that is not running the event loop (the server's main thread)."""
+        self._accepting = False
+        deadline = time.monotonic() + grace_s
+        while self._streams and self.is_running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return len(self._streams)
+
+    def stop_blocking(self, timeout_s: float = 60.0) -> None:
+        """`shutdown` for a thread that is not running the event loop."""
+        self._accepting = False
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout_s)
+
     async def shutdown(self, timeout_s: float = 60.0) -> None:
         """Stops the loop after its current step: aborts what is in flight (each reader gets
         EngineDeadError) and joins the thread, so no model call is cut off at interpreter exit."""

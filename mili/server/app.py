@@ -23,7 +23,7 @@ from mili.server import openai_format
 from mili.server.errors import APIError, error_response, install_error_handlers
 from mili.server.generation import final_outputs, first_output, merged, prepare, run, running_engine
 from mili.server.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
-from mili.server.state import ServerSettings, ServerState  # noqa: F401 - ServerSettings: re-exported for serve.py
+from mili.server.state import ServerState
 from mili.server.streaming import ClientDisconnected, client_gone_response, event_stream, until_disconnected
 
 GENERATE_DEFAULT_MAX_TOKENS = 128

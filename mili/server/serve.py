@@ -14,14 +14,18 @@ from dataclasses import dataclass
 import uvicorn
 
 from mili.engine.async_engine import AsyncEngine
+from mili.config import ModelConfig
+from mili.engine.config import ContextTooLong, EngineConfig
 from mili.engine.engine import Engine
-from mili.server.app import ServerSettings, ServerState, create_app
+from mili.server.app import create_app
+from mili.server.state import ServerSettings, ServerState
 from mili.server.startup import (ModelNotFound, StartupError, bind_listening_socket, check_checkpoint_folder,
                                  plan_kv_cache_blocks, resolve_model)
 
 __all__ = ["ModelNotFound", "ServeOptions", "StartupError", "resolve_model", "serve"]
 
 log = logging.getLogger("mili.server")
+SHUTDOWN_FLUSH_S = 10.0  # after the drain: time for open responses to send their last events
 
 
 @dataclass(frozen=True)
@@ -40,13 +44,11 @@ class ServeOptions:
     max_queue: int = 256
     served_model_name: str | None = None
     max_model_len: int | None = None
+    shutdown_grace_s: float = 30.0  # on SIGTERM/SIGINT, how long requests in flight may take to finish
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def serve(options: ServeOptions) -> None:
+def serve(options: ServeOptions) -> int:
+    """Runs the server until SIGINT or SIGTERM; returns the exit code (1 if the engine loop crashed)."""
     # Every precondition that takes seconds to check is checked before the engine's graph compile (a minute
     # or more cold), and fails with a StartupError naming its flag.
     listening = bind_listening_socket(options.host, options.port)
@@ -55,6 +57,12 @@ def serve(options: ServeOptions) -> None:
         check_checkpoint_folder(model_dir)
         num_kv_blocks = plan_kv_cache_blocks(model_dir, kv_cache_memory=options.kv_cache_memory, dtype=options.dtype,
                                              device=options.device, block_size=options.block_size)
+        if options.max_model_len is not None:  # refused now rather than after the compile
+            EngineConfig(max_model_len=options.max_model_len).context_limit(
+                ModelConfig.from_pretrained(model_dir).max_position_embeddings, num_kv_blocks * options.block_size)
+    except ContextTooLong as exc:
+        listening.close()
+        raise StartupError(str(exc)) from None
     except BaseException:
         listening.close()
         raise
@@ -62,20 +70,29 @@ def serve(options: ServeOptions) -> None:
                               dtype=options.dtype or ("float32" if options.device == "cpu" else "bfloat16"),
                               api_key=options.api_key, max_queue=options.max_queue)
     state = ServerState(settings)
-
-    async def shutdown() -> None:
-        if state.engine is not None:
-            await state.engine.shutdown()
-
     app = create_app(state)
-    app.router.on_shutdown.append(shutdown)
     server = uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
-                                           timeout_graceful_shutdown=10))
+                                           timeout_graceful_shutdown=SHUTDOWN_FLUSH_S))
+    stop = threading.Event()
+    engine_died = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("%s received: draining (no new requests; up to %.0f s for those in flight, then they are ended)",
+                 signal.Signals(signum).name, options.shutdown_grace_s)
+        stop.set()
+        if state.engine is None:  # still loading: nothing to drain, stop the load itself
+            raise KeyboardInterrupt
+
+    def on_engine_death(exc: BaseException) -> None:
+        engine_died.set()
+        stop.set()
+
+    # Both signals, explicitly: a server started in the background by a script inherits SIGINT ignored.
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     # The HTTP side starts at once on a thread (so /health answers 503 while loading); the model is built
     # here on the main thread, because MAX builds graphs in the thread that owns its MLIR context.
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, name="mili-http", daemon=True)
     thread.start()
-    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM shuts down as gracefully as Ctrl-C
     log.info("starting the server for %s on http://%s:%d (model loading: /health answers 503 until ready)",
              settings.model_name, options.host, options.port)
     try:
@@ -84,17 +101,37 @@ def serve(options: ServeOptions) -> None:
             num_kv_blocks=num_kv_blocks, max_num_seqs=options.max_num_seqs,
             max_num_batched_tokens=options.max_num_batched_tokens, enable_prefix_cache=options.prefix_cache,
             max_model_len=options.max_model_len)
-        state.attach(AsyncEngine(engine))
+        state.attach(AsyncEngine(engine, on_death=on_engine_death))
         runner = engine.runner
         random_note = " (the built-in demo: RANDOM weights, gibberish output)" if options.model is None else ""
-        log.info("serving %s%s on http://%s:%d: %s on %s, %d KV blocks of %d tokens, prefix cache %s, "
-                 "weights %.1f s, compile %.1f s", settings.model_name, random_note, options.host, options.port,
-                 runner.dtype.name, options.device, runner.num_blocks, runner.block_size,
-                 "on" if options.prefix_cache else "off", runner.startup.weights_s, runner.startup.compile_s)
-        while thread.is_alive():
-            thread.join(0.5)
+        log.info("serving %s%s on http://%s:%d: %s on %s, %d KV blocks of %d tokens (context %d tokens), "
+                 "prefix cache %s, weights %.1f s, compile %.1f s", settings.model_name, random_note, options.host,
+                 options.port, runner.dtype.name, options.device, runner.num_blocks, runner.block_size,
+                 engine.max_model_len, "on" if options.prefix_cache else "off", runner.startup.weights_s,
+                 runner.startup.compile_s)
+        while thread.is_alive() and not stop.wait(0.5):
+            pass
     except KeyboardInterrupt:
-        log.info("shutting down: finishing open connections, aborting in-flight requests")
+        log.info("stopped while loading the model")
     finally:
-        server.should_exit = True
-        thread.join(30)
+        _shut_down(state, server, thread, options.shutdown_grace_s)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if engine_died.is_set():
+        log.critical("exiting because the engine loop crashed (see above); a supervisor should restart MILI")
+        return 1
+    return 0
+
+
+def _shut_down(state: ServerState, server: uvicorn.Server, thread: threading.Thread, grace_s: float) -> None:
+    """Drain, end what is left properly, stop HTTP, and join the engine thread before the interpreter exits
+    (a daemon thread cut off inside a MAX call at exit aborted the process: 'FATAL: exception not rethrown')."""
+    engine = state.engine
+    if engine is not None:
+        left = engine.drain_blocking(grace_s)
+        if left:
+            log.info("ending %d request(s) still in flight after the %.0f s grace period", left, grace_s)
+        engine.stop_blocking()
+    server.should_exit = True  # uvicorn lets open responses flush their last events, then closes
+    thread.join(SHUTDOWN_FLUSH_S + 5)
+    log.info("shut down")

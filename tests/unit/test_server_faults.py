@@ -1,0 +1,249 @@
+"""The server's failure paths, on a real uvicorn (in this process) over the fake model (tests/engine_fakes.py):
+no compile, so every fault can be forced and timed.
+
+- a failure mid-stream ends the stream with an OpenAI-style error event, then [DONE];
+- hostile sampling values never give a 5xx, never hang, and leave the engine serving;
+- a non-streaming client that disconnects gets its request aborted at once;
+- a long request on a tiny KV pool finishes instead of hanging everyone;
+- SIGTERM or SIGINT (even when SIGINT was ignored, as for a server started in the background) drains, ends
+  open streams with an error event and [DONE], and `serve` returns 0; a crashed engine loop makes /health
+  503 and `serve` return 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+import uvicorn
+
+from mili.engine.async_engine import AsyncEngine
+from mili.engine.config import EngineConfig
+from mili.engine.engine import Engine
+from mili.server import serve as serve_module
+from mili.server.app import create_app
+from mili.server.state import ServerSettings, ServerState
+from tests.engine_fakes import FakeRunner, FakeTokenizer
+
+MODEL = "fake"
+
+
+def fake_engine(num_blocks: int = 64, step_delay_s: float = 0.0, **config) -> Engine:
+    runner = FakeRunner(num_blocks, block_size=4, max_positions=num_blocks * 4)
+    runner.step_delay_s = step_delay_s
+    return Engine(runner, FakeTokenizer(), EngineConfig(**config))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(engine: Engine) -> Iterator[tuple[str, ServerState]]:
+    state = ServerState(ServerSettings(model_name=MODEL))
+    state.attach(AsyncEngine(engine))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield url, state
+    finally:
+        state.engine.stop_blocking()
+        server.should_exit = True
+        thread.join(10)
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    return [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def completion(url: str, timeout: float = 30, **body) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "abc", **body}, timeout=timeout)
+
+
+def assert_still_serving(url: str) -> None:
+    assert httpx.get(f"{url}/health").status_code == 200
+    ok = completion(url, max_tokens=3, temperature=0)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_failure_mid_stream_ends_with_an_error_event_then_done():
+    engine = fake_engine(step_delay_s=0.05)  # each token reaches the client before the next step
+    with running_server(engine) as (url, _):
+        engine.runner.fail_at_step = engine.runner.steps + 4  # prefill, two decodes, then the model fails
+        with httpx.stream("POST", f"{url}/v1/completions", json={
+                "model": MODEL, "prompt": "abc", "max_tokens": 20, "stream": True, "ignore_eos": True,
+                "temperature": 0}, timeout=30) as response:
+            events = sse_events(response)
+        assert response.status_code == 200
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert "injected model failure" in error["message"] and error["type"] == "server_error"
+        assert sum("choices" in json.loads(e) for e in events[:-2]) == 3  # the tokens before the failure
+        assert_still_serving(url)
+
+
+EDGE_VALUES = [0, -0.0, 5e-324, 1e-308, 2.2e-308, 1e-5, 1e308, -1, 1e100, "NaN", "nan", "Infinity", "-Infinity",
+               "1e-400", True, None, "", [], {}]
+SAMPLING_FIELDS = ["temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                   "frequency_penalty", "max_tokens", "n", "seed", "logprobs"]
+
+
+def test_hostile_sampling_values_never_get_a_5xx_nor_stop_the_engine():
+    """Every edge value in every sampling field, plus the combination that used to kill the engine."""
+    with running_server(fake_engine()) as (url, _):
+        bodies = [{field: value} for field in SAMPLING_FIELDS for value in EDGE_VALUES]
+        bodies += [{"temperature": 1e-308, "min_p": 0.1}, {"temperature": 5e-324, "top_p": 1e-300, "top_k": 1},
+                   {"temperature": 100, "repetition_penalty": 1e-300, "logprobs": 5},
+                   {"temperature": 1e-5, "frequency_penalty": 2, "presence_penalty": -2, "min_p": 1}]
+        statuses = {}
+        for body in bodies:
+            started = time.monotonic()
+            response = completion(url, timeout=30, max_tokens=body.pop("max_tokens", 4), **body)
+            assert time.monotonic() - started < 10, f"{body} took too long"
+            assert response.status_code < 500, (body, response.text)
+            if response.status_code >= 400:
+                assert response.json()["error"]["message"]
+            statuses[json.dumps(body)] = response.status_code
+        assert statuses['{"temperature": 1e-308, "min_p": 0.1}'] == 200
+        assert sum(code == 200 for code in statuses.values()) >= 40 and sum(code == 400 for code in statuses.values()) >= 40
+        assert_still_serving(url)
+
+
+def test_a_client_that_disconnects_from_a_plain_request_aborts_it():
+    engine = fake_engine(step_delay_s=0.02)
+    with running_server(engine) as (url, state):
+        with pytest.raises(httpx.ReadTimeout):  # 250 tokens would take 5 s; the client gives up after 0.5 s
+            completion(url, timeout=0.5, max_tokens=250, ignore_eos=True)
+        deadline = time.monotonic() + 3
+        while state.in_flight or engine.has_unfinished():
+            assert time.monotonic() < deadline, "the abandoned request kept running"
+            time.sleep(0.05)
+        assert engine.runner.steps < 150
+        assert_still_serving(url)
+
+
+def test_a_request_as_long_as_the_whole_pool_finishes_and_the_next_one_is_served():
+    """The reproduced hang: --kv-cache-memory of a few blocks and one long completion made every request hang."""
+    engine = fake_engine(num_blocks=10)  # 40 tokens of KV: the context is capped there
+    with running_server(engine) as (url, _):
+        status = httpx.get(f"{url}/status").json()
+        assert status["max_model_len"] == 40
+        too_long = completion(url, max_tokens=3500, ignore_eos=True)
+        assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "max_tokens"
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(completion(url, max_tokens=37, ignore_eos=True,
+                                                                             temperature=0)))
+                   for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert [r.status_code for r in results] == [200, 200, 200]
+        assert all(r.json()["choices"][0]["finish_reason"] == "length" for r in results)
+        assert_still_serving(url)
+
+
+@contextmanager
+def serve_in_this_thread(monkeypatch, engine: Engine, tmp_path, grace_s: float):
+    """`mili serve` itself (signals, drain, exit code) with the fake engine in place of the compiled model."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    monkeypatch.setattr(serve_module, "resolve_model", lambda model: (model_dir, MODEL))
+    monkeypatch.setattr(serve_module, "check_checkpoint_folder", lambda folder: None)
+    monkeypatch.setattr(serve_module, "plan_kv_cache_blocks", lambda *args, **kwargs: engine.pool.num_blocks)
+    monkeypatch.setattr(serve_module.Engine, "from_pretrained", classmethod(lambda cls, *args, **kwargs: engine))
+    port = free_port()
+    yield f"http://127.0.0.1:{port}", serve_module.ServeOptions(model=None, port=port, shutdown_grace_s=grace_s)
+
+
+def wait_healthy(url: str) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not become ready"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_drains_then_ends_open_streams_with_an_error_and_done(monkeypatch, tmp_path, sig):
+    engine = fake_engine(step_delay_s=0.02)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell's background job starts
+    events: list[str] = []
+    health_while_draining: list[int] = []
+
+    def client(url: str) -> None:
+        wait_healthy(url)
+        with httpx.stream("POST", f"{url}/v1/completions", json={
+                "model": MODEL, "prompt": "abc", "max_tokens": 250, "stream": True, "ignore_eos": True},
+                timeout=30) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 3:
+                        os.kill(os.getpid(), sig)
+                        time.sleep(0.1)
+                        health_while_draining.append(httpx.get(f"{url}/health").status_code)
+
+    try:
+        with serve_in_this_thread(monkeypatch, engine, tmp_path, grace_s=0.3) as (url, options):
+            thread = threading.Thread(target=client, args=(url,))
+            thread.start()
+            started = time.monotonic()
+            assert serve_module.serve(options) == 0
+            thread.join(10)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert time.monotonic() - started < 20
+    assert health_while_draining == [503]
+    assert events[-1] == "[DONE]" and "shut down" in json.loads(events[-2])["error"]["message"]
+    assert not engine.has_unfinished() and not engine._requests
+
+
+def test_a_crashed_engine_loop_turns_health_503():
+    engine = fake_engine()
+    with running_server(engine) as (url, _):
+        engine.step = lambda: (_ for _ in ()).throw(MemoryError("the loop itself broke"))
+        response = completion(url, max_tokens=4)
+        assert response.status_code == 503 and "crashed" in response.json()["error"]["message"]
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "dead"
+        assert completion(url, max_tokens=4).status_code == 503
+
+
+def test_a_crashed_engine_loop_makes_serve_exit_non_zero(monkeypatch, tmp_path):
+    engine = fake_engine()
+    statuses: list[int] = []
+
+    def client(url: str) -> None:
+        wait_healthy(url)
+        engine.step = lambda: (_ for _ in ()).throw(MemoryError("the loop itself broke"))
+        statuses.append(completion(url, max_tokens=4).status_code)
+
+    with serve_in_this_thread(monkeypatch, engine, tmp_path, grace_s=1) as (url, options):
+        thread = threading.Thread(target=client, args=(url,))
+        thread.start()
+        started = time.monotonic()
+        assert serve_module.serve(options) == 1
+        thread.join(10)
+    assert statuses == [503] and time.monotonic() - started < 30
