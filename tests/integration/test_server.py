@@ -215,14 +215,62 @@ def test_a_body_that_is_not_json_is_told_how_to_send_it(server: str):
     assert "Content-Type: application/json" in response.json()["error"]["message"]
 
 
+SCHEMATHESIS_SEED = int(os.environ.get("MILI_TEST_SEED", 20261123))
+
+
 def test_fuzzing_the_openapi_schema_finds_no_server_error(server: str):
-    """schemathesis generates valid and invalid requests for every operation; none may get a 5xx."""
+    """schemathesis generates valid and invalid requests for every operation; none may get a 5xx.
+    Replay another seed with MILI_TEST_SEED=<seed>."""
+    print(f"schemathesis seed {SCHEMATHESIS_SEED}")
     result = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "run", f"{server}/openapi.json", "--checks", "not_a_server_error",
-         "--max-examples", "8", "--header", f"Authorization: Bearer {API_KEY}", "--request-timeout", "120",
-         "--seed", str(int(time.time()))],
+         "--max-examples", "25", "--header", f"Authorization: Bearer {API_KEY}", "--request-timeout", "120",
+         "--seed", str(SCHEMATHESIS_SEED)],
         capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_streamed_logprobs_equal_plain_ones_token_for_token(client: openai.OpenAI):
+    """Tokens held back (a stop-string prefix, half a UTF-8 character) still stream their logprobs, once each,
+    in order: the stream's tokens, logprobs, alternatives and offsets equal the plain response's."""
+    base = dict(model=MODEL, max_tokens=24, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
+    compared = 0
+    for prompt in ("你好，世界", "The quick brown fox", "😀 emoji 😀"):
+        free = client.completions.create(prompt=prompt, **base).choices[0]
+        text = free.text
+        stop = text[len(text) // 3:len(text) // 3 + 2] + "\u2603never"  # its start appears; it never completes
+        plain = client.completions.create(prompt=prompt, stop=[stop], **base).choices[0]
+        tokens, token_logprobs, top, offsets, streamed_text = [], [], [], [], ""
+        for chunk in client.completions.create(prompt=prompt, stop=[stop], stream=True, **base):
+            choice = chunk.choices[0]
+            streamed_text += choice.text
+            if choice.logprobs is not None:
+                tokens += choice.logprobs.tokens
+                token_logprobs += choice.logprobs.token_logprobs
+                top += choice.logprobs.top_logprobs
+                offsets += choice.logprobs.text_offset
+        assert streamed_text == plain.text
+        assert tokens == plain.logprobs.tokens and len(tokens) == 24
+        assert token_logprobs == plain.logprobs.token_logprobs
+        assert top == plain.logprobs.top_logprobs and all(len(t) == 2 for t in top)
+        assert offsets == plain.logprobs.text_offset == sorted(offsets)
+        compared += len(tokens)
+    assert compared == 72
+
+
+def test_a_chat_without_max_tokens_and_a_hostile_request_leave_the_server_serving(client: openai.OpenAI, server: str):
+    """Two reproduced faults: a chat without max_tokens could outgrow the KV pool and hang everyone;
+    temperature 1e-308 with min_p killed the engine (503 until restarted)."""
+    hostile = client.completions.create(model=MODEL, prompt="x", max_tokens=4, temperature=1e-308,
+                                        extra_body={"min_p": 0.1})
+    assert hostile.usage.completion_tokens >= 1
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                           extra_body={"ignore_eos": True, "enable_thinking": False}, timeout=300)
+    status = httpx.get(f"{server}/status").json()
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.prompt_tokens + reply.usage.completion_tokens == status["max_model_len"]
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
 
 
 def test_requests_beyond_the_queue_limit_get_429(server: str):
