@@ -160,9 +160,9 @@ def test_a_request_as_long_as_the_whole_pool_finishes_and_the_next_one_is_served
         assert_still_serving(url)
 
 
-@contextmanager
-def serve_in_this_thread(monkeypatch, engine: Engine, tmp_path, grace_s: float):
-    """`mili serve` itself (signals, drain, exit code) with the fake engine in place of the compiled model."""
+def serve_with_client(monkeypatch, engine: Engine, tmp_path, grace_s: float, client) -> tuple[int, float]:
+    """Runs `mili serve` itself (signals, drain, exit code) in this thread, with the fake engine in place of
+    the compiled model, while `client(url)` runs on another thread; returns serve's exit code and seconds."""
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     monkeypatch.setattr(serve_module, "resolve_model", lambda model: (model_dir, MODEL))
@@ -170,7 +170,12 @@ def serve_in_this_thread(monkeypatch, engine: Engine, tmp_path, grace_s: float):
     monkeypatch.setattr(serve_module, "plan_kv_cache_blocks", lambda *args, **kwargs: engine.pool.num_blocks)
     monkeypatch.setattr(serve_module.Engine, "from_pretrained", classmethod(lambda cls, *args, **kwargs: engine))
     port = free_port()
-    yield f"http://127.0.0.1:{port}", serve_module.ServeOptions(model=None, port=port, shutdown_grace_s=grace_s)
+    thread = threading.Thread(target=client, args=(f"http://127.0.0.1:{port}",))
+    thread.start()
+    started = time.monotonic()
+    code = serve_module.serve(serve_module.ServeOptions(model=None, port=port, shutdown_grace_s=grace_s))
+    thread.join(10)
+    return code, time.monotonic() - started
 
 
 def wait_healthy(url: str) -> None:
@@ -206,15 +211,10 @@ def test_a_signal_drains_then_ends_open_streams_with_an_error_and_done(monkeypat
                         health_while_draining.append(httpx.get(f"{url}/health").status_code)
 
     try:
-        with serve_in_this_thread(monkeypatch, engine, tmp_path, grace_s=0.3) as (url, options):
-            thread = threading.Thread(target=client, args=(url,))
-            thread.start()
-            started = time.monotonic()
-            assert serve_module.serve(options) == 0
-            thread.join(10)
+        code, seconds = serve_with_client(monkeypatch, engine, tmp_path, 0.3, client)
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert time.monotonic() - started < 20
+    assert code == 0 and seconds < 20
     assert health_while_draining == [503]
     assert events[-1] == "[DONE]" and "shut down" in json.loads(events[-2])["error"]["message"]
     assert not engine.has_unfinished() and not engine._requests
@@ -240,10 +240,5 @@ def test_a_crashed_engine_loop_makes_serve_exit_non_zero(monkeypatch, tmp_path):
         engine.step = lambda: (_ for _ in ()).throw(MemoryError("the loop itself broke"))
         statuses.append(completion(url, max_tokens=4).status_code)
 
-    with serve_in_this_thread(monkeypatch, engine, tmp_path, grace_s=1) as (url, options):
-        thread = threading.Thread(target=client, args=(url,))
-        thread.start()
-        started = time.monotonic()
-        assert serve_module.serve(options) == 1
-        thread.join(10)
-    assert statuses == [503] and time.monotonic() - started < 30
+    code, seconds = serve_with_client(monkeypatch, engine, tmp_path, 1.0, client)
+    assert code == 1 and statuses == [503] and seconds < 30
