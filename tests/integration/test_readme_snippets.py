@@ -4,18 +4,15 @@ placeholder pointing at a small test checkpoint; the curl lines and the openai e
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from mili.checkpoints import cached_checkpoint
+from tests.servers import mili_serve
 from tests.readme_blocks import CHECKPOINT_PLACEHOLDER, SERVER_URL, code_blocks, shell_commands
 
 pytestmark = pytest.mark.slow  # the examples compile MAX graphs (cached after the first run)
@@ -25,36 +22,11 @@ PYTHON_BLOCKS = code_blocks("python")
 CURL_COMMANDS = [argv for block in code_blocks("bash") for argv in shell_commands(block) if argv[0] == "curl"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def demo_server() -> Iterator[str]:
     """`mili serve` with no --model, as the README starts it, on a free port instead of 8000."""
-    port = free_port()
-    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"mili-readme-serve-{port}.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "mili.cli", "serve", "--port", str(port),
-                                    "--kv-cache-memory", "256MiB"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 900
-        while True:
-            assert process.poll() is None, f"mili serve exited:\n{log_path.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the demo server did not become ready"
-            time.sleep(0.5)
+    with mili_serve(["--kv-cache-memory", "256MiB"], "readme") as (url, _):
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
 
 
 def test_the_readme_has_the_examples_this_file_expects():

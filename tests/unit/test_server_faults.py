@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from mili.server import serve as serve_module
 from mili.server.app import create_app
 from mili.server.state import ServerSettings, ServerState
 from tests.engine_fakes import FakeRunner, FakeTokenizer
+from tests.servers import free_port, wait_healthy
 
 MODEL = "fake"
 
@@ -40,12 +40,6 @@ def fake_engine(num_blocks: int = 64, step_delay_s: float = 0.0, **config) -> En
     runner = FakeRunner(num_blocks, block_size=4, max_positions=num_blocks * 4)
     runner.step_delay_s = step_delay_s
     return Engine(runner, FakeTokenizer(), EngineConfig(**config))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -176,18 +170,6 @@ def serve_with_client(monkeypatch, engine: Engine, tmp_path, grace_s: float, cli
     code = serve_module.serve(serve_module.ServeOptions(model=None, port=port, shutdown_grace_s=grace_s))
     thread.join(10)
     return code, time.monotonic() - started
-
-
-def wait_healthy(url: str) -> None:
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the server did not become ready"
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
