@@ -130,8 +130,12 @@ class Sampler:
         NaN and infinities included, and any valid SamplingParams give a token."""
         if len(logits) != len(rows):
             raise ValueError(f"{len(logits)} logit rows for {len(rows)} requests")
-        logits = finite_logits(logits)
         argmax = logits.argmax(axis=1)  # greedy rows without penalties need nothing else: one pass for all
+        # argmax lands on any NaN or +inf, and on -inf only when the whole row is -inf: checking the chosen
+        # values costs O(rows), where checking every logit cost as much as the argmax itself
+        if not np.isfinite(logits[np.arange(len(logits)), argmax]).all():
+            logits = finite_logits(logits)
+            argmax = logits.argmax(axis=1)
         wants_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         logprobs = dict(zip(wants_logprobs, _log_softmax_rows(logits[wants_logprobs]))) if wants_logprobs else {}
         results = []

@@ -12,6 +12,7 @@ no compile, so every fault can be forced and timed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -224,3 +225,47 @@ def test_a_crashed_engine_loop_makes_serve_exit_non_zero(monkeypatch, tmp_path):
 
     code, seconds = serve_with_client(monkeypatch, engine, tmp_path, 1.0, client)
     assert code == 1 and statuses == [503] and seconds < 30
+
+
+def test_unset_sampling_fields_take_the_checkpoints_defaults():
+    """generation_config.json's settings apply to what a request leaves unset, never to what it sends."""
+    engine = fake_engine()
+    engine.sampling_defaults = {"temperature": 0.9, "top_k": 1}  # top_k 1: every draw is the argmax
+    with running_server(engine) as (url, _):
+        greedy = completion(url, max_tokens=12, temperature=0, ignore_eos=True).json()["choices"][0]["text"]
+        defaulted = completion(url, max_tokens=12, seed=3, ignore_eos=True).json()["choices"][0]["text"]
+        explicit = [completion(url, max_tokens=12, seed=s, top_k=0, temperature=2.0, ignore_eos=True)
+                    .json()["choices"][0]["text"] for s in range(4)]
+    assert defaulted == greedy
+    assert any(text != greedy for text in explicit)  # the client's own top_k / temperature were used
+
+
+def test_cancelling_a_reader_of_several_streams_cancels_it_and_closes_them():
+    """The old merge swallowed CancelledError while cleaning up; a cancelled handler must end cancelled,
+    with every stream closed (which aborts its request)."""
+    from mili.server.generation import merged
+
+    closed: list[int] = []
+
+    async def stream(index: int):
+        try:
+            while True:
+                await asyncio.sleep(0.01)
+                yield index
+        finally:
+            closed.append(index)
+
+    async def main() -> None:
+        async def read() -> None:
+            async for _ in merged([stream(0), stream(1)]):
+                pass
+
+        task = asyncio.create_task(read())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert task.cancelled()
+
+    asyncio.run(main())
+    assert sorted(closed) == [0, 1]
