@@ -17,10 +17,10 @@ from tests.integration.test_engine import prompts, tokens_alone
 CHECKPOINT = "tiny-tied-gqa2-d64"
 
 
-def test_concurrent_streams_disconnects_and_errors():
+def test_concurrent_streams_disconnects_and_errors(rng):
     pair = model_pair(CHECKPOINT)
     engine = Engine(pair.runner, Tokenizer.from_pretrained(pair.path), EngineConfig(max_num_seqs=16))
-    batch = prompts(12)
+    batch = prompts(rng, 12)
     params = SamplingParams.greedy(max_tokens=16, ignore_eos=True)
 
     async def full_stream(prompt):

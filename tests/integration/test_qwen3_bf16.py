@@ -23,8 +23,7 @@ def clear_steps(logits: list[np.ndarray]) -> int:
     return len(logits)
 
 
-def test_bf16_greedy_tokens_agree_with_fp32(bf16_runner: ModelRunner, bf16_checkpoint_fp32_runner: ModelRunner):
-    rng = np.random.default_rng()
+def test_bf16_greedy_tokens_agree_with_fp32(bf16_runner: ModelRunner, bf16_checkpoint_fp32_runner: ModelRunner, rng):
     agreeing_prompts, agreeing_tokens, largest_error = 0, 0, 0.0
     for _ in range(PROMPTS):
         prompt = rng.integers(0, 151_000, int(rng.integers(4, 40)))

@@ -17,8 +17,7 @@ def random_prompt(rng: np.random.Generator, length: int) -> np.ndarray:
     return rng.integers(0, VOCAB_SAMPLE, length)
 
 
-def test_prefill_logits_at_every_position(fp32_pair: ModelPair):
-    rng = np.random.default_rng()
+def test_prefill_logits_at_every_position(fp32_pair: ModelPair, rng):
     blocks = BlockAllocator(NUM_BLOCKS)
     for length in (1, 17, int(rng.integers(40, 90))):  # within a block, across several
         prompt = random_prompt(rng, length)
@@ -28,9 +27,8 @@ def test_prefill_logits_at_every_position(fp32_pair: ModelPair):
         assert relative_error(ours, expected) <= 1e-4, (fp32_pair.name, length)
 
 
-def test_decode_steps_match_cached_reference(fp32_pair: ModelPair):
+def test_decode_steps_match_cached_reference(fp32_pair: ModelPair, rng):
     """Token-by-token decode (teacher-forced random tokens) against transformers with past_key_values."""
-    rng = np.random.default_rng()
     runner, reference = fp32_pair.runner, fp32_pair.reference
     prompt, steps = random_prompt(rng, 21), random_prompt(rng, 12)
     blocks = BlockAllocator(NUM_BLOCKS).take(len(prompt) + len(steps), runner.block_size)
@@ -44,8 +42,7 @@ def test_decode_steps_match_cached_reference(fp32_pair: ModelPair):
             assert relative_error(ours[0], out.logits[0, -1].numpy()) <= 1e-4, (fp32_pair.name, i)
 
 
-def test_greedy_generation_matches_transformers_generate(fp32_pair: ModelPair):
-    rng = np.random.default_rng()
+def test_greedy_generation_matches_transformers_generate(fp32_pair: ModelPair, rng):
     runner, reference = fp32_pair.runner, fp32_pair.reference
     compared = total = 0
     for _ in range(8):
@@ -67,8 +64,7 @@ def test_greedy_generation_matches_transformers_generate(fp32_pair: ModelPair):
     assert compared >= total // 2, f"only {compared} of {total} tokens were away from near-ties"
 
 
-def test_chunked_prefill_equals_single_prefill(fp32_pair: ModelPair):
-    rng = np.random.default_rng()
+def test_chunked_prefill_equals_single_prefill(fp32_pair: ModelPair, rng):
     runner = fp32_pair.runner
     prompt = random_prompt(rng, 70)
     blocks = BlockAllocator(NUM_BLOCKS)
@@ -80,9 +76,8 @@ def test_chunked_prefill_equals_single_prefill(fp32_pair: ModelPair):
         assert relative_error(np.concatenate(pieces), whole) <= 1e-5, (fp32_pair.name, chunk)
 
 
-def test_mixed_batch_gives_each_sequence_its_solo_logits(fp32_pair: ModelPair):
+def test_mixed_batch_gives_each_sequence_its_solo_logits(fp32_pair: ModelPair, rng):
     """Prefill, chunk, decode and verify sequences in one shuffled batch, vs each run alone."""
-    rng = np.random.default_rng()
     runner = fp32_pair.runner
     bs = runner.block_size
     # (cached prefix length, new tokens, which logits) per sequence

@@ -100,8 +100,7 @@ def run_scenario(model, case: AttentionCase, sc: Scenario, rng):
 
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: f"{c.dtype}-bs{c.block_size}-d{c.head_dim}")
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
-def test_store_and_attention_match_float64(attention_models, case, scenario):
-    rng = np.random.default_rng()
+def test_store_and_attention_match_float64(attention_models, case, scenario, rng):
     out, cache_after, expected_cache, (qs, ks, vs, query_start) = run_scenario(
         attention_models[case], case, scenario, rng)
     # The whole cache: new tokens at their slots, everything else (NaN poison included) untouched.

@@ -57,8 +57,7 @@ def rope_with_table(x, positions, table):
 
 
 @pytest.mark.parametrize("rows,hidden,tokens,heads,inter", SIZES)
-def test_elementwise_ops_match_float64(elementwise_model, tables, rows, hidden, tokens, heads, inter):
-    rng = np.random.default_rng()
+def test_elementwise_ops_match_float64(elementwise_model, tables, rows, hidden, tokens, heads, inter, rng):
     inputs = [make_inputs(rng, rows, hidden, tokens, heads, inter, dtype) for dtype in DTYPES]
     positions = rng.integers(0, MAX_POSITIONS, size=tokens)
     results = run(elementwise_model, inputs, positions, tables)
@@ -83,9 +82,8 @@ def test_elementwise_ops_match_float64(elementwise_model, tables, rows, hidden, 
             assert err <= tol, f"{name} ({dtype}): relative error {err:.2e} > {tol:.0e}"
 
 
-def test_large_eps_changes_the_result(elementwise_model, tables):
+def test_large_eps_changes_the_result(elementwise_model, tables, rng):
     """Guards the test above: the two eps values must give visibly different outputs."""
-    rng = np.random.default_rng()
     inputs = [make_inputs(rng, 4, 100, 2, 2, 8, dtype) for dtype in DTYPES]
     inputs[0][0] *= 0.3 / np.abs(inputs[0][0]).max()
     (small, large, *_), _ = run(elementwise_model, inputs, np.zeros(2, np.int64), tables)
@@ -111,18 +109,17 @@ def test_rope_table_matches_transformers():
         assert (np.abs(table[:, half:] - sin[0, :, :half].numpy()) <= allowed).all()
 
 
-def test_rope_table_matches_the_definition_at_small_positions():
+def test_rope_table_matches_the_definition_at_small_positions(rng):
     """Independent of transformers: float64 cos/sin of position * theta^(-2i/d), where float32 angles are exact
     enough (the table inherits float32 angle rounding at large positions, as the reference does)."""
-    x = np.random.default_rng().standard_normal((64, 1, 128))
+    x = rng.standard_normal((64, 1, 128))
     positions = np.arange(64)
     table = rope_table(128, THETA, 64)
     # float32 angles at positions < 64 are within 64 * 2^-24 rad of exact.
     assert ref.relative_error(rope_with_table(x, positions, table), ref.rope(x, positions, THETA)) < 1e-5
 
 
-def test_rope_rejects_positions_outside_the_table(elementwise_model, tables):
-    rng = np.random.default_rng()
+def test_rope_rejects_positions_outside_the_table(elementwise_model, tables, rng):
     inputs = [make_inputs(rng, 1, 8, 2, 1, 4, dtype) for dtype in DTYPES]
     with pytest.raises(Exception, match="outside the RoPE table"):
         run(elementwise_model, inputs, np.array([0, MAX_POSITIONS]), tables)

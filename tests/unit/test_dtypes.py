@@ -21,8 +21,7 @@ def torch_bf16_bits(values: np.ndarray) -> np.ndarray:
     return torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
 
-def test_f32_to_bf16_rounds_like_torch():
-    rng = np.random.default_rng()
+def test_f32_to_bf16_rounds_like_torch(rng):
     random_bits = rng.integers(0, 2**32, size=200_000, dtype=np.uint64).astype(np.uint32)
     values = np.concatenate([
         random_bits.view(np.float32),  # every exponent, subnormals, some NaNs
@@ -46,8 +45,8 @@ def test_bf16_to_f32_is_exact():
     assert np.isnan(ours[~finite]).all()
 
 
-def test_buffer_round_trip():
-    values = np.random.default_rng().standard_normal((3, 5)).astype(np.float32)
+def test_buffer_round_trip(rng):
+    values = rng.standard_normal((3, 5)).astype(np.float32)
     bf16 = numpy_to_buffer(values, DType.bfloat16)
     assert bf16.dtype == DType.bfloat16 and tuple(bf16.shape) == (3, 5)
     np.testing.assert_array_equal(to_numpy_f32(bf16), torch.from_numpy(values).bfloat16().float().numpy())

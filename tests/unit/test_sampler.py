@@ -67,8 +67,8 @@ def reference_distribution(logits: np.ndarray, params: SamplingParams) -> np.nda
     SamplingParams(temperature=0.9, top_p=0.95, min_p=0.02),
 ], ids=str)
 @pytest.mark.parametrize("spread", [1.0, 8.0])  # flat logits (top-p must widen past its first look) and peaked
-def test_kept_distribution_matches_transformers_warpers(params, spread):
-    logits = (np.random.default_rng().standard_normal(VOCAB) * spread).astype(np.float32)
+def test_kept_distribution_matches_transformers_warpers(params, spread, rng):
+    logits = (rng.standard_normal(VOCAB) * spread).astype(np.float32)
     ids, probs = kept_distribution(logits, params)
     expected = reference_distribution(logits, params)
     assert set(ids.tolist()) == set(np.flatnonzero(expected > 0).tolist())
@@ -76,10 +76,9 @@ def test_kept_distribution_matches_transformers_warpers(params, spread):
     assert np.all(np.diff(probs) <= 1e-15)  # most likely first
 
 
-def test_top_p_counts_the_tail_beyond_the_first_look():
+def test_top_p_counts_the_tail_beyond_the_first_look(rng):
     """A head that holds most of the mass, and a long tail that still holds some: the nucleus must be
     measured against the whole vocabulary, so it reaches further into the head than the head alone says."""
-    rng = np.random.default_rng()
     logits = rng.standard_normal(VOCAB).astype(np.float32)
     head = rng.choice(VOCAB, 40, replace=False)
     logits[head] = np.linspace(12.0, 9.0, 40, dtype=np.float32)
@@ -102,14 +101,13 @@ def test_draws_follow_the_distribution():
     assert np.all(np.abs(counts / draws - expected) <= 5 * stderr + 1e-12), (counts / draws, expected)
 
 
-def test_greedy_is_argmax_for_the_whole_batch():
-    logits = np.random.default_rng().standard_normal((5, 1000)).astype(np.float32)
+def test_greedy_is_argmax_for_the_whole_batch(rng):
+    logits = rng.standard_normal((5, 1000)).astype(np.float32)
     tokens = [t.token for t in Sampler().sample(logits, [row_for(SamplingParams.greedy())] * 5)]
     assert tokens == logits.argmax(axis=1).tolist()
 
 
-def test_repetition_penalty_matches_transformers():
-    rng = np.random.default_rng()
+def test_repetition_penalty_matches_transformers(rng):
     logits = rng.standard_normal(VOCAB).astype(np.float32) * 3
     prompt, output = rng.integers(0, VOCAB, 50), rng.integers(0, VOCAB, 20).tolist()
     params = SamplingParams(repetition_penalty=1.3)
@@ -130,8 +128,7 @@ def test_presence_and_frequency_penalties_follow_openai():
     np.testing.assert_allclose(logits, expected)
 
 
-def test_seeded_requests_repeat_whatever_shares_the_batch():
-    rng = np.random.default_rng()
+def test_seeded_requests_repeat_whatever_shares_the_batch(rng):
     mine = rng.standard_normal((12, 500)).astype(np.float32)      # the seeded request's logits per step
     others = rng.standard_normal((12, 3, 500)).astype(np.float32)  # its neighbours', different every run
     seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234)
@@ -154,8 +151,8 @@ def test_seeded_requests_repeat_whatever_shares_the_batch():
     assert other != alone  # a different seed gives a different stream (12 draws among hundreds of tokens)
 
 
-def test_logprobs_are_the_raw_log_softmax_with_sorted_alternatives():
-    logits = np.random.default_rng().standard_normal((2, 3000)).astype(np.float32)
+def test_logprobs_are_the_raw_log_softmax_with_sorted_alternatives(rng):
+    logits = rng.standard_normal((2, 3000)).astype(np.float32)
     params = SamplingParams(temperature=0.0, logprobs=5, repetition_penalty=2.0)
     out = Sampler().sample(logits, [row_for(params, prompt=[1, 2]), row_for(SamplingParams.greedy())])
     reference = torch.log_softmax(torch.tensor(logits[0], dtype=torch.float64), dim=-1).numpy()
@@ -189,13 +186,10 @@ def test_stop_accepts_one_string_or_a_list():
                                                                                frequency_penalty=2, presence_penalty=-2),
     SamplingParams.greedy(repetition_penalty=1e-300, logprobs=3),
 ])
-def test_every_sampling_path_is_total_on_hostile_logits(params):
+def test_every_sampling_path_is_total_on_hostile_logits(params, rng):
     """The reproduced crash: temperature 1e-308 with min_p overflowed and raised, killing the engine loop.
     No valid SamplingParams and no logits (huge, NaN, inf, all -inf) may raise or give a token outside
     the vocabulary."""
-    seed = int(np.random.SeedSequence().entropy % (1 << 32))
-    print(f"seed {seed}")
-    rng = np.random.default_rng(seed)
     big = np.finfo(np.float32).max
     rows = [rng.standard_normal(50).astype(np.float32) * 1e38,
             np.full(50, big, np.float32), np.full(50, -np.inf, np.float32), np.full(50, np.nan, np.float32),
