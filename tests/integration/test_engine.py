@@ -160,12 +160,15 @@ def test_a_small_pool_preempts_and_still_gives_the_right_tokens(pair: ModelPair,
 
 def test_stop_strings_end_the_text_even_across_tokens(pair: ModelPair, rng):
     tokenizer = Tokenizer.from_pretrained(pair.path)
-    prompt = prompts(rng, 1)[0]
-    free = tokens_alone(pair, prompt, GREEDY)
-    text = tokenizer.decode(free)
-    pieces = [tokenizer.decode(free[:i]) for i in range(len(free) + 1)]
+    for prompt in prompts(rng, 20):  # the first whose greedy text has a token of 2+ characters past the third
+        free = tokens_alone(pair, prompt, GREEDY)
+        text = tokenizer.decode(free)
+        pieces = [tokenizer.decode(free[:i]) for i in range(len(free) + 1)]
+        start = next((i for i in range(3, len(free) - 1) if len(pieces[i + 1]) - len(pieces[i]) >= 2), None)
+        if start is not None:
+            break
+    assert start is not None, "no prompt gave a multi-character token to build the stop string from"
     # a stop string that starts inside one token's text and ends inside a later one
-    start = next(i for i in range(3, len(free)) if len(pieces[i + 1]) - len(pieces[i]) >= 2)
     stop = text[len(pieces[start + 1]) - 1:len(pieces[start + 2]) + 1]
     assume_position = text.find(stop)
     engine = new_engine(pair)
