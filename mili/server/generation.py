@@ -8,7 +8,7 @@ import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mili.engine.async_engine import AsyncEngine, EngineDeadError
 from mili.engine.engine import Engine, RequestError
@@ -76,6 +76,8 @@ async def run(state: ServerState, prepared: Prepared, salt: str | None) -> Async
     try:
         async for out in outputs:
             if out.error:
+                if any(c.delta or c.delta_token_ids for c in out.outputs):
+                    yield unsent_before_failure(out)  # tokens a slow reader had not read yet still go out
                 raise APIError(500, out.error, kind="server_error")
             finished = out.finished
             if finished:
@@ -91,6 +93,13 @@ async def run(state: ServerState, prepared: Prepared, salt: str | None) -> Async
         state.in_flight -= 1
         if not finished:
             state.metrics.aborted.inc()
+
+
+def unsent_before_failure(out: RequestOutput) -> RequestOutput:
+    """A failed request's last output as a plain, unfinished one: what it generated before the failure."""
+    return replace(out, finished=False, error=None,
+                   outputs=[replace(c, finish_reason=None, text=None, token_ids=None, logprobs=None)
+                            for c in out.outputs])
 
 
 def log_finished(out: RequestOutput) -> None:

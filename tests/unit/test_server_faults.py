@@ -31,7 +31,7 @@ from mili.engine.engine import Engine
 from mili.server import serve as serve_module
 from mili.server.app import create_app
 from mili.server.state import ServerSettings, ServerState
-from tests.engine_fakes import FakeRunner, FakeTokenizer
+from tests.engine_fakes import FakeRunner, FakeTokenizer, reference_next_token
 from tests.servers import free_port, wait_healthy
 
 MODEL = "fake"
@@ -92,6 +92,25 @@ def test_a_failure_mid_stream_ends_with_an_error_event_then_done():
         assert "injected model failure" in error["message"] and error["type"] == "server_error"
         assert sum("choices" in json.loads(e) for e in events[:-2]) == 3  # the tokens before the failure
         assert_still_serving(url)
+
+
+def test_tokens_a_slow_reader_had_not_read_still_stream_before_the_error():
+    """With no delay the failure can reach the server together with unread tokens (merged into one output):
+    the tokens go out first, then the error event and [DONE]."""
+    engine = fake_engine()
+    with running_server(engine) as (url, _):
+        engine.runner.fail_at_step = engine.runner.steps + 4  # three tokens, then the model fails
+        with httpx.stream("POST", f"{url}/v1/completions", json={
+                "model": MODEL, "prompt": "abc", "max_tokens": 20, "stream": True, "ignore_eos": True,
+                "temperature": 0}, timeout=30) as response:
+            events = sse_events(response)
+    assert response.status_code == 200 and events[-1] == "[DONE]" and "error" in json.loads(events[-2])
+    streamed = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-2])
+    context, tokens = [0, 1, 2], []
+    for _ in range(3):
+        tokens.append(reference_next_token(context))
+        context.append(tokens[-1])
+    assert streamed == FakeTokenizer().decode(tokens)
 
 
 EDGE_VALUES = [0, -0.0, 5e-324, 1e-308, 2.2e-308, 1e-5, 1e308, -1, 1e100, "NaN", "nan", "Infinity", "-Infinity",
