@@ -10,7 +10,7 @@ event loop never waits for the model; each request gets an async iterator of its
 - A reader that falls behind gets the outputs it missed merged into one (RequestStream), so what waits for
   a slow client is its unread text, never a copy per step.
 - Leaving the `async for` early (a client that disconnected, a cancelled task) aborts the request.
-- `drain` stops taking requests and lets those in flight finish for a grace period; `shutdown` then aborts
+- `drain_blocking` stops taking requests and lets those in flight finish for a grace period; `stop_blocking` (or `shutdown`) then aborts
   the rest: each of their readers gets EngineDeadError, so a stream can end with an error event.
 - If the loop thread ever dies (a bug: every step already fails only its own requests), every reader gets
   EngineDeadError and `on_death` runs: the server uses it to exit non-zero, so a supervisor restarts it.
@@ -92,14 +92,14 @@ class AsyncEngine:
     def is_accepting(self) -> bool:
         return self._accepting and self.is_running
 
-    @property
-    def num_in_flight(self) -> int:
-        return len(self._streams)
+    def check_accepting(self) -> None:
+        """Raises EngineDeadError, saying why, unless new requests are taken."""
+        if not self.is_accepting:
+            raise EngineDeadError("the server is shutting down" if self.is_running else "the engine has stopped")
 
     async def generate(self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None,
                        salt: Hashable = None) -> AsyncIterator[RequestOutput]:
-        if not self.is_accepting:
-            raise EngineDeadError("the server is shutting down" if self.is_running else "the engine is not running")
+        self.check_accepting()
         request_id = request_id or uuid.uuid4().hex
         request = await asyncio.to_thread(self.engine.prepare_request, request_id, prompt, params, salt)
         stream = RequestStream(asyncio.get_running_loop())
@@ -136,17 +136,9 @@ class AsyncEngine:
         self._submit(run)
         return await asyncio.wrap_future(future)
 
-    async def drain(self, grace_s: float) -> int:
-        """Takes no new requests and waits up to `grace_s` for those in flight to finish; returns how many
-        are still running then."""
-        self._accepting = False
-        deadline = time.monotonic() + grace_s
-        while self._streams and self.is_running and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        return len(self._streams)
-
     def drain_blocking(self, grace_s: float) -> int:
-        """`drain` for a thread that is not running the event loop (the server's main thread)."""
+        """Takes no new requests and waits up to `grace_s` for those in flight to finish; returns how many
+        are still running then. Blocks: for a thread that is not running the event loop (serve's main thread)."""
         self._accepting = False
         deadline = time.monotonic() + grace_s
         while self._streams and self.is_running and time.monotonic() < deadline:
@@ -154,19 +146,16 @@ class AsyncEngine:
         return len(self._streams)
 
     def stop_blocking(self, timeout_s: float = 60.0) -> None:
-        """`shutdown` for a thread that is not running the event loop."""
+        """Stops the loop after its current step: aborts what is in flight (each reader gets
+        EngineDeadError) and joins the thread, so no model call is cut off at interpreter exit."""
         self._accepting = False
         self._stopping.set()
         self._wake.set()
         self._thread.join(timeout_s)
 
     async def shutdown(self, timeout_s: float = 60.0) -> None:
-        """Stops the loop after its current step: aborts what is in flight (each reader gets
-        EngineDeadError) and joins the thread, so no model call is cut off at interpreter exit."""
-        self._accepting = False
-        self._stopping.set()
-        self._wake.set()
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout_s)
+        """`stop_blocking` without blocking the event loop."""
+        await asyncio.get_running_loop().run_in_executor(None, self.stop_blocking, timeout_s)
 
     def _enqueue(self, request: Request) -> None:
         if request.request_id not in self._streams:

@@ -98,10 +98,7 @@ class Engine:
         if len(prompt_ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this engine's context is "
                                f"{self.max_model_len} tokens, and at least one must be left to generate")
-        first_id = next(self._seq_ids)
-        for _ in range(params.n - 1):
-            next(self._seq_ids)
-        return Request.create(request_id, prompt_ids, params, self.tokenizer, first_id, salt)
+        return Request.create(request_id, prompt_ids, params, self.tokenizer, self._seq_ids, salt)
 
     def enqueue(self, request: Request) -> None:
         if request.request_id in self._requests:
@@ -123,10 +120,6 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
-
-    @property
-    def num_requests(self) -> int:
-        return len(self._requests)
 
     @property
     def num_running(self) -> int:

@@ -7,7 +7,7 @@ has its prompt in the prefix cache, so they reuse its KV blocks instead of compu
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,11 +35,12 @@ class Request:
 
     @classmethod
     def create(cls, request_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer,
-               first_seq_id: int, salt: Hashable = None) -> Request:
+               seq_ids: Iterator[int], salt: Hashable = None) -> Request:
+        """`seq_ids` hands out the sequence ids (unique in the engine; they order siblings)."""
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tokenizer.eos_token_ids))
         request = cls(request_id, tuple(prompt_ids), params, salt, stop_token_ids=frozenset(stops))
         request.sequences = [
-            Sequence(first_seq_id + i, request, i, list(prompt_ids), request_generator(params.seed, i),
+            Sequence(next(seq_ids), request, i, list(prompt_ids), request_generator(params.seed, i),
                      CompletionText(tokenizer, params.stop, params.skip_special_tokens))
             for i in range(params.n)]
         request.pending_siblings = request.sequences[1:]

@@ -60,9 +60,15 @@ class StepPlan:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     cannot_fit: list[Sequence] = field(default_factory=list)  # longer than the whole KV cache: finish them
     budget: int = 0
+    _scheduled: set[int] = field(default_factory=set)  # ids of the chunks' sequences: `in` is O(1)
+
+    def add(self, seq: Sequence, num_tokens: int) -> None:
+        self.chunks.append(ScheduledChunk(seq, num_tokens, num_tokens == seq.num_uncomputed))
+        self._scheduled.add(seq.seq_id)
+        self.budget -= num_tokens
 
     def __contains__(self, seq: Sequence) -> bool:
-        return any(c.seq is seq for c in self.chunks)
+        return seq.seq_id in self._scheduled
 
     def batch(self, block_size: int) -> Batch:
         return Batch.from_chunks([
@@ -109,7 +115,7 @@ class Scheduler:
             if self._full(plan):
                 break
             if seq.status is SequenceStatus.RUNNING and seq.num_uncomputed == 1 and self._reserve(seq, 1, plan):
-                self._add_chunk(plan, seq, 1)
+                plan.add(seq, 1)
 
         for seq in list(self.running):  # then unfinished prefills (or recomputes), oldest first
             if self._full(plan):
@@ -127,10 +133,6 @@ class Scheduler:
 
     def _full(self, plan: StepPlan) -> bool:
         return plan.budget == 0 or len(plan.chunks) == self.config.max_num_seqs
-
-    def _add_chunk(self, plan: StepPlan, seq: Sequence, count: int) -> None:
-        plan.chunks.append(ScheduledChunk(seq, count, count == seq.num_uncomputed))
-        plan.budget -= count
 
     def _next_waiting(self) -> Sequence:
         """FCFS, but a sequence that shares a long cached prefix may overtake ones that arrived within
@@ -176,7 +178,7 @@ class Scheduler:
                 return False
         if seq.first_scheduled_time is None:
             seq.first_scheduled_time = time.monotonic()
-        self._add_chunk(plan, seq, count)
+        plan.add(seq, count)
         return True
 
     def _reserve(self, seq: Sequence, new_tokens: int, plan: StepPlan) -> bool:

@@ -32,9 +32,10 @@ def running_engine(state: ServerState) -> AsyncEngine:
     engine = state.engine
     if engine is None:
         raise APIError(503, "the model is still loading; retry shortly", kind="service_unavailable")
-    if not engine.is_accepting:
-        message = "the server is shutting down" if engine.is_running else "the engine has stopped"
-        raise APIError(503, message, kind="service_unavailable")
+    try:
+        engine.check_accepting()
+    except EngineDeadError as exc:
+        raise APIError(503, str(exc), kind="service_unavailable") from None
     return engine
 
 

@@ -24,7 +24,7 @@ def make(num_blocks: int = 64, **config) -> Scheduler:
 
 
 def seq(seq_id: int, tokens: list[int], arrived_ago: float = 0.0) -> Sequence:
-    request = Request.create(f"r{seq_id}", tokens, SamplingParams.greedy(), FakeTokenizer(), seq_id)
+    request = Request.create(f"r{seq_id}", tokens, SamplingParams.greedy(), FakeTokenizer(), iter([seq_id]))
     request.arrival_time = time.monotonic() - arrived_ago
     return request.sequences[0]
 
