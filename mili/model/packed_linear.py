@@ -1,0 +1,207 @@
+"""Linear-layer weights packed once at load time for MILI's own linear op, and the graph calls that use them.
+
+    packed = pack_weight(w, WeightFormat.INT8)      # w: float32 [out, in], Hugging Face orientation
+    registry |= packed.buffers("layers.0.qkv_proj")
+    y = linear(x, packed_values(...), ...)          # inside a graph
+
+The layouts are the contract with mojo_kernels/linear.mojo (its header has the index formulas):
+- bf16: panels of 16 output channels, each one 64-byte row per pair of inputs (two bf16 of one channel per
+  32-bit lane), [panels, ceil(K/2) * 32] bfloat16;
+- int8: symmetric, one float16 scale per output channel per group of `group_size` inputs, q in [-127, 127];
+  q [panels, Kg * 16] int8 (k-major inside a panel), scales [panels, Kg / group_size * 16] float16.
+Padding (channels past N, inputs past K) is zero. numpy has no bfloat16, so bf16 data travels as uint16 bits.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+from max.driver import Buffer
+from max.dtype import DType
+from max.graph import TensorType, TensorValue, ops
+
+from mili.dtypes import bf16_bits_to_f32, f32_to_bf16_bits
+
+PANEL = 16
+DEFAULT_GROUP_SIZE = 32  # a GGUF Q8_0 block: 32 weights, one float16 scale
+INT8_MAX = 127
+_PACK_CHUNK_CHANNELS = 8192  # pack this many output channels at a time, so temporaries stay small
+
+
+class WeightFormat(enum.Enum):
+    """How a model's projection weights are stored and multiplied."""
+
+    DENSE = "dense"  # the run dtype, [out, in] or [in, out], through MAX's ops.matmul
+    BF16 = "bf16"  # bf16 panels, MILI's linear op
+    INT8 = "int8"  # int8 weight-only with group scales, MILI's linear op
+
+    @property
+    def packed(self) -> bool:
+        return self is not WeightFormat.DENSE
+
+    def bytes_per_weight(self, run_dtype: DType, group_size: int = DEFAULT_GROUP_SIZE) -> float:
+        """Storage per weight (for memory planning and GB/s figures)."""
+        if self is WeightFormat.INT8:
+            return 1 + 2 / group_size
+        return 2.0 if self is WeightFormat.BF16 else float(run_dtype.size_in_bytes)
+
+
+def panels(out_features: int) -> int:
+    return -(-out_features // PANEL)
+
+
+def padded_k(in_features: int, group_size: int) -> int:
+    return -(-in_features // group_size) * group_size
+
+
+@dataclass(frozen=True)
+class PackedShape:
+    """The graph-side arrays of one packed weight: (suffix, dtype, shape) per array."""
+
+    format: WeightFormat
+    out_features: int
+    in_features: int
+    group_size: int = DEFAULT_GROUP_SIZE
+
+    def arrays(self) -> list[tuple[str, DType, tuple[int, int]]]:
+        p, k = panels(self.out_features), self.in_features
+        if self.format is WeightFormat.BF16:
+            return [("", DType.bfloat16, (p, -(-k // 2) * 2 * PANEL))]
+        if self.format is WeightFormat.INT8:
+            kg = padded_k(k, self.group_size)
+            return [(".q", DType.int8, (p, kg * PANEL)), (".scales", DType.float16, (p, kg // self.group_size * PANEL))]
+        raise ValueError("dense weights are not packed")
+
+    def nbytes(self) -> int:
+        return sum(int(np.prod(shape)) * dtype.size_in_bytes for _, dtype, shape in self.arrays())
+
+
+def _padded(weight: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    if weight.shape == (rows, cols):
+        return weight
+    out = np.zeros((rows, cols), weight.dtype)
+    out[:weight.shape[0], :weight.shape[1]] = weight
+    return out
+
+
+def pack_bf16(weight: np.ndarray) -> np.ndarray:
+    """[N, K] float32 (rounded to bf16, nearest even) or uint16 bf16 bits -> [panels, ceil(K/2) * 32] uint16."""
+    n, k = weight.shape
+    pairs = -(-k // 2)
+    out = np.empty((panels(n), pairs * 2 * PANEL), np.uint16)
+    for start in range(0, n, _PACK_CHUNK_CHANNELS):
+        chunk = weight[start:start + _PACK_CHUNK_CHANNELS]
+        bits = chunk if chunk.dtype == np.uint16 else f32_to_bf16_bits(chunk)
+        p = panels(len(bits))
+        tiles = _padded(bits, p * PANEL, pairs * 2).reshape(p, PANEL, pairs, 2)
+        out[start // PANEL:start // PANEL + p] = tiles.transpose(0, 2, 1, 3).reshape(p, pairs * 2 * PANEL)
+    return out
+
+
+def unpack_bf16(packed: np.ndarray, out_features: int, in_features: int) -> np.ndarray:
+    """The float32 [N, K] matrix a bf16-packed weight holds (exact)."""
+    p, cols = packed.shape
+    pairs = cols // (2 * PANEL)
+    tiles = bf16_bits_to_f32(packed).reshape(p, pairs, PANEL, 2).transpose(0, 2, 1, 3).reshape(p * PANEL, pairs * 2)
+    return np.ascontiguousarray(tiles[:out_features, :in_features])
+
+
+def quantize_int8(weight: np.ndarray, group_size: int = DEFAULT_GROUP_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """[N, K] float32 -> (q [panels, Kg * 16] int8, scales [panels, Kg / G * 16] float16), symmetric per
+    (channel, group): scale = float16(max|w| / 127), q = clip(rint(w / scale), -127, 127); an all-zero group
+    has scale 0 and q 0."""
+    if group_size <= 0:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+    n, k = weight.shape
+    kg = padded_k(k, group_size)
+    groups = kg // group_size
+    q_out = np.empty((panels(n), kg * PANEL), np.int8)
+    s_out = np.empty((panels(n), groups * PANEL), np.float16)
+    for start in range(0, n, _PACK_CHUNK_CHANNELS):
+        chunk = np.asarray(weight[start:start + _PACK_CHUNK_CHANNELS], np.float32)
+        p = panels(len(chunk))
+        w = _padded(chunk, p * PANEL, kg).reshape(p * PANEL, groups, group_size)
+        scales = (np.abs(w).max(axis=2) / INT8_MAX).astype(np.float16)
+        exact = scales.astype(np.float32)[:, :, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.where(exact > 0, np.rint(w / exact), 0)
+        q = np.clip(q, -INT8_MAX, INT8_MAX).astype(np.int8).reshape(p, PANEL, kg)
+        q_out[start // PANEL:start // PANEL + p] = q.transpose(0, 2, 1).reshape(p, kg * PANEL)
+        s_out[start // PANEL:start // PANEL + p] = scales.reshape(p, PANEL, groups).transpose(0, 2, 1).reshape(
+            p, groups * PANEL)
+    return q_out, s_out
+
+
+def dequantize_int8(q: np.ndarray, scales: np.ndarray, out_features: int, in_features: int,
+                    group_size: int = DEFAULT_GROUP_SIZE) -> np.ndarray:
+    """The float32 [N, K] matrix an int8-packed weight holds (q * scale, exact in float32)."""
+    p = q.shape[0]
+    kg = q.shape[1] // PANEL
+    groups = kg // group_size
+    qs = q.reshape(p, kg, PANEL).transpose(0, 2, 1).reshape(p * PANEL, groups, group_size).astype(np.float32)
+    s = scales.reshape(p, groups, PANEL).transpose(0, 2, 1).reshape(p * PANEL, groups, 1).astype(np.float32)
+    return np.ascontiguousarray((qs * s).reshape(p * PANEL, kg)[:out_features, :in_features])
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """One packed weight: its shape description and its arrays (numpy), in PackedShape.arrays() order."""
+
+    shape: PackedShape
+    arrays: tuple[np.ndarray, ...]
+
+    def buffers(self, name: str) -> dict[str, Buffer]:
+        """The weights-registry entries for graph weight `name`."""
+        out = {}
+        for (suffix, dtype, _), array in zip(self.shape.arrays(), self.arrays, strict=True):
+            buffer = Buffer.from_numpy(array)
+            out[name + suffix] = buffer.view(DType.bfloat16) if dtype == DType.bfloat16 else buffer
+        return out
+
+    def dense(self) -> np.ndarray:
+        """The float32 [N, K] matrix this weight holds (tests, references)."""
+        s = self.shape
+        if s.format is WeightFormat.BF16:
+            return unpack_bf16(self.arrays[0], s.out_features, s.in_features)
+        return dequantize_int8(*self.arrays, s.out_features, s.in_features, s.group_size)
+
+
+def pack_weight(weight: np.ndarray, fmt: WeightFormat, group_size: int = DEFAULT_GROUP_SIZE) -> PackedWeight:
+    """Packs a [out, in] weight (float32, or bf16 bits as uint16 for bf16) into `fmt`."""
+    shape = PackedShape(fmt, weight.shape[0], weight.shape[1], group_size)
+    if fmt is WeightFormat.BF16:
+        return PackedWeight(shape, (pack_bf16(weight),))
+    if fmt is WeightFormat.INT8:
+        as_f32 = bf16_bits_to_f32(weight) if weight.dtype == np.uint16 else weight
+        return PackedWeight(shape, quantize_int8(as_f32, group_size))
+    raise ValueError("dense weights are not packed")
+
+
+# --- graph side --------------------------------------------------------------------------------------------
+
+def linear(x: TensorValue, weight: list[TensorValue], shape: PackedShape, out_dtype: DType | None = None) -> TensorValue:
+    """x [M, K] @ W^T -> [M, N] in `out_dtype` (default x's), W packed as `shape` says; `weight` holds the
+    graph values of shape.arrays() in order."""
+    out = TensorType(out_dtype or x.dtype, [x.shape[0], shape.out_features], x.device)
+    if shape.format is WeightFormat.BF16:
+        return ops.custom("mili_linear_bf16", x.device, [x, *weight], out_types=[out])[0].tensor
+    return ops.custom("mili_linear_int8", x.device, [x, *weight], out_types=[out],
+                      parameters={"group_size": shape.group_size})[0].tensor
+
+
+def embedding(ids: TensorValue, weight: list[TensorValue], shape: PackedShape, out_dtype: DType) -> TensorValue:
+    """Rows `ids` [T] of the packed [vocab, hidden] weight -> [T, hidden] in `out_dtype` (a tied embedding read
+    from the LM head's packed storage)."""
+    out = TensorType(out_dtype, [ids.shape[0], shape.in_features], ids.device)
+    if shape.format is WeightFormat.BF16:
+        return ops.custom("mili_packed_embedding_bf16", ids.device, [ids, *weight], out_types=[out])[0].tensor
+    return ops.custom("mili_packed_embedding_int8", ids.device, [ids, *weight], out_types=[out],
+                      parameters={"group_size": shape.group_size})[0].tensor
+
+
+def kernel_family(x: TensorValue) -> TensorValue:
+    """[1] int32: which CPU micro-kernel mili_linear_bf16 uses for x's dtype (simd width * 10 + 1 if vdpbf16ps)."""
+    return ops.custom("mili_linear_kernel_family", x.device, [x],
+                      out_types=[TensorType(DType.int32, [1], x.device)])[0].tensor

@@ -1,0 +1,175 @@
+# MILI's linear layers: out[m, n] = sum_k x[m, k] * W[n, k], over weights packed once at load time
+# (mili/model/packed_linear.py packs them; the layouts below are the contract between the two).
+#
+# Packed formats. Output channels are grouped in panels of 16 (N is padded with zero channels to whole panels):
+#   bf16  w[panels, K2 * 32] bfloat16, K2 = ceil(K / 2):
+#           W[n, k] at ((n // 16) * K2 + k // 2) * 32 + (n % 16) * 2 + k % 2
+#         A panel is one 64-byte row per pair of k in which each channel's two weights share a 32-bit lane:
+#         the layout vdpbf16ps (AVX512_BF16) and AMX B tiles read, and that AVX2 splits with a shift and a mask.
+#   int8  q[panels, Kg * 16] int8, Kg = K rounded up to the group size G:  q[n, k] at ((n // 16) * Kg + k) * 16 + n % 16
+#         scales[panels, (Kg / G) * 16] float16:  scale[n, g] at ((n // 16) * (Kg / G) + g) * 16 + n % 16
+#         W[n, k] = q[n, k] * scale[n, k // G], q in [-127, 127] (a GGUF Q8_0 block is G = 32 with a float16 scale).
+# Padding (k >= K, n >= N) holds zeros and is never read into an output.
+#
+# Accumulation, and why a row's output is bit-identical whatever M is: every output (m, n) is one float32
+# chain acc = fma(x[m, k], W[n, k], acc) over k = 0, 1, ..., K-1 in order, with W[n, k] decoded exactly to
+# float32 (a bfloat16 is the top half of a float32; q * scale has at most 7 + 11 significant bits). Rows never
+# share an accumulator and K is never split, so the blocking (1..MR rows per micro-kernel call, threads over
+# panels, row blocks for cache reuse) changes which rows share a weight load, never a row's arithmetic.
+# On CPUs with AVX512_BF16, bfloat16 activations against bf16 weights use vdpbf16ps instead, for every M alike
+# (two k per instruction: bf16 products are exact, each add rounds, denormals are flushed), so the guarantee
+# holds there too; such a CPU's results differ from an AVX2 CPU's in the last bits.
+#
+# CPU: threads split the panels (never K); within a thread, rows in blocks that stay in L2 while the
+# thread's panels stream past. GPU: one thread per output element (correct, not tuned: MILI's GPU
+# target is compile-checked only).
+import extensibility
+from extensibility import InputTensor, OutputTensor
+from max.gpu.host import DeviceContext
+from max.gpu import block_idx, thread_idx, block_dim, grid_dim
+from std.math import ceildiv
+from .convert import narrow, widen
+from .linear_layout import PANEL, LinearShape, bf16_panel_stride, int8_padded_k, packed_bf16_weight, packed_int8_weight
+from .linear_cpu import linear_bf16_cpu, linear_int8_cpu, kernel_family_code
+
+comptime GPU_THREADS = 256
+
+
+# --- GPU: one thread per output element --------------------------------------------------------------------
+
+def linear_bf16_gpu_kernel[x_dtype: DType, out_dtype: DType](
+    out_ptr: Pointer[Scalar[out_dtype], MutAnyOrigin], x_ptr: Pointer[Scalar[x_dtype], ImmutAnyOrigin],
+    w_ptr: Pointer[BFloat16, ImmutAnyOrigin], rows: Int32, k_len: Int32, n_len: Int32,
+):
+    var total = Int(rows) * Int(n_len)
+    var i = Int(block_idx.x) * Int(block_dim.x) + Int(thread_idx.x)
+    var stride = Int(grid_dim.x) * Int(block_dim.x)
+    while i < total:
+        var m = i // Int(n_len)
+        var n = i - m * Int(n_len)
+        var acc: Float32 = 0
+        for k in range(Int(k_len)):
+            acc = widen(x_ptr.unsafe_load(m * Int(k_len) + k)).fma(packed_bf16_weight(w_ptr, Int(k_len), n, k), acc)
+        out_ptr.unsafe_store(i, narrow[out_dtype](acc))
+        i += stride
+
+
+def linear_int8_gpu_kernel[x_dtype: DType, out_dtype: DType, group: Int](
+    out_ptr: Pointer[Scalar[out_dtype], MutAnyOrigin], x_ptr: Pointer[Scalar[x_dtype], ImmutAnyOrigin],
+    q_ptr: Pointer[Int8, ImmutAnyOrigin], scale_ptr: Pointer[Float16, ImmutAnyOrigin],
+    rows: Int32, k_len: Int32, n_len: Int32,
+):
+    var total = Int(rows) * Int(n_len)
+    var i = Int(block_idx.x) * Int(block_dim.x) + Int(thread_idx.x)
+    var stride = Int(grid_dim.x) * Int(block_dim.x)
+    while i < total:
+        var m = i // Int(n_len)
+        var n = i - m * Int(n_len)
+        var acc: Float32 = 0
+        for k in range(Int(k_len)):
+            var w = packed_int8_weight[group](q_ptr, scale_ptr, Int(k_len), n, k)
+            acc = widen(x_ptr.unsafe_load(m * Int(k_len) + k)).fma(w, acc)
+        out_ptr.unsafe_store(i, narrow[out_dtype](acc))
+        i += stride
+
+
+@always_inline
+def gpu_blocks(total: Int) -> Int:
+    return max(1, min(ceildiv(total, GPU_THREADS), 65535))
+
+
+# --- The ops ---------------------------------------------------------------------------------------------
+
+def check_packed(op: StaticString, x_rows: Int, out_rows: Int, shape: LinearShape, w_panels: Int, w_cols: Int,
+                 expected_cols: Int) raises:
+    if x_rows != out_rows:
+        raise Error(op, ": x has ", x_rows, " rows but the output has ", out_rows)
+    if w_panels != shape.panels() or w_cols != expected_cols:
+        raise Error(op, ": packed weight is [", w_panels, ", ", w_cols, "], expected [", shape.panels(), ", ",
+                    expected_cols, "] for K = ", shape.k, ", N = ", shape.n)
+
+
+@extensibility.register("mili_linear_bf16")
+struct LinearBF16:
+    """Computes out [M, N] = x [M, K] @ W^T with W packed as bf16 panels (see the top of this file)."""
+
+    @staticmethod
+    def execute[
+        target: StaticString,
+    ](
+        output: OutputTensor[rank=2, ...],
+        x: InputTensor[rank=2, ...],
+        w: InputTensor[dtype=DType.bfloat16, rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        var shape = LinearShape(x.dim_size(0), x.dim_size(1), output.dim_size(1))
+        check_packed("mili_linear_bf16", shape.rows, output.dim_size(0), shape, w.dim_size(0), w.dim_size(1),
+                     bf16_panel_stride(shape.k))
+        if shape.rows == 0 or shape.n == 0:
+            return
+        comptime if target == "cpu":
+            linear_bf16_cpu[x.dtype, output.dtype](output.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), shape, ctx)
+        elif target == "gpu":
+            ctx.enqueue_function[linear_bf16_gpu_kernel[x.dtype, output.dtype]](
+                output.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(),
+                Int32(shape.rows), Int32(shape.k), Int32(shape.n),
+                grid_dim=gpu_blocks(shape.rows * shape.n), block_dim=GPU_THREADS,
+            )
+        else:
+            raise Error("mili_linear_bf16: unsupported target ", target)
+
+
+@extensibility.register("mili_linear_int8")
+struct LinearInt8[group_size: Int]:
+    """Computes out [M, N] = x [M, K] @ W^T with W = q * scale packed as int8 panels, one float16 scale per channel per
+    `group_size` inputs (see the top of this file)."""
+
+    @staticmethod
+    def execute[
+        target: StaticString,
+    ](
+        output: OutputTensor[rank=2, ...],
+        x: InputTensor[rank=2, ...],
+        q: InputTensor[dtype=DType.int8, rank=2, ...],
+        scales: InputTensor[dtype=DType.float16, rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime assert Self.group_size > 0, "group_size must be positive"
+        var shape = LinearShape(x.dim_size(0), x.dim_size(1), output.dim_size(1))
+        var padded_k = int8_padded_k(shape.k, Self.group_size)
+        check_packed("mili_linear_int8", shape.rows, output.dim_size(0), shape, q.dim_size(0), q.dim_size(1),
+                     padded_k * PANEL)
+        check_packed("mili_linear_int8 (scales)", shape.rows, output.dim_size(0), shape, scales.dim_size(0),
+                     scales.dim_size(1), padded_k // Self.group_size * PANEL)
+        if shape.rows == 0 or shape.n == 0:
+            return
+        comptime if target == "cpu":
+            linear_int8_cpu[x.dtype, output.dtype, Self.group_size](
+                output.unsafe_ptr(), x.unsafe_ptr(), q.unsafe_ptr(), scales.unsafe_ptr(), shape, ctx)
+        elif target == "gpu":
+            ctx.enqueue_function[linear_int8_gpu_kernel[x.dtype, output.dtype, Self.group_size]](
+                output.unsafe_ptr(), x.unsafe_ptr(), q.unsafe_ptr(), scales.unsafe_ptr(),
+                Int32(shape.rows), Int32(shape.k), Int32(shape.n),
+                grid_dim=gpu_blocks(shape.rows * shape.n), block_dim=GPU_THREADS,
+            )
+        else:
+            raise Error("mili_linear_int8: unsupported target ", target)
+
+
+@extensibility.register("mili_linear_kernel_family")
+struct LinearKernelFamily:
+    """[1] int32: which CPU micro-kernel mili_linear_bf16 runs for `x_dtype` activations here
+    (kernel_family_code). Lets tests check that the path this machine has is the one that ran."""
+
+    @staticmethod
+    def execute[
+        target: StaticString,
+    ](
+        output: OutputTensor[dtype=DType.int32, rank=1, ...],
+        x: InputTensor[rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime if target == "cpu":
+            output.unsafe_ptr().unsafe_store(0, Int32(kernel_family_code[x.dtype]()))
+        else:
+            raise Error("mili_linear_kernel_family: CPU only")

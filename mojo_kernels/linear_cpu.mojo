@@ -1,0 +1,422 @@
+# The CPU path of MILI's linear op: register-tiled micro-kernels over the packed layouts, threads over panels.
+# linear.mojo's header has the layouts and the accumulation-order guarantee these kernels keep.
+from max.gpu.host import DeviceContext
+from std.memory import bitcast, stack_allocation
+from std.sys import CompilationTarget, simd_width_of, size_of, num_physical_cores
+from std.sys.intrinsics import llvm_intrinsic
+from std.math import ceildiv
+from .cpu_parallel import parallel_ranges, parallel_for
+from .convert import narrow, widen
+from .linear_layout import PANEL, LinearShape, bf16_panel_stride, int8_padded_k
+
+comptime F32_WIDTH = simd_width_of[DType.float32]()
+comptime VECTORS_PER_PANEL = PANEL // F32_WIDTH
+# A thread should get at least this many multiply-adds: waking a pool thread costs ~10-20 us, about the
+# time one core streams 256K bf16 weights.
+comptime MIN_MACS_PER_TASK = 1 << 19
+# Rows per block: a block of activations stays in L2 (~512 KB here) while a thread's panels pass over it.
+comptime ROW_BLOCK_BYTES = 192 * 1024
+
+
+# --- Which micro-kernel this CPU runs -------------------------------------------------------------------
+
+@always_inline
+def has_dot_bf16() -> Bool:
+    """Whether the CPU this is compiled for has vdpbf16ps (AVX512_BF16)."""
+    return CompilationTarget._has_feature["avx512bf16"]()
+
+
+@always_inline
+def uses_dot_bf16[x_dtype: DType]() -> Bool:
+    """Bf16 weights meet bfloat16 activations with vdpbf16ps where the CPU has it; anything else decodes
+    the weights to float32 and uses FMAs."""
+    return x_dtype == DType.bfloat16 and has_dot_bf16()
+
+
+@always_inline
+def rows_per_tile() -> Int:
+    """Rows per micro-kernel call: accumulators + broadcasts must fit the 16 (AVX2) or 32 (AVX-512) vector
+    registers."""
+    return 4 if F32_WIDTH >= 16 else 2
+
+
+@always_inline
+def panels_per_tile() -> Int:
+    """Panels per micro-kernel call: enough independent FMA chains for one row to stream at DRAM speed."""
+    return 2
+
+
+def kernel_family_code[x_dtype: DType]() -> Int:
+    """What the CPU linear op compiles to here, for tests and logs: F32_WIDTH * 10 + (1 if vdpbf16ps)."""
+    return F32_WIDTH * 10 + (1 if uses_dot_bf16[x_dtype]() else 0)
+
+
+# --- CPU micro-kernels -------------------------------------------------------------------------------------
+# A tile is MR rows x NP panels over the whole K. Its accumulators live in a stack array indexed only by
+# compile-time constants, which LLVM keeps in registers.
+
+@always_inline
+def zero_tile[MR: Int, NP: Int](acc: MutPointer[Float32, ...]):
+    comptime for i in range(MR * NP * VECTORS_PER_PANEL):
+        acc.unsafe_store(i * F32_WIDTH, SIMD[DType.float32, F32_WIDTH](0))
+
+
+@always_inline
+def store_tile[out_dtype: DType, MR: Int, NP: Int](
+    out_ptr: MutPointer[Scalar[out_dtype], ...], acc: Pointer[Float32, ...], shape: LinearShape, row: Int, panel: Int
+):
+    """Writes the tile's rows; channels past N (the last panel's padding) are dropped."""
+    comptime for m in range(MR):
+        comptime for v in range(NP * VECTORS_PER_PANEL):
+            var n = panel * PANEL + v * F32_WIDTH
+            var values = narrow[out_dtype](acc.unsafe_load[width=F32_WIDTH]((m * NP * VECTORS_PER_PANEL + v) * F32_WIDTH))
+            var at = (row + m) * shape.n + n
+            if n + F32_WIDTH <= shape.n:
+                out_ptr.unsafe_store(at, values)
+            else:
+                for i in range(max(0, shape.n - n)):
+                    out_ptr.unsafe_store(at + i, values[i])
+
+
+@always_inline
+def fma_rows[x_dtype: DType, MR: Int, NP: Int](
+    acc: MutPointer[Float32, ...], slot: Int, weights: SIMD[DType.float32, F32_WIDTH],
+    x_ptr: Pointer[Scalar[x_dtype], ...], x_at: Int, k_len: Int,
+):
+    """Computes acc[m, slot] = fma(x[m, k], weights, acc[m, slot]) for the tile's MR rows (x_at = offset of row 0's k)."""
+    comptime for m in range(MR):
+        var i = (m * NP * VECTORS_PER_PANEL + slot) * F32_WIDTH
+        var xv = SIMD[DType.float32, F32_WIDTH](widen(x_ptr.unsafe_load(x_at + m * k_len)))
+        acc.unsafe_store(i, xv.fma(weights, acc.unsafe_load[width=F32_WIDTH](i)))
+
+
+@always_inline
+def bf16_tile_decoded[x_dtype: DType, out_dtype: DType, MR: Int, NP: Int](
+    out_ptr: MutPointer[Scalar[out_dtype], ...], x_ptr: Pointer[Scalar[x_dtype], ...],
+    w_ptr: Pointer[UInt32, ...], shape: LinearShape, row: Int, panel: Int,
+):
+    """Bf16 weights decoded to float32 in registers (even k: lane << 16; odd k: lane & 0xFFFF0000)."""
+    var acc = stack_allocation[MR * NP * PANEL, Float32]()
+    zero_tile[MR, NP](acc)
+    var k_len = shape.k
+    var pairs = ceildiv(k_len, 2)
+    var lane_stride = bf16_panel_stride(k_len) // 2  # 32-bit lanes per panel
+    var x_row = row * k_len
+    for kp in range(pairs):
+        var k = 2 * kp
+        var has_odd = k + 1 < k_len
+        comptime for p in range(NP):
+            comptime for c in range(VECTORS_PER_PANEL):
+                var lanes = w_ptr.unsafe_load[width=F32_WIDTH]((panel + p) * lane_stride + kp * PANEL + c * F32_WIDTH)
+                var slot = p * VECTORS_PER_PANEL + c
+                fma_rows[x_dtype, MR, NP](acc, slot, bitcast[DType.float32, F32_WIDTH](lanes << 16), x_ptr, x_row + k, k_len)
+                if has_odd:
+                    fma_rows[x_dtype, MR, NP](acc, slot, bitcast[DType.float32, F32_WIDTH](lanes & 0xFFFF0000),
+                                              x_ptr, x_row + k + 1, k_len)
+    store_tile[out_dtype, MR, NP](out_ptr, acc, shape, row, panel)
+
+
+@always_inline
+def dot_bf16_pairs(acc: SIMD[DType.float32, 16], weights: SIMD[DType.bfloat16, 32],
+                   x_pair: SIMD[DType.bfloat16, 32]) -> SIMD[DType.float32, 16]:
+    """Vdpbf16ps: acc[i] += weights[2i] * x_pair[2i] + weights[2i + 1] * x_pair[2i + 1]."""
+    return llvm_intrinsic["llvm.x86.avx512bf16.dpbf16ps.512", SIMD[DType.float32, 16]](acc, weights, x_pair)
+
+
+@always_inline
+def bf16_tile_dot[out_dtype: DType, MR: Int, NP: Int](
+    out_ptr: MutPointer[Scalar[out_dtype], ...], x_ptr: Pointer[BFloat16, ...],
+    w_ptr: Pointer[UInt32, ...], shape: LinearShape, row: Int, panel: Int,
+):
+    """Bf16 weights x bfloat16 activations with vdpbf16ps, one 64-byte panel row (two k) per instruction."""
+    comptime assert F32_WIDTH == 16, "vdpbf16ps needs 512-bit vectors"
+    var acc = stack_allocation[MR * NP * PANEL, Float32]()
+    zero_tile[MR, NP](acc)
+    var k_len = shape.k
+    var lane_stride = bf16_panel_stride(k_len) // 2
+    var x_row = row * k_len
+    for kp in range(ceildiv(k_len, 2)):
+        var k = 2 * kp
+        var second = k + 1 < k_len
+        comptime for m in range(MR):
+            var at = x_row + m * k_len + k
+            # The pair (x[k], x[k + 1]) in one 32-bit lane, broadcast; past an odd K the pair's second half is 0
+            # (never the next row's first element, which could be inf or NaN against a zero weight).
+            var x_pair = SIMD[DType.bfloat16, 2](x_ptr.unsafe_load(at), x_ptr.unsafe_load(at + 1) if second else 0)
+            var x_lanes = SIMD[DType.uint32, 16](bitcast[DType.uint32, 1](x_pair))
+            comptime for p in range(NP):
+                var weights = w_ptr.unsafe_load[width=16]((panel + p) * lane_stride + kp * PANEL)
+                var i = (m * NP + p) * PANEL
+                acc.unsafe_store(i, dot_bf16_pairs(acc.unsafe_load[width=16](i), bitcast[DType.bfloat16, 32](weights),
+                                                   bitcast[DType.bfloat16, 32](x_lanes)))
+    store_tile[out_dtype, MR, NP](out_ptr, acc, shape, row, panel)
+
+
+@always_inline
+def int8_tile[x_dtype: DType, out_dtype: DType, MR: Int, NP: Int, group: Int](
+    out_ptr: MutPointer[Scalar[out_dtype], ...], x_ptr: Pointer[Scalar[x_dtype], ...],
+    q_ptr: Pointer[Int8, ...], scale_ptr: Pointer[Float16, ...], shape: LinearShape, row: Int, panel: Int,
+):
+    """Int8 weights decoded as float32(q) * scale (exact) in registers, one group's scales held at a time."""
+    var acc = stack_allocation[MR * NP * PANEL, Float32]()
+    var scales = stack_allocation[NP * PANEL, Float32]()
+    zero_tile[MR, NP](acc)
+    var k_len = shape.k
+    var padded_k = int8_padded_k(k_len, group)
+    var groups = padded_k // group
+    var x_row = row * k_len
+    for g in range(groups):
+        comptime for v in range(NP * VECTORS_PER_PANEL):
+            var p = v // VECTORS_PER_PANEL
+            var at = ((panel + p) * groups + g) * PANEL + (v % VECTORS_PER_PANEL) * F32_WIDTH
+            scales.unsafe_store(v * F32_WIDTH, scale_ptr.unsafe_load[width=F32_WIDTH](at).cast[DType.float32]())
+        for k in range(g * group, min(k_len, (g + 1) * group)):
+            comptime for v in range(NP * VECTORS_PER_PANEL):
+                var p = v // VECTORS_PER_PANEL
+                var q = q_ptr.unsafe_load[width=F32_WIDTH](((panel + p) * padded_k + k) * PANEL
+                                                            + (v % VECTORS_PER_PANEL) * F32_WIDTH)
+                var weights = q.cast[DType.float32]() * scales.unsafe_load[width=F32_WIDTH](v * F32_WIDTH)
+                fma_rows[x_dtype, MR, NP](acc, v, weights, x_ptr, x_row + k, k_len)
+    store_tile[out_dtype, MR, NP](out_ptr, acc, shape, row, panel)
+
+
+# --- Prefill: weights decoded once per panel, then a float32 register-blocked kernel ------------------------
+# With many rows, decoding in registers (above) costs as much as the FMAs it feeds. Instead each panel is
+# decoded once into a float32 scratch panel [NP][K][16] (exactly the values the in-register decode makes) and
+# GEMM_ROWS rows at a time run FMAs against it; bfloat16 activations are widened to float32 once. A row's
+# chain of FMAs is the same as on the decode path, so which path ran never changes a bit.
+
+@always_inline
+def gemm_rows() -> Int:
+    """Rows per prefill micro-kernel: 6 x 2 accumulators on AVX2 (16 registers), 12 x 2 on AVX-512 (32)."""
+    return 12 if F32_WIDTH >= 16 else 6
+
+
+@always_inline
+def gemm_panels() -> Int:
+    return 2 if F32_WIDTH >= 16 else 1
+
+
+# Below this many rows the in-register decode wins (it reads each weight once and decodes it once per MR rows).
+comptime GEMM_MIN_ROWS = 16
+
+
+def decode_bf16_panel(dst: MutPointer[Float32, ...], w_lanes: Pointer[UInt32, ...], panel: Int, k_len: Int):
+    """Writes dst[k * 16 + j] = W[panel * 16 + j, k] as float32."""
+    var lane_stride = bf16_panel_stride(k_len) // 2
+    for kp in range(ceildiv(k_len, 2)):
+        comptime for c in range(VECTORS_PER_PANEL):
+            var lanes = w_lanes.unsafe_load[width=F32_WIDTH](panel * lane_stride + kp * PANEL + c * F32_WIDTH)
+            dst.unsafe_store(2 * kp * PANEL + c * F32_WIDTH, bitcast[DType.float32, F32_WIDTH](lanes << 16))
+            if 2 * kp + 1 < k_len:
+                dst.unsafe_store((2 * kp + 1) * PANEL + c * F32_WIDTH,
+                                 bitcast[DType.float32, F32_WIDTH](lanes & 0xFFFF0000))
+
+
+def decode_int8_panel[group: Int](dst: MutPointer[Float32, ...], q_ptr: Pointer[Int8, ...],
+                                  scale_ptr: Pointer[Float16, ...], panel: Int, k_len: Int):
+    """Writes dst[k * 16 + j] = q * scale of W[panel * 16 + j, k] as float32."""
+    var padded_k = int8_padded_k(k_len, group)
+    var groups = padded_k // group
+    for g in range(groups):
+        comptime for c in range(VECTORS_PER_PANEL):
+            var scale = scale_ptr.unsafe_load[width=F32_WIDTH]((panel * groups + g) * PANEL + c * F32_WIDTH)
+            var scale32 = scale.cast[DType.float32]()
+            for k in range(g * group, min(k_len, (g + 1) * group)):
+                var q = q_ptr.unsafe_load[width=F32_WIDTH]((panel * padded_k + k) * PANEL + c * F32_WIDTH)
+                dst.unsafe_store(k * PANEL + c * F32_WIDTH, q.cast[DType.float32]() * scale32)
+
+
+@always_inline
+def decoded_tile[out_dtype: DType, MR: Int, NP: Int](
+    out_ptr: MutPointer[Scalar[out_dtype], ...], x32: Pointer[Float32, ...], decoded: Pointer[Float32, ...],
+    shape: LinearShape, row: Int, panel: Int,
+):
+    """MR rows x NP decoded panels (decoded = [NP][K][16] float32, starting at `panel`)."""
+    var acc = stack_allocation[MR * NP * PANEL, Float32]()
+    zero_tile[MR, NP](acc)
+    var k_len = shape.k
+    var x_row = row * k_len
+    comptime V = NP * VECTORS_PER_PANEL
+    var weights = stack_allocation[V * F32_WIDTH, Float32]()
+    for k in range(k_len):
+        # All of this k's weight vectors first, then one broadcast per row: V + 1 registers besides the
+        # accumulators (6 x 2 + 3 = 15 of AVX2's 16).
+        comptime for v in range(V):
+            var at = ((v // VECTORS_PER_PANEL) * k_len + k) * PANEL + (v % VECTORS_PER_PANEL) * F32_WIDTH
+            weights.unsafe_store(v * F32_WIDTH, decoded.unsafe_load[width=F32_WIDTH](at))
+        comptime for m in range(MR):
+            var xv = SIMD[DType.float32, F32_WIDTH](x32.unsafe_load(x_row + m * k_len + k))
+            comptime for v in range(V):
+                var i = (m * V + v) * F32_WIDTH
+                acc.unsafe_store(i, xv.fma(weights.unsafe_load[width=F32_WIDTH](v * F32_WIDTH),
+                                           acc.unsafe_load[width=F32_WIDTH](i)))
+    store_tile[out_dtype, MR, NP](out_ptr, acc, shape, row, panel)
+
+
+# --- Drivers: rows x panels -> tiles, threads over panels ---------------------------------------------------
+
+def linear_tasks(shape: LinearShape) -> Int:
+    """Threads for one op: split the panels only when each thread gets real work."""
+    var macs = shape.rows * shape.n * shape.k
+    return max(1, min(num_physical_cores(), shape.panels(), macs // MIN_MACS_PER_TASK))
+
+
+@always_inline
+def row_block(shape: LinearShape, x_bytes: Int, rows_per_call: Int) -> Int:
+    var rows = max(1, ROW_BLOCK_BYTES // max(1, shape.k * x_bytes))
+    return max(rows_per_call, rows - rows % rows_per_call)
+
+
+def for_each_tile[
+    TileFn: def[MR: Int, NP: Int](row: Int, panel: Int) -> None, //, MR: Int, NP: Int
+](shape: LinearShape, x_bytes: Int, tile: TileFn, ctx: DeviceContext) raises:
+    """Calls tile[MR or 1, NP or 1](row, panel) over the whole output, threads splitting the panels into
+    contiguous ranges, rows in blocks that stay in L2 while a thread's panels stream past."""
+    var block = row_block(shape, x_bytes, MR)
+    var rows = shape.rows
+
+    def panel_range(first: Int, end: Int) raises {imm tile, imm rows, imm block}:
+        for row0 in range(0, rows, block):
+            var row_end = min(rows, row0 + block)
+            var panel = first
+            while panel + NP <= end:
+                var row = row0
+                while row + MR <= row_end:
+                    tile[MR, NP](row, panel)
+                    row += MR
+                while row < row_end:
+                    tile[1, NP](row, panel)
+                    row += 1
+                panel += NP
+            while panel < end:
+                var row = row0
+                while row + MR <= row_end:
+                    tile[MR, 1](row, panel)
+                    row += MR
+                while row < row_end:
+                    tile[1, 1](row, panel)
+                    row += 1
+                panel += 1
+
+    parallel_ranges(shape.panels(), linear_tasks(shape), panel_range, ctx)
+
+
+comptime ScratchPointer = MutPointer[Float32, MutAnyOrigin]
+
+
+def gemm_decoded[
+    out_dtype: DType, DecodeFn: def(panel: Int, dst: ScratchPointer) -> None, //
+](
+    out_ptr: MutPointer[Scalar[out_dtype], ...], x32: Pointer[Float32, ...], shape: LinearShape, decode: DecodeFn,
+    ctx: DeviceContext,
+) raises:
+    """The prefill path: each thread decodes gemm_panels() panels at a time into a scratch buffer of its own
+    (decode(panel, dst) writes the panel's [K][16] floats at dst) and runs every row against them."""
+    comptime MR = gemm_rows()
+    comptime NP = gemm_panels()
+    var tasks = linear_tasks(shape)
+    var per_task = ceildiv(shape.panels(), tasks)
+    var panel_floats = shape.k * PANEL
+
+    def run(task: Int) raises {imm out_ptr, imm x32, imm shape, imm decode, imm per_task, imm panel_floats}:
+        var scratch = List[Float32](length=NP * panel_floats, fill=0)
+        var decoded = rebind[ScratchPointer](scratch.unsafe_ptr())
+        var end = min(shape.panels(), (task + 1) * per_task)
+        var panel = task * per_task
+        while panel < end:
+            var here = min(NP, end - panel)
+            for p in range(here):
+                decode(panel + p, decoded.unsafe_offset(p * panel_floats))
+            var row = 0
+            if here == NP:
+                while row + MR <= shape.rows:
+                    decoded_tile[out_dtype, MR, NP](out_ptr, x32, decoded, shape, row, panel)
+                    row += MR
+                while row < shape.rows:
+                    decoded_tile[out_dtype, 1, NP](out_ptr, x32, decoded, shape, row, panel)
+                    row += 1
+            else:
+                for p in range(here):
+                    row = 0
+                    while row + MR <= shape.rows:
+                        decoded_tile[out_dtype, MR, 1](out_ptr, x32, decoded.unsafe_offset(p * panel_floats), shape, row, panel + p)
+                        row += MR
+                    while row < shape.rows:
+                        decoded_tile[out_dtype, 1, 1](out_ptr, x32, decoded.unsafe_offset(p * panel_floats), shape, row, panel + p)
+                        row += 1
+            panel += here
+        _ = scratch^
+
+    parallel_for(tasks, run, ctx)
+
+
+def widened_rows[x_dtype: DType](x_ptr: Pointer[Scalar[x_dtype], ...], count: Int) -> List[Float32]:
+    """Returns x as float32 (exact), so the prefill kernel's broadcasts are plain loads."""
+    var out = List[Float32](length=count, fill=0)
+    var dst = out.unsafe_ptr()
+    var i = 0
+    while i + F32_WIDTH <= count:
+        dst.unsafe_store(i, widen(x_ptr.unsafe_load[width=F32_WIDTH](i)))
+        i += F32_WIDTH
+    while i < count:
+        dst.unsafe_store(i, widen(x_ptr.unsafe_load(i)))
+        i += 1
+    return out^
+
+
+def linear_bf16_cpu[x_dtype: DType, out_dtype: DType](
+    out_ptr: MutPointer[Scalar[out_dtype], ...], x_ptr: Pointer[Scalar[x_dtype], ...],
+    w_ptr: Pointer[BFloat16, ...], shape: LinearShape, ctx: DeviceContext,
+) raises:
+    var lanes = w_ptr.unsafe_bitcast[UInt32]()
+    comptime if uses_dot_bf16[x_dtype]():
+        var x_bf16 = rebind[Pointer[BFloat16, x_ptr.origin]](x_ptr.unsafe_bitcast[BFloat16]())
+
+        def dot_tile[MR: Int, NP: Int](row: Int, panel: Int) {imm out_ptr, imm x_bf16, imm lanes, imm shape}:
+            bf16_tile_dot[out_dtype, MR, NP](out_ptr, x_bf16, lanes, shape, row, panel)
+
+        # vdpbf16ps reads the packed pairs directly: the prefill path is the same tile with more rows.
+        if shape.rows < GEMM_MIN_ROWS:
+            for_each_tile[rows_per_tile(), panels_per_tile()](shape, 2, dot_tile, ctx)
+        else:
+            for_each_tile[gemm_rows(), gemm_panels()](shape, 2, dot_tile, ctx)
+    else:
+        if shape.rows < GEMM_MIN_ROWS:
+            def tile[MR: Int, NP: Int](row: Int, panel: Int) {imm out_ptr, imm x_ptr, imm lanes, imm shape}:
+                bf16_tile_decoded[x_dtype, out_dtype, MR, NP](out_ptr, x_ptr, lanes, shape, row, panel)
+
+            for_each_tile[rows_per_tile(), panels_per_tile()](shape, size_of[x_dtype](), tile, ctx)
+            return
+        var k_len = shape.k
+
+        def decode(panel: Int, dst: ScratchPointer) {imm lanes, imm k_len}:
+            decode_bf16_panel(dst, lanes, panel, k_len)
+
+        comptime if x_dtype == DType.float32:
+            gemm_decoded(out_ptr, rebind[Pointer[Float32, x_ptr.origin]](x_ptr), shape, decode, ctx)
+        else:
+            var x32 = widened_rows(x_ptr, shape.rows * shape.k)
+            gemm_decoded(out_ptr, x32.unsafe_ptr(), shape, decode, ctx)
+
+
+def linear_int8_cpu[x_dtype: DType, out_dtype: DType, group: Int](
+    out_ptr: MutPointer[Scalar[out_dtype], ...], x_ptr: Pointer[Scalar[x_dtype], ...],
+    q_ptr: Pointer[Int8, ...], scale_ptr: Pointer[Float16, ...], shape: LinearShape, ctx: DeviceContext,
+) raises:
+    if shape.rows < GEMM_MIN_ROWS:
+        def tile[MR: Int, NP: Int](row: Int, panel: Int) {imm out_ptr, imm x_ptr, imm q_ptr, imm scale_ptr, imm shape}:
+            int8_tile[x_dtype, out_dtype, MR, NP, group](out_ptr, x_ptr, q_ptr, scale_ptr, shape, row, panel)
+
+        for_each_tile[rows_per_tile(), panels_per_tile()](shape, size_of[x_dtype](), tile, ctx)
+        return
+    var k_len = shape.k
+
+    def decode(panel: Int, dst: ScratchPointer) {imm q_ptr, imm scale_ptr, imm k_len}:
+        decode_int8_panel[group](dst, q_ptr, scale_ptr, panel, k_len)
+
+    comptime if x_dtype == DType.float32:
+        gemm_decoded(out_ptr, rebind[Pointer[Float32, x_ptr.origin]](x_ptr), shape, decode, ctx)
+    else:
+        var x32 = widened_rows(x_ptr, shape.rows * shape.k)
+        gemm_decoded(out_ptr, x32.unsafe_ptr(), shape, decode, ctx)
