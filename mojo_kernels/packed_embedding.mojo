@@ -4,7 +4,8 @@
 # mili_packed_embedding_bf16:  ids [T] int32, w [panels, K2 * 32] bf16        -> out [T, hidden]
 # mili_packed_embedding_int8:  ids [T] int32, q, scales (linear.mojo, group G) -> out [T, hidden]
 # out[t, k] = W[ids[t], k] rounded to out's dtype (exact for bf16 -> float32 / bfloat16; int8 rows are
-# q * scale in float32, then rounded). An id outside [0, vocab) is an error, as ops.gather's is.
+# q * scale in float32, then rounded). An id outside the packed rows [0, panels * 16) is an error (ids in
+# [vocab, panels * 16) read the zero padding; mili's ModelRunner refuses ids >= vocab before they get here).
 # CPU: tokens split across cores when there are enough of them. GPU: one thread per output element.
 import extensibility
 from extensibility import InputTensor, OutputTensor
@@ -16,11 +17,11 @@ from .linear import GPU_THREADS, gpu_blocks
 from .linear_layout import PANEL, packed_bf16_weight, packed_int8_weight, int8_padded_k, bf16_panel_stride
 
 
-def check_ids(op: StaticString, ids: Pointer[Int32, ...], tokens: Int, vocab: Int) raises:
+def check_ids(op: StaticString, ids: Pointer[Int32, ...], tokens: Int, rows: Int) raises:
     for t in range(tokens):
         var id = Int(ids.unsafe_load(t))
-        if id < 0 or id >= vocab:
-            raise Error(op, ": token id ", id, " is outside the vocabulary [0, ", vocab, ")")
+        if id < 0 or id >= rows:
+            raise Error(op, ": token id ", id, " is outside the vocabulary's packed rows [0, ", rows, ")")
 
 
 def embedding_bf16_gpu_kernel[out_dtype: DType](

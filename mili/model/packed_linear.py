@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from max.driver import Buffer
 from max.dtype import DType
-from max.graph import TensorType, TensorValue, ops
+from max.graph import DimLike, TensorType, TensorValue, ops
 
 from mili.dtypes import bf16_bits_to_f32, f32_to_bf16_bits
 
@@ -181,24 +181,26 @@ def pack_weight(weight: np.ndarray, fmt: WeightFormat, group_size: int = DEFAULT
 
 # --- graph side --------------------------------------------------------------------------------------------
 
-def linear(x: TensorValue, weight: list[TensorValue], shape: PackedShape, out_dtype: DType | None = None) -> TensorValue:
-    """x [M, K] @ W^T -> [M, N] in `out_dtype` (default x's), W packed as `shape` says; `weight` holds the
-    graph values of shape.arrays() in order."""
-    out = TensorType(out_dtype or x.dtype, [x.shape[0], shape.out_features], x.device)
-    if shape.format is WeightFormat.BF16:
+def linear(x: TensorValue, weight: list[TensorValue], fmt: WeightFormat, out_features: DimLike, *,
+           group_size: int = DEFAULT_GROUP_SIZE, out_dtype: DType | None = None) -> TensorValue:
+    """x [M, K] @ W^T -> [M, out_features] in `out_dtype` (default x's), W packed in `fmt`; `weight` holds the
+    graph values of PackedShape.arrays() in order."""
+    out = TensorType(out_dtype or x.dtype, [x.shape[0], out_features], x.device)
+    if fmt is WeightFormat.BF16:
         return ops.custom("mili_linear_bf16", x.device, [x, *weight], out_types=[out])[0].tensor
     return ops.custom("mili_linear_int8", x.device, [x, *weight], out_types=[out],
-                      parameters={"group_size": shape.group_size})[0].tensor
+                      parameters={"group_size": group_size})[0].tensor
 
 
-def embedding(ids: TensorValue, weight: list[TensorValue], shape: PackedShape, out_dtype: DType) -> TensorValue:
-    """Rows `ids` [T] of the packed [vocab, hidden] weight -> [T, hidden] in `out_dtype` (a tied embedding read
+def embedding(ids: TensorValue, weight: list[TensorValue], fmt: WeightFormat, hidden: DimLike, out_dtype: DType, *,
+              group_size: int = DEFAULT_GROUP_SIZE) -> TensorValue:
+    """Rows `ids` [T] of a packed [vocab, hidden] weight -> [T, hidden] in `out_dtype` (a tied embedding read
     from the LM head's packed storage)."""
-    out = TensorType(out_dtype, [ids.shape[0], shape.in_features], ids.device)
-    if shape.format is WeightFormat.BF16:
+    out = TensorType(out_dtype, [ids.shape[0], hidden], ids.device)
+    if fmt is WeightFormat.BF16:
         return ops.custom("mili_packed_embedding_bf16", ids.device, [ids, *weight], out_types=[out])[0].tensor
     return ops.custom("mili_packed_embedding_int8", ids.device, [ids, *weight], out_types=[out],
-                      parameters={"group_size": shape.group_size})[0].tensor
+                      parameters={"group_size": group_size})[0].tensor
 
 
 def kernel_family(x: TensorValue) -> TensorValue:

@@ -19,7 +19,12 @@ speculative verifications of different sequences mixed, with every size symbolic
     h += swiglu(x @ Wgate_up^T) @ Wdown^T
 
 then the final norm and the LM head (tied or not), computed only for the rows in `logits_indices`.
-Logits come out in float32 whatever the run dtype. Weights are graph weights bound at load time, so
+Logits come out in float32 whatever the run dtype.
+
+Projections and the LM head multiply through MAX's ops.matmul over dense weights, or through MILI's own
+linear op over weights packed at load time (mili/model/packed_linear.py: bf16 panels, or int8 with a float16
+scale per channel per group of inputs): `Qwen3GraphSpec.weights` says which. A tied embedding is then read
+from the packed head (one copy). Weights are graph weights bound at load time, so
 the compiled graph depends on the shapes only and MAX's on-disk compile cache serves every restart.
 """
 
@@ -37,7 +42,9 @@ from mili.config import ModelConfig
 from mili.dtypes import numpy_to_buffer, to_numpy_f32
 from mili.kernels import kernel_package
 from mili.model import ops as mili_ops
+from mili.model import packed_linear
 from mili.model.kv_layout import KVCacheShape
+from mili.model.packed_linear import DEFAULT_GROUP_SIZE, PackedShape, WeightFormat, pack_weight
 from mili.model.rope import rope_table
 from mili.weights import iter_weights
 
@@ -56,18 +63,32 @@ ROPE_TABLE = "rope_table"
 
 @dataclass(frozen=True)
 class Qwen3GraphSpec:
-    """What a compiled Qwen3 graph depends on: the model's shape, run dtype, device and KV block size."""
+    """What a compiled Qwen3 graph depends on: the model's shape, run dtype (activations and KV cache), how the
+    projection weights are stored (`weights`; None picks the default: packed bf16 for a bfloat16 run on CPU,
+    dense otherwise), device and KV block size."""
 
     config: ModelConfig
     dtype: DType = DType.float32
     device: DeviceRef = DeviceRef.CPU()
     block_size: int = 16
+    weights: WeightFormat | None = None
+    group_size: int = DEFAULT_GROUP_SIZE
 
     def __post_init__(self) -> None:
         if self.dtype not in (DType.float32, DType.bfloat16):
             raise ValueError(f"run dtype must be float32 or bfloat16, got {self.dtype}")
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.group_size <= 0:
+            raise ValueError(f"group_size must be positive, got {self.group_size}")
+        if self.weights is None:
+            packed_bf16 = self.dtype == DType.bfloat16 and self.device.is_cpu()
+            object.__setattr__(self, "weights", WeightFormat.BF16 if packed_bf16 else WeightFormat.DENSE)
+
+    @property
+    def weight_format(self) -> WeightFormat:
+        assert self.weights is not None  # resolved in __post_init__
+        return self.weights
 
     @property
     def rope_positions(self) -> int:
@@ -75,20 +96,39 @@ class Qwen3GraphSpec:
 
     @property
     def weights_in_out(self) -> bool:
-        """Whether projection weights are stored [in, out] (pre-transposed) rather than Hugging Face's
+        """Whether dense projection weights are stored [in, out] (pre-transposed) rather than Hugging Face's
         [out, in]. MAX's CPU matmul folds the transpose of an [out, in] weight into float32 matmuls but
         copies the whole weight for bfloat16 ones (measured: a 1x1024 @ 1024x6144 bf16 product takes
-        6.2 ms that way, 1.9 ms pre-transposed), so bfloat16 on CPU keeps weights pre-transposed."""
-        return self.dtype == DType.bfloat16 and self.device.is_cpu()
+        6.2 ms that way, 1.9 ms pre-transposed), so dense bfloat16 on CPU keeps weights pre-transposed."""
+        return self.weight_format is WeightFormat.DENSE and self.dtype == DType.bfloat16 and self.device.is_cpu()
 
-    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every weight the graph binds at load time, by name, with the shape the graph declares."""
+    @property
+    def embedding_in_head(self) -> bool:
+        """Whether the token embedding is read from the packed LM head (tied embeddings stored once)."""
+        return self.config.tie_word_embeddings and self.weight_format.packed
+
+    def packed_shape(self, name: str) -> PackedShape:
         shapes = graph_weight_shapes(self.config)
-        if not self.weights_in_out:
-            return shapes
-        if self.config.tie_word_embeddings:  # the LM head needs its own transposed copy of the embedding
-            shapes["lm_head"] = shapes["embed_tokens"]
-        return {name: shape[::-1] if _is_projection(name) else shape for name, shape in shapes.items()}
+        out_features, in_features = shapes[name] if name in shapes else shapes["embed_tokens"]  # a tied head
+        return PackedShape(self.weight_format, out_features, in_features, self.group_size)
+
+    def weight_types(self) -> dict[str, tuple[DType, tuple[int, ...]]]:
+        """Every array the graph binds at load time, by name, with its dtype and declared shape. A packed
+        projection `name` is one array (bf16) or `name.q` and `name.scales` (int8)."""
+        shapes = graph_weight_shapes(self.config)
+        types: dict[str, tuple[DType, tuple[int, ...]]] = {}
+        for name in _graph_names(self):
+            shape = shapes[name] if name in shapes else shapes["embed_tokens"]  # a tied head
+            if not _is_projection(name):
+                types[name] = (self.dtype, shape)
+            elif self.weight_format.packed:
+                types |= {name + suffix: (dtype, packed) for suffix, dtype, packed in self.packed_shape(name).arrays()}
+            else:
+                types[name] = (self.dtype, shape[::-1] if self.weights_in_out else shape)
+        return types
+
+    def weight_bytes(self) -> int:
+        return sum(int(np.prod(shape)) * dtype.size_in_bytes for dtype, shape in self.weight_types().values())
 
     def cache_shape(self, num_blocks: int) -> KVCacheShape:
         c = self.config
@@ -121,7 +161,7 @@ def _is_projection(name: str) -> bool:
 
 def graph_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The model's weights as the graph names them (q/k/v and gate/up fused), in Hugging Face's
-    [out, in] orientation; `Qwen3GraphSpec.weight_shapes` gives the layout a graph actually binds."""
+    [out, in] orientation; `Qwen3GraphSpec.weight_types` gives the arrays a graph actually binds."""
     shapes: dict[str, tuple[int, ...]] = {"embed_tokens": (config.vocab_size, config.hidden_size)}
     for i in range(config.num_hidden_layers):
         shapes |= {f"layers.{i}.{name}": shape for name, shape in _layer_weight_shapes(config).items()}
@@ -151,19 +191,30 @@ def _sources(name: str, config: ModelConfig) -> tuple[str, ...]:
     }[part]
 
 
+def _graph_names(spec: Qwen3GraphSpec) -> list[str]:
+    """The graph's weights before packing splits them into arrays (`weight_types` lists the arrays)."""
+    names = list(graph_weight_shapes(spec.config))
+    if spec.config.tie_word_embeddings and (spec.weights_in_out or spec.weight_format.packed):
+        names.append("lm_head")
+        if spec.embedding_in_head:
+            names.remove("embed_tokens")
+    return names
+
+
 def load_qwen3_weights(model_dir: str | Path, spec: Qwen3GraphSpec) -> dict[str, Buffer]:
     """The weights registry for `session.load(build_qwen3_graph(spec), weights_registry=...)`: the
-    checkpoint's tensors in the run dtype, q/k/v and gate/up fused, plus the RoPE table."""
+    checkpoint's tensors in the run dtype, q/k/v and gate/up fused, projections packed if the spec says so,
+    plus the RoPE table."""
     config = spec.config
     hf: dict[str, Buffer] = {}
     registry: dict[str, Buffer] = {}
-    pending = {name: _sources(name, config) for name in spec.weight_shapes()}
+    pending = {name: _sources(name, config) for name in _graph_names(spec)}
     for hf_name, buffer in iter_weights(model_dir, config, spec.dtype):
         hf[hf_name] = buffer
         # Build a graph weight as soon as its parts are loaded, so the unfused copies are dropped early.
         for name in [n for n, parts in pending.items() if hf_name in parts and all(p in hf for p in parts)]:
             parts = pending.pop(name)
-            registry[name] = _graph_weight(name, [hf[p] for p in parts], spec)
+            registry |= _graph_weight(name, [hf[p] for p in parts], spec)
             for part in parts:
                 if not any(part in other for other in pending.values()):
                     del hf[part]
@@ -173,14 +224,21 @@ def load_qwen3_weights(model_dir: str | Path, spec: Qwen3GraphSpec) -> dict[str,
     return registry
 
 
-def _graph_weight(name: str, parts: list[Buffer], spec: Qwen3GraphSpec) -> Buffer:
-    """One graph weight from its checkpoint tensors: fused along the output axis, transposed if the spec
-    stores weights [in, out]. Going through float32 is exact for bfloat16 too."""
+def _graph_weight(name: str, parts: list[Buffer], spec: Qwen3GraphSpec) -> dict[str, Buffer]:
+    """One graph weight's arrays from its checkpoint tensors: fused along the output axis, then packed, or
+    transposed if the spec stores dense weights [in, out]. Going through float32 is exact for bfloat16 too;
+    bf16 packing of bfloat16 tensors moves their bits without converting."""
+    if _is_projection(name) and spec.weight_format.packed:
+        if spec.weight_format is WeightFormat.BF16 and all(p.dtype == DType.bfloat16 for p in parts):
+            fused = np.concatenate([p.view(DType.uint16).to_numpy() for p in parts], axis=0)
+        else:
+            fused = np.concatenate([to_numpy_f32(p) for p in parts], axis=0)
+        return pack_weight(fused, spec.weight_format, spec.group_size).buffers(name)
     transpose = spec.weights_in_out and _is_projection(name)
     if len(parts) == 1 and not transpose:
-        return parts[0]
+        return {name: parts[0]}
     fused = np.concatenate([to_numpy_f32(p) for p in parts], axis=0)
-    return numpy_to_buffer(np.ascontiguousarray(fused.T) if transpose else fused, spec.dtype)
+    return {name: numpy_to_buffer(np.ascontiguousarray(fused.T) if transpose else fused, spec.dtype)}
 
 
 class _Weights:
@@ -188,13 +246,18 @@ class _Weights:
 
     def __init__(self, spec: Qwen3GraphSpec) -> None:
         self.spec = spec
-        self.shapes = spec.weight_shapes()
+        self.types = spec.weight_types()
         self.values: dict[str, TensorValue] = {}
 
     def __call__(self, name: str) -> TensorValue:
         if name not in self.values:  # a tied embedding is used twice but declared once
-            self.values[name] = TensorValue(Weight(name, self.spec.dtype, self.shapes[name], self.spec.device))
+            dtype, shape = self.types[name]
+            self.values[name] = TensorValue(Weight(name, dtype, shape, self.spec.device))
         return self.values[name]
+
+    def packed(self, name: str) -> list[TensorValue]:
+        """The arrays of packed projection `name`, in PackedShape.arrays() order."""
+        return [self(name + suffix) for suffix, _, _ in self.spec.packed_shape(name).arrays()]
 
     def rope_table(self) -> TensorValue:
         c = self.spec.config
@@ -220,10 +283,18 @@ def build_qwen3_graph(spec: Qwen3GraphSpec, name: str = "qwen3") -> Graph:
         tokens = ids.shape[0]
         eps = c.rms_norm_eps
 
-        def linear(x: TensorValue, name: str) -> TensorValue:
-            return _linear(x, w(name), spec.weights_in_out)
+        def linear(x: TensorValue, name: str, out_dtype: DType | None = None) -> TensorValue:
+            if spec.weight_format.packed:
+                return packed_linear.linear(x, w.packed(name), spec.weight_format, spec.packed_shape(name).out_features,
+                                            group_size=spec.group_size, out_dtype=out_dtype)
+            y = _linear(x, w(name), spec.weights_in_out)
+            return y if out_dtype is None or out_dtype == y.dtype else ops.cast(y, out_dtype)
 
-        h = ops.gather(w("embed_tokens"), ids, axis=0)
+        if spec.embedding_in_head:
+            h = packed_linear.embedding(ids, w.packed("lm_head"), spec.weight_format, c.hidden_size, spec.dtype,
+                                        group_size=spec.group_size)
+        else:
+            h = ops.gather(w("embed_tokens"), ids, axis=0)
         x = mili_ops.rms_norm(h, w("layers.0.input_layernorm"), eps)
         for i in range(c.num_hidden_layers):
             p = f"layers.{i}."
@@ -245,7 +316,7 @@ def build_qwen3_graph(spec: Qwen3GraphSpec, name: str = "qwen3") -> Graph:
                 h = h + mlp
 
         rows = mili_ops.rms_norm(ops.gather(h, logits_indices, axis=0), w("norm"), eps)
-        head = "embed_tokens" if c.tie_word_embeddings and not spec.weights_in_out else "lm_head"
-        logits = linear(rows, head)
-        graph.output(logits if spec.dtype == DType.float32 else ops.cast(logits, DType.float32))
+        head = "lm_head" if "lm_head" in _graph_names(spec) else "embed_tokens"
+        # MILI's linear op writes float32 logits directly; MAX's matmul makes them in the run dtype, then a cast.
+        graph.output(linear(rows, head, DType.float32))
     return graph

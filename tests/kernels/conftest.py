@@ -7,7 +7,7 @@ from max.driver import CPU
 from max.engine import InferenceSession
 from max.graph import DeviceRef
 
-from tests.kernels.graphs import ATTENTION_CASES, build_attention_graph, build_elementwise_graph
+from tests.kernels.graphs import ATTENTION_CASES, build_attention_graph, build_elementwise_graph, build_linear_graph
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +23,8 @@ def elementwise_model(cpu_session):
 @pytest.fixture(scope="session")
 def attention_models(cpu_session):
     return {case: cpu_session.load(build_attention_graph(DeviceRef.CPU(), case)) for case in ATTENTION_CASES}
+
+
+@pytest.fixture(scope="session")
+def linear_model(cpu_session):
+    return cpu_session.load(build_linear_graph(DeviceRef.CPU()))

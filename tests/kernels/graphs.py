@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from max.dtype import DType
-from max.graph import BufferType, DeviceRef, Graph, TensorType
+from max.graph import BufferType, DeviceRef, Graph, TensorType, ops
 
 from mili.kernels import kernel_package
 from mili.model import ops as mili_ops
+from mili.model import packed_linear
+from mili.model.packed_linear import DEFAULT_GROUP_SIZE, PackedShape, WeightFormat
 
 SMALL_EPS = 1e-6
 LARGE_EPS = 0.5  # big enough to change every output, so a dropped eps cannot pass unnoticed
@@ -94,5 +96,75 @@ def build_attention_graph(device: DeviceRef, case: AttentionCase) -> Graph:
     return graph
 
 
+@dataclass(frozen=True)
+class LinearCase:
+    """One specialisation of MILI's linear op: weight format, activation dtype, output dtype, int8 group size."""
+
+    weights: WeightFormat
+    x_dtype: DType
+    out_dtype: DType
+    group_size: int = DEFAULT_GROUP_SIZE
+
+    @property
+    def name(self) -> str:
+        group = f"/g{self.group_size}" if self.weights is WeightFormat.INT8 else ""
+        return f"{self.weights.value}{group} x:{self.x_dtype.name} out:{self.out_dtype.name}"
+
+
+LINEAR_CASES = (
+    LinearCase(WeightFormat.BF16, DType.float32, DType.float32),
+    LinearCase(WeightFormat.BF16, DType.bfloat16, DType.bfloat16),
+    LinearCase(WeightFormat.BF16, DType.bfloat16, DType.float32),  # the LM head of a bfloat16 run
+    LinearCase(WeightFormat.INT8, DType.float32, DType.float32),
+    LinearCase(WeightFormat.INT8, DType.bfloat16, DType.bfloat16),
+    LinearCase(WeightFormat.INT8, DType.bfloat16, DType.float32),
+    LinearCase(WeightFormat.INT8, DType.float32, DType.float32, group_size=128),
+)
+# (weights, output dtype, group size) of the packed-embedding cases
+EMBEDDING_CASES = ((WeightFormat.BF16, DType.bfloat16, DEFAULT_GROUP_SIZE),
+                   (WeightFormat.INT8, DType.float32, DEFAULT_GROUP_SIZE))
+
+
+def linear_input_types(device: DeviceRef) -> list[TensorType]:
+    """x [m, k] per activation dtype, n_marker [n] (gives the graph the output width), ids [tokens], then the
+    packed arrays of every distinct (format, group size), in the order linear_weight_keys() lists them."""
+    types = [TensorType(dtype, ["m", "k"], device) for dtype in DTYPES]
+    types += [TensorType(DType.int32, ["n"], device), TensorType(DType.int32, ["tokens"], device)]
+    for fmt, group in linear_weight_keys():
+        shape = PackedShape(fmt, 1, 1, group)
+        for suffix, dtype, _ in shape.arrays():
+            key = f"{fmt.value}_{group}{suffix.replace('.', '_')}"
+            types.append(TensorType(dtype, [f"{key}_rows", f"{key}_cols"], device))
+    return types
+
+
+def linear_weight_keys() -> list[tuple[WeightFormat, int]]:
+    keys = [(c.weights, c.group_size) for c in LINEAR_CASES] + [(f, g) for f, _, g in EMBEDDING_CASES]
+    return list(dict.fromkeys(keys))
+
+
+def build_linear_graph(device: DeviceRef) -> Graph:
+    """Every LINEAR_CASES op on shared inputs, then every EMBEDDING_CASES gather (hidden = k), then the CPU
+    kernel family for each activation dtype (CPU only). Outputs in that order."""
+    with Graph("mili_linear_tests", input_types=linear_input_types(device),
+               custom_extensions=[kernel_package()]) as graph:
+        values = [v.tensor for v in graph.inputs]
+        xs = dict(zip(DTYPES, values[:len(DTYPES)], strict=True))
+        marker, ids = values[len(DTYPES)], values[len(DTYPES) + 1]
+        arrays, at = {}, len(DTYPES) + 2
+        for fmt, group in linear_weight_keys():
+            count = len(PackedShape(fmt, 1, 1, group).arrays())
+            arrays[fmt, group], at = values[at:at + count], at + count
+        outputs = [packed_linear.linear(xs[c.x_dtype], arrays[c.weights, c.group_size], c.weights, marker.shape[0],
+                                        group_size=c.group_size, out_dtype=c.out_dtype) for c in LINEAR_CASES]
+        outputs += [packed_linear.embedding(ids, arrays[f, g], f, xs[DType.float32].shape[1], out_dtype, group_size=g)
+                    for f, out_dtype, g in EMBEDDING_CASES]
+        if device.is_cpu():
+            outputs += [packed_linear.kernel_family(ops.reshape(xs[d], [-1])) for d in DTYPES]
+        graph.output(*outputs)
+    return graph
+
+
 def build_all_graphs(device: DeviceRef) -> list[Graph]:
-    return [build_elementwise_graph(device)] + [build_attention_graph(device, c) for c in ATTENTION_CASES]
+    return ([build_elementwise_graph(device)] + [build_attention_graph(device, c) for c in ATTENTION_CASES]
+            + [build_linear_graph(device)])

@@ -1,0 +1,122 @@
+"""MILI's linear op (bf16 and int8 packed weights) and the packed embedding gather vs float64 numpy, and the
+batch-invariance guarantee: a row's output is bit-identical whatever M is and whichever path ran it.
+
+The reference multiplies the activations as their dtype holds them by the weights the packed format holds
+(PackedWeight.dense(): exact bf16 values, or q * scale), in float64; what is left is the kernel's float32
+accumulation and the output's rounding, bounded element by element.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from max.driver import Buffer
+from max.dtype import DType
+
+from mili.dtypes import numpy_to_buffer, to_numpy_f32
+from mili.model.packed_linear import PackedWeight, WeightFormat, pack_weight
+from tests.kernels import reference as ref
+from tests.kernels.graphs import DTYPES, EMBEDDING_CASES, LINEAR_CASES, linear_weight_keys
+
+# (M, K, N): M over both the decode tiles (< 16 rows, with their MR tails) and the prefill path; K and N not
+# multiples of the SIMD width, of the 16-channel panel, of the bf16 pair or of the int8 group.
+SHAPES = [(1, 37, 21), (2, 64, 16), (3, 100, 33), (17, 1024, 1000), (33, 129, 50), (200, 65, 7), (513, 300, 40),
+          (5, 1, 1), (16, 31, 17), (0, 16, 16)]
+FLOAT32_UNIT = 2.0 ** -24
+BFLOAT16_UNIT = 2.0 ** -8
+
+
+def packed_weights(rng: np.random.Generator, n: int, k: int) -> dict[tuple[WeightFormat, int], PackedWeight]:
+    """One random [n, k] weight (channels of different magnitudes, a few exact zeros) in every packed form."""
+    w = rng.standard_normal((n, k)) * np.exp(rng.uniform(-4, 1, size=(n, 1)))
+    w[rng.random((n, k)) < 0.01] = 0
+    return {(fmt, group): pack_weight(w.astype(np.float32), fmt, group) for fmt, group in linear_weight_keys()}
+
+
+def run_linear(model, x: np.ndarray, n: int, weights: dict, ids: np.ndarray) -> list[np.ndarray]:
+    buffers = [numpy_to_buffer(x, dtype) for dtype in DTYPES]
+    buffers += [Buffer.from_numpy(np.zeros(n, np.int32)), Buffer.from_numpy(ids.astype(np.int32))]
+    for key in linear_weight_keys():
+        buffers += list(weights[key].buffers("w").values())
+    return [o.to_numpy() if o.dtype in (DType.float32, DType.int32) else to_numpy_f32(o) for o in model.execute(*buffers)]
+
+
+def error_bound(x64: np.ndarray, w64: np.ndarray, out_dtype: DType) -> np.ndarray:
+    """|kernel - exact| per element: a float32 chain of K fused multiply-adds is off by at most
+    K * u * sum_k |x_k w_k| (u = 2^-24; 1.01 covers the higher-order terms); a bfloat16 output adds half an
+    ulp of the result (u = 2^-8 relative)."""
+    k = x64.shape[1]
+    accumulation = 1.01 * k * FLOAT32_UNIT * (np.abs(x64) @ np.abs(w64).T)
+    if out_dtype == DType.bfloat16:
+        return accumulation + BFLOAT16_UNIT * (np.abs(x64 @ w64.T) + accumulation)
+    return accumulation + FLOAT32_UNIT * np.abs(x64 @ w64.T)
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_linear_and_embedding_match_float64(linear_model, m, k, n, rng):
+    x = rng.standard_normal((m, k)) * np.exp(rng.uniform(-3, 3, size=(m, 1)))  # rows of very different sizes
+    weights = packed_weights(rng, n, k)
+    ids = rng.integers(0, n, size=int(rng.integers(1, 9)))
+    outputs = run_linear(linear_model, x, n, weights, ids)
+    for case, got in zip(LINEAR_CASES, outputs, strict=False):
+        x64 = ref.as_dtype(x, case.x_dtype).astype(np.float64)
+        w64 = weights[case.weights, case.group_size].dense().astype(np.float64)
+        assert got.shape == (m, n), case.name
+        error = np.abs(got - x64 @ w64.T)
+        bound = error_bound(x64, w64, case.out_dtype)
+        worst = np.unravel_index(np.argmax(error - bound), error.shape) if error.size else None
+        assert np.all(error <= bound), f"{case.name}: error {error[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
+    for (fmt, out_dtype, group), got in zip(EMBEDDING_CASES, outputs[len(LINEAR_CASES):], strict=False):
+        expected = ref.as_dtype(weights[fmt, group].dense()[ids], out_dtype)
+        np.testing.assert_array_equal(got, expected, err_msg=f"embedding {fmt.value} -> {out_dtype.name}")
+
+
+def test_rows_are_bit_identical_whatever_the_batch(linear_model, rng):
+    """Rows computed alone, in small batches (decode tiles and their tails) and in large ones (the prefill
+    path) are the same bits, for every format and dtype."""
+    k, n, total = 300, 70, 513
+    x = rng.standard_normal((total, k))
+    weights = packed_weights(rng, n, k)
+    ids = np.zeros(1, np.int32)
+    full = run_linear(linear_model, x, n, weights, ids)[:len(LINEAR_CASES)]
+    compared = 0
+    for size in (1, 2, 3, 5, 15, 16, 17, 33, 200):
+        rows = rng.choice(total, size=size, replace=False)
+        part = run_linear(linear_model, x[rows], n, weights, ids)[:len(LINEAR_CASES)]
+        for case, whole, some in zip(LINEAR_CASES, full, part, strict=True):
+            np.testing.assert_array_equal(some.view(np.uint32) if some.dtype == np.float32 else some,
+                                          whole[rows].view(np.uint32) if whole.dtype == np.float32 else whole[rows],
+                                          err_msg=f"{case.name}: rows {rows[:8]}... differ in a batch of {size}")
+            compared += some.size
+    print(f"compared {compared} outputs bit for bit")
+    assert compared == sum((1, 2, 3, 5, 15, 16, 17, 33, 200)) * n * len(LINEAR_CASES)
+
+
+@pytest.mark.parametrize("bad_id", [-1, 48])
+def test_packed_embedding_rejects_ids_outside_the_packed_rows(linear_model, bad_id, rng):
+    """40 rows pack into 3 panels = 48 rows (ids 40..47 read zero padding; ModelRunner refuses ids >= vocab)."""
+    k, n = 32, 40
+    weights = packed_weights(rng, n, k)
+    with pytest.raises(Exception, match="outside the vocabulary"):
+        run_linear(linear_model, rng.standard_normal((1, k)), n, weights, np.array([3, bad_id], np.int32))
+
+
+def cpu_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text()
+    return set(re.search(r"^flags\s*:(.*)$", text, re.MULTILINE).group(1).split())
+
+
+def test_the_kernel_this_cpu_has_is_the_one_that_runs(linear_model, rng):
+    """The CPU micro-kernel family compiled here matches /proc/cpuinfo: 512-bit vectors where AVX-512 is,
+    vdpbf16ps for bfloat16 activations where AVX512_BF16 is (otherwise bf16 weights are decoded to float32)."""
+    flags = cpu_flags()
+    width = 16 if "avx512f" in flags else 8
+    families = run_linear(linear_model, rng.standard_normal((1, 8)), 4, packed_weights(rng, 4, 8),
+                          np.zeros(1, np.int32))[-len(DTYPES):]
+    expected = {DType.float32: width * 10, DType.bfloat16: width * 10 + ("avx512_bf16" in flags)}
+    got = {dtype: int(f[0]) for dtype, f in zip(DTYPES, families, strict=True)}
+    print(f"kernel families: {got} (simd width {width}, avx512_bf16: {'avx512_bf16' in flags})")
+    assert got == expected
