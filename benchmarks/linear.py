@@ -1,0 +1,186 @@
+"""MILI's linear op (bf16 and int8 packed weights) against MAX's ops.matmul, torch's F.linear and numpy, on
+Qwen3-0.6B's projection shapes, measured side by side in interleaved rounds (medians).
+
+    python -m benchmarks.linear [--repeats 10] [--quick] [--out benchmarks/results/linear.json]
+
+Rows M = 1 (batch-1 decode), 16 (a decode batch) and 512 (a prefill chunk). For M = 1 and 16 every contender
+reads its weights from DRAM: each call takes the next of enough weight copies to overflow the caches (a
+decode step streams 1.2 GB of weights, none of it cached). Every figure is printed with achieved GB/s of
+weight traffic (and % of the machine's read bandwidth) or GFLOP/s (and % of the float32 FMA rate), both
+measured in the same run (benchmarks/machine.py). Activations are bfloat16 for MILI and the bf16 peers,
+float32 for the float32 ones; MILI's output is the activation dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from max.driver import CPU, Buffer
+from max.dtype import DType
+from max.engine import InferenceSession
+from max.graph import DeviceRef, TensorType, ops
+
+from benchmarks.kernels import graph, time_interleaved
+from benchmarks.machine import MachineLimits, measure
+from mili.dtypes import f32_to_bf16_bits, numpy_to_buffer
+from mili.model import packed_linear
+from mili.model.packed_linear import PackedShape, WeightFormat, pack_weight
+
+# (name, K, N): Qwen3-0.6B's fused q/k/v, o_proj, fused gate/up, down_proj and the LM head
+SHAPES = (("qkv", 1024, 4096), ("o_proj", 2048, 1024), ("gate_up", 1024, 6144), ("down", 3072, 1024),
+          ("lm_head", 1024, 151936))
+ROWS = (1, 16, 512)
+COLD_BYTES = 384 << 20  # weight copies per contender for DRAM-bound cases: well past any L3 here
+CPU_REF = DeviceRef.CPU()
+
+
+@dataclass
+class Result:
+    shape: str
+    rows: int
+    contender: str
+    us: float
+    weight_bytes: int
+    gb_s: float
+    gflop_s: float
+    share_of_limit: float  # GEMV: of read bandwidth; otherwise: of the float32 FMA rate
+
+
+class Contenders:
+    """Compiled graphs and weight copies for one (shape, rows); `calls()` gives each contender's timed call."""
+
+    def __init__(self, session: InferenceSession, k: int, n: int, rows: int, copies_for: Callable[[int], int],
+                 rng: np.random.Generator) -> None:
+        w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+        x = rng.standard_normal((rows, k)).astype(np.float32)
+        self.weight_bytes: dict[str, int] = {}
+        self._calls: dict[str, Callable[[], object]] = {}
+        x_bf16 = numpy_to_buffer(x, DType.bfloat16)
+        for fmt in (WeightFormat.BF16, WeightFormat.INT8):
+            packed = pack_weight(w, fmt)
+            model = session.load(self._mili_graph(fmt, k, n))
+            arrays = [list(packed.buffers("w").values())]
+            arrays += [[Buffer.from_numpy(a.copy()).view(b.dtype) for a, b in zip(packed.arrays, arrays[0], strict=True)]
+                       for _ in range(copies_for(packed.shape.nbytes()) - 1)]
+            self._add(f"MILI {fmt.value}", packed.shape.nbytes(), model, x_bf16, arrays)
+        for dtype in (DType.float32, DType.bfloat16):
+            model = session.load(self._max_graph(dtype, k, n))
+            nbytes = n * k * dtype.size_in_bytes
+            # MAX folds the transpose of an [N, K] float32 weight; bf16 must be stored [K, N] (see qwen3.py)
+            host = w if dtype == DType.float32 else np.ascontiguousarray(w.T)
+            arrays = [[numpy_to_buffer(host, dtype)] for _ in range(copies_for(nbytes))]
+            self._add(f"MAX {dtype.name}", nbytes, model, numpy_to_buffer(x, dtype), arrays)
+        for dtype in (torch.float32, torch.bfloat16):
+            weights = [torch.from_numpy(w).to(dtype) for _ in range(copies_for(n * k * dtype.itemsize))]
+            self._add_torch(f"torch {str(dtype).removeprefix('torch.')}", n * k * dtype.itemsize,
+                            torch.from_numpy(x).to(dtype), weights)
+        numpy_weights = [w.copy() for _ in range(copies_for(w.nbytes))]
+        self._add_numpy("numpy float32", w.nbytes, x, numpy_weights)
+
+    @staticmethod
+    def _mili_graph(fmt: WeightFormat, k: int, n: int):
+        arrays = [TensorType(dtype, shape, CPU_REF) for _, dtype, shape in PackedShape(fmt, n, k).arrays()]
+        return graph(f"mili_linear_{fmt.value}_{k}_{n}", [TensorType(DType.bfloat16, ["m", k], CPU_REF), *arrays],
+                     lambda x, *w: packed_linear.linear(x.tensor, [a.tensor for a in w], fmt, n))
+
+    @staticmethod
+    def _max_graph(dtype: DType, k: int, n: int):
+        shape = [n, k] if dtype == DType.float32 else [k, n]
+
+        def body(x, w):
+            weight = ops.transpose(w.tensor, 0, 1) if dtype == DType.float32 else w.tensor
+            return ops.matmul(x.tensor, weight)
+        return graph(f"max_matmul_{dtype.name}_{k}_{n}", [TensorType(dtype, ["m", k], CPU_REF),
+                                                          TensorType(dtype, shape, CPU_REF)], body)
+
+    def _add(self, name: str, nbytes: int, model, x: Buffer, arrays: list[list[Buffer]]) -> None:
+        turn = iter(range(1 << 62))
+
+        def call() -> None:
+            model.execute(x, *arrays[next(turn) % len(arrays)])
+        self._calls[name], self.weight_bytes[name] = call, nbytes
+
+    def _add_torch(self, name: str, nbytes: int, x: torch.Tensor, weights: list[torch.Tensor]) -> None:
+        turn = iter(range(1 << 62))
+
+        def call() -> None:
+            with torch.no_grad():
+                torch.nn.functional.linear(x, weights[next(turn) % len(weights)])
+        self._calls[name], self.weight_bytes[name] = call, nbytes
+
+    def _add_numpy(self, name: str, nbytes: int, x: np.ndarray, weights: list[np.ndarray]) -> None:
+        turn = iter(range(1 << 62))
+
+        def call() -> None:
+            x @ weights[next(turn) % len(weights)].T
+        self._calls[name], self.weight_bytes[name] = call, nbytes
+
+    def calls(self) -> dict[str, Callable[[], object]]:
+        return self._calls
+
+
+def run(limits: MachineLimits, repeats: int, quick: bool) -> list[Result]:
+    session = InferenceSession(devices=[CPU()])
+    rng = np.random.default_rng(0)
+    torch.set_num_threads(limits.cores)
+    results: list[Result] = []
+    shapes = SHAPES[:2] + SHAPES[-1:] if quick else SHAPES
+    for name, k, n in shapes:
+        for rows in ROWS:
+            if name == "lm_head" and rows == 512:
+                continue  # prefill computes logits for the last token of each sequence only
+            cold = rows < 512
+
+            def copies_for(nbytes: int) -> int:
+                return max(1, -(-COLD_BYTES // nbytes)) if cold else 1
+            print(f"{name} K={k} N={n} M={rows}: preparing and compiling...", flush=True)
+            contenders = Contenders(session, k, n, rows, copies_for, rng)
+            times = time_interleaved(contenders.calls(), repeats)
+            flops = 2 * rows * n * k
+            for contender, us in times.items():
+                nbytes = contenders.weight_bytes[contender]
+                gb_s, gflop_s = nbytes / us / 1e3, flops / us / 1e3
+                share = gb_s / limits.read_gb_s if rows == 1 else gflop_s / limits.sgemm_gflop_s
+                results.append(Result(name, rows, contender, us, nbytes, gb_s, gflop_s, share))
+                print(f"    {contender:15s} {us:10.1f} us  {gb_s:6.1f} GB/s  {gflop_s:7.1f} GFLOP/s  "
+                      f"({share:.0%} of the {'read bandwidth' if rows == 1 else 'FMA rate'})", flush=True)
+    return results
+
+
+def print_table(results: list[Result]) -> None:
+    print(f"\n{'shape':8s} {'M':>4s} {'contender':15s} {'us':>10s} {'GB/s':>7s} {'GFLOP/s':>8s} {'of limit':>8s} "
+          f"{'MILI bf16 speedup':>17s}")
+    for r in results:
+        mili = next(x for x in results if x.shape == r.shape and x.rows == r.rows and x.contender == "MILI bf16")
+        print(f"{r.shape:8s} {r.rows:4d} {r.contender:15s} {r.us:10.1f} {r.gb_s:7.1f} {r.gflop_s:8.1f} "
+              f"{r.share_of_limit:8.0%} {r.us / mili.us:16.2f}x")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=10, help="at least this many timed rounds per case")
+    parser.add_argument("--quick", action="store_true", help="three shapes only (a smoke run)")
+    parser.add_argument("--out", default="benchmarks/results/linear.json", help="where to write the JSON results")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    limits = measure()
+    results = run(limits, args.repeats, args.quick)
+    print_table(results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": limits.as_dict(), "repeats": args.repeats,
+                               "note": "medians of interleaved rounds; share_of_limit: GB/s of read bandwidth "
+                                       "for M=1, else GFLOP/s of the float32 FMA rate",
+                               "results": [asdict(r) for r in results]}, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
