@@ -91,28 +91,38 @@ def fma_rows[x_dtype: DType, MR: Int, NP: Int](
 
 
 @always_inline
-def bf16_tile_decoded[x_dtype: DType, out_dtype: DType, MR: Int, NP: Int](
-    out_ptr: MutPointer[Scalar[out_dtype], ...], x_ptr: Pointer[Scalar[x_dtype], ...],
+def bf16_pair_step[MR: Int, NP: Int, with_odd: Bool](
+    acc: MutPointer[Float32, ...], x32: Pointer[Float32, ...], w_ptr: Pointer[UInt32, ...], x_at: Int, k_len: Int,
+    lane_at: Int, lane_stride: Int,
+):
+    """One pair of k for the tile: the even weights (lane << 16), then the odd ones (lane & 0xFFFF0000)."""
+    comptime for p in range(NP):
+        comptime for c in range(VECTORS_PER_PANEL):
+            var lanes = w_ptr.unsafe_load[width=F32_WIDTH](p * lane_stride + lane_at + c * F32_WIDTH)
+            var slot = p * VECTORS_PER_PANEL + c
+            fma_rows[DType.float32, MR, NP](acc, slot, bitcast[DType.float32, F32_WIDTH](lanes << 16), x32, x_at, k_len)
+            comptime if with_odd:
+                fma_rows[DType.float32, MR, NP](acc, slot, bitcast[DType.float32, F32_WIDTH](lanes & 0xFFFF0000),
+                                                x32, x_at + 1, k_len)
+
+
+@always_inline
+def bf16_tile_decoded[out_dtype: DType, MR: Int, NP: Int](
+    out_ptr: MutPointer[Scalar[out_dtype], ...], x32: Pointer[Float32, ...],
     w_ptr: Pointer[UInt32, ...], shape: LinearShape, row: Int, panel: Int,
 ):
-    """Bf16 weights decoded to float32 in registers (even k: lane << 16; odd k: lane & 0xFFFF0000)."""
+    """Bf16 weights decoded to float32 in registers, against float32 activations."""
     var acc = stack_allocation[MR * NP * PANEL, Float32]()
     zero_tile[MR, NP](acc)
     var k_len = shape.k
-    var pairs = ceildiv(k_len, 2)
     var lane_stride = bf16_panel_stride(k_len) // 2  # 32-bit lanes per panel
+    var lanes = w_ptr.unsafe_offset(panel * lane_stride)
     var x_row = row * k_len
-    for kp in range(pairs):
-        var k = 2 * kp
-        var has_odd = k + 1 < k_len
-        comptime for p in range(NP):
-            comptime for c in range(VECTORS_PER_PANEL):
-                var lanes = w_ptr.unsafe_load[width=F32_WIDTH]((panel + p) * lane_stride + kp * PANEL + c * F32_WIDTH)
-                var slot = p * VECTORS_PER_PANEL + c
-                fma_rows[x_dtype, MR, NP](acc, slot, bitcast[DType.float32, F32_WIDTH](lanes << 16), x_ptr, x_row + k, k_len)
-                if has_odd:
-                    fma_rows[x_dtype, MR, NP](acc, slot, bitcast[DType.float32, F32_WIDTH](lanes & 0xFFFF0000),
-                                              x_ptr, x_row + k + 1, k_len)
+    var full_pairs = k_len // 2
+    for kp in range(full_pairs):
+        bf16_pair_step[MR, NP, True](acc, x32, lanes, x_row + 2 * kp, k_len, kp * PANEL, lane_stride)
+    if k_len % 2 == 1:  # the last k is the even half of a pair whose odd half is padding
+        bf16_pair_step[MR, NP, False](acc, x32, lanes, x_row + 2 * full_pairs, k_len, full_pairs * PANEL, lane_stride)
     store_tile[out_dtype, MR, NP](out_ptr, acc, shape, row, panel)
 
 
@@ -153,8 +163,8 @@ def bf16_tile_dot[out_dtype: DType, MR: Int, NP: Int](
 
 
 @always_inline
-def int8_tile[x_dtype: DType, out_dtype: DType, MR: Int, NP: Int, group: Int](
-    out_ptr: MutPointer[Scalar[out_dtype], ...], x_ptr: Pointer[Scalar[x_dtype], ...],
+def int8_tile[out_dtype: DType, MR: Int, NP: Int, group: Int](
+    out_ptr: MutPointer[Scalar[out_dtype], ...], x32: Pointer[Float32, ...],
     q_ptr: Pointer[Int8, ...], scale_ptr: Pointer[Float16, ...], shape: LinearShape, row: Int, panel: Int,
 ):
     """Int8 weights decoded as float32(q) * scale (exact) in registers, one group's scales held at a time."""
@@ -176,7 +186,7 @@ def int8_tile[x_dtype: DType, out_dtype: DType, MR: Int, NP: Int, group: Int](
                 var q = q_ptr.unsafe_load[width=F32_WIDTH](((panel + p) * padded_k + k) * PANEL
                                                             + (v % VECTORS_PER_PANEL) * F32_WIDTH)
                 var weights = q.cast[DType.float32]() * scales.unsafe_load[width=F32_WIDTH](v * F32_WIDTH)
-                fma_rows[x_dtype, MR, NP](acc, v, weights, x_ptr, x_row + k, k_len)
+                fma_rows[DType.float32, MR, NP](acc, v, weights, x32, x_row + k, k_len)
     store_tile[out_dtype, MR, NP](out_ptr, acc, shape, row, panel)
 
 
@@ -351,18 +361,25 @@ def gemm_decoded[
     parallel_for(tasks, run, ctx)
 
 
-def widened_rows[x_dtype: DType](x_ptr: Pointer[Scalar[x_dtype], ...], count: Int) -> List[Float32]:
-    """Returns x as float32 (exact), so the prefill kernel's broadcasts are plain loads."""
-    var out = List[Float32](length=count, fill=0)
-    var dst = out.unsafe_ptr()
-    var i = 0
-    while i + F32_WIDTH <= count:
-        dst.unsafe_store(i, widen(x_ptr.unsafe_load[width=F32_WIDTH](i)))
-        i += F32_WIDTH
-    while i < count:
-        dst.unsafe_store(i, widen(x_ptr.unsafe_load(i)))
-        i += 1
-    return out^
+def with_float32_rows[x_dtype: DType, BodyFn: def(Pointer[Float32, ImmutAnyOrigin]) raises -> None, //](
+    x_ptr: Pointer[Scalar[x_dtype], ...], count: Int, body: BodyFn
+) raises:
+    """Calls body with x as float32: x itself, or a widened copy (exact), so that every broadcast in the
+    kernels is one load (a bfloat16 broadcast costs four instructions)."""
+    comptime if x_dtype == DType.float32:
+        body(rebind[Pointer[Float32, ImmutAnyOrigin]](x_ptr))
+    else:
+        var widened = List[Float32](length=count, fill=0)
+        var dst = widened.unsafe_ptr()
+        var i = 0
+        while i + F32_WIDTH <= count:
+            dst.unsafe_store(i, widen(x_ptr.unsafe_load[width=F32_WIDTH](i)))
+            i += F32_WIDTH
+        while i < count:
+            dst.unsafe_store(i, widen(x_ptr.unsafe_load(i)))
+            i += 1
+        body(rebind[Pointer[Float32, ImmutAnyOrigin]](dst))
+        _ = widened^
 
 
 def linear_bf16_cpu[x_dtype: DType, out_dtype: DType](
@@ -382,41 +399,39 @@ def linear_bf16_cpu[x_dtype: DType, out_dtype: DType](
         else:
             for_each_tile[gemm_rows(), gemm_panels()](shape, 2, dot_tile, ctx)
     else:
-        if shape.rows < GEMM_MIN_ROWS:
-            def tile[MR: Int, NP: Int](row: Int, panel: Int) {imm out_ptr, imm x_ptr, imm lanes, imm shape}:
-                bf16_tile_decoded[x_dtype, out_dtype, MR, NP](out_ptr, x_ptr, lanes, shape, row, panel)
-
-            for_each_tile[rows_per_tile(), panels_per_tile()](shape, size_of[x_dtype](), tile, ctx)
-            return
         var k_len = shape.k
 
         def decode(panel: Int, dst: ScratchPointer) {imm lanes, imm k_len}:
             decode_bf16_panel(dst, lanes, panel, k_len)
 
-        comptime if x_dtype == DType.float32:
-            gemm_decoded(out_ptr, rebind[Pointer[Float32, x_ptr.origin]](x_ptr), shape, decode, ctx)
-        else:
-            var x32 = widened_rows(x_ptr, shape.rows * shape.k)
-            gemm_decoded(out_ptr, x32.unsafe_ptr(), shape, decode, ctx)
+        def run(x32: Pointer[Float32, ImmutAnyOrigin]) raises {imm out_ptr, imm lanes, imm shape, imm decode, ref ctx}:
+            if shape.rows < GEMM_MIN_ROWS:
+                def tile[MR: Int, NP: Int](row: Int, panel: Int) {imm out_ptr, imm x32, imm lanes, imm shape}:
+                    bf16_tile_decoded[out_dtype, MR, NP](out_ptr, x32, lanes, shape, row, panel)
+
+                for_each_tile[rows_per_tile(), panels_per_tile()](shape, 4, tile, ctx)
+            else:
+                gemm_decoded(out_ptr, x32, shape, decode, ctx)
+
+        with_float32_rows(x_ptr, shape.rows * shape.k, run)
 
 
 def linear_int8_cpu[x_dtype: DType, out_dtype: DType, group: Int](
     out_ptr: MutPointer[Scalar[out_dtype], ...], x_ptr: Pointer[Scalar[x_dtype], ...],
     q_ptr: Pointer[Int8, ...], scale_ptr: Pointer[Float16, ...], shape: LinearShape, ctx: DeviceContext,
 ) raises:
-    if shape.rows < GEMM_MIN_ROWS:
-        def tile[MR: Int, NP: Int](row: Int, panel: Int) {imm out_ptr, imm x_ptr, imm q_ptr, imm scale_ptr, imm shape}:
-            int8_tile[x_dtype, out_dtype, MR, NP, group](out_ptr, x_ptr, q_ptr, scale_ptr, shape, row, panel)
-
-        for_each_tile[rows_per_tile(), panels_per_tile()](shape, size_of[x_dtype](), tile, ctx)
-        return
     var k_len = shape.k
 
     def decode(panel: Int, dst: ScratchPointer) {imm q_ptr, imm scale_ptr, imm k_len}:
         decode_int8_panel[group](dst, q_ptr, scale_ptr, panel, k_len)
 
-    comptime if x_dtype == DType.float32:
-        gemm_decoded(out_ptr, rebind[Pointer[Float32, x_ptr.origin]](x_ptr), shape, decode, ctx)
-    else:
-        var x32 = widened_rows(x_ptr, shape.rows * shape.k)
-        gemm_decoded(out_ptr, x32.unsafe_ptr(), shape, decode, ctx)
+    def run(x32: Pointer[Float32, ImmutAnyOrigin]) raises {imm out_ptr, imm q_ptr, imm scale_ptr, imm shape, imm decode, ref ctx}:
+        if shape.rows < GEMM_MIN_ROWS:
+            def tile[MR: Int, NP: Int](row: Int, panel: Int) {imm out_ptr, imm x32, imm q_ptr, imm scale_ptr, imm shape}:
+                int8_tile[out_dtype, MR, NP, group](out_ptr, x32, q_ptr, scale_ptr, shape, row, panel)
+
+            for_each_tile[rows_per_tile(), panels_per_tile()](shape, 4, tile, ctx)
+        else:
+            gemm_decoded(out_ptr, x32, shape, decode, ctx)
+
+    with_float32_rows(x_ptr, shape.rows * shape.k, run)
