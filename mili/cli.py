@@ -110,9 +110,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit("mili generate: --prompt is empty; give at least one token of text")
     try:
         engine = Engine.from_pretrained(str(model_dir), dtype=args.dtype, device=args.device,
-                                        block_size=GENERATE_BLOCK_SIZE,
+                                        quantization=args.quantization, block_size=GENERATE_BLOCK_SIZE,
                                         num_kv_blocks=-(-(len(ids) + args.max_tokens) // GENERATE_BLOCK_SIZE))
-    except ValueError as exc:  # bad --dtype or --device
+    except ValueError as exc:  # --device gpu without one
         raise SystemExit(f"mili generate: {exc}") from None
     engine.add_request("generate", ids, SamplingParams.greedy(max_tokens=args.max_tokens))
     while engine.has_unfinished():
@@ -141,12 +141,30 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         return serve(ServeOptions(
             model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+            quantization=args.quantization,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, prefix_cache=not args.no_prefix_cache,
             api_key=args.api_key, max_queue=args.max_queue, served_model_name=args.served_model_name,
             max_model_len=args.max_model_len, shutdown_grace_s=args.shutdown_grace))
     except StartupError as exc:
         raise SystemExit(f"mili serve: {exc}") from None
+
+
+def _add_format_flags(parser: argparse.ArgumentParser) -> None:
+    """--dtype and --quantization, the same for generate and serve."""
+    from mili.dtypes import AUTO, DTYPE_CHOICES
+    from mili.model.packed_linear import DEFAULT_GROUP_SIZE
+    from mili.quantization import NONE, QUANTIZATIONS
+
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=AUTO,
+                        help="run dtype of activations and the KV cache (default auto: on CPU the checkpoint's own "
+                        "dtype from config.json, float16 running as bfloat16 and float32 when it names none; "
+                        "bfloat16 on GPU). On CPU bfloat16 weights are packed for MILI's linear op and read "
+                        "half float32's bytes")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=NONE,
+                        help="int8: the linear layers' weights as int8 with a float16 scale per output channel "
+                        f"per {DEFAULT_GROUP_SIZE} inputs (~1.06 bytes a weight, vs 2 for bfloat16), activations "
+                        "stay in --dtype; default none: weights in the run dtype")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,8 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True, help="the text to continue")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the chat template")
     generate.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default 64)")
-    generate.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                          help="run dtype (default: float32 on CPU, the faster one there; bfloat16 on GPU)")
+    _add_format_flags(generate)
     generate.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="where to run (default cpu)")
     generate.set_defaults(run=_cmd_generate)
 
@@ -189,8 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "only; 0.0.0.0 to accept other machines)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="where the model runs (default cpu)")
-    serve.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                       help="run dtype (default: float32 on CPU, where it is faster; bfloat16 on GPU)")
+    _add_format_flags(serve)
     serve.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step (default 64)")
     serve.add_argument("--max-num-batched-tokens", type=int, default=512,
                        help="token budget of one step; longer prompts are prefilled in chunks (default 512)")

@@ -12,6 +12,13 @@ from max.driver import Buffer
 from max.dtype import DType
 
 RUN_DTYPES: dict[str, DType] = {"float32": DType.float32, "bfloat16": DType.bfloat16}
+AUTO = "auto"
+DTYPE_CHOICES = (AUTO, *RUN_DTYPES)  # what --dtype and the `dtype=` engine argument accept
+# `auto` on CPU runs a checkpoint in the dtype it was saved in: bfloat16 weights are packed for MILI's own
+# linear op and read half float32's bytes. float16 is no run dtype; bfloat16 is as small and covers its range.
+# A config.json that names no dtype (old tiny checkpoints) runs in float32: exact, whatever the file holds.
+_AUTO_CPU: dict[str | None, DType] = {"bfloat16": DType.bfloat16, "float16": DType.bfloat16,
+                                      "float32": DType.float32, None: DType.float32}
 
 
 def parse_run_dtype(name: str) -> DType:
@@ -21,6 +28,19 @@ def parse_run_dtype(name: str) -> DType:
     if key not in RUN_DTYPES:
         raise ValueError(f"unsupported dtype {name!r}: choose float32 or bfloat16")
     return RUN_DTYPES[key]
+
+
+def resolve_run_dtype(requested: DType | str | None, *, checkpoint_dtype: str | None, device: str) -> DType:
+    """The run dtype (activations and KV cache) for `requested`: a DType, a name for parse_run_dtype, or
+    `auto`/None: bfloat16 on GPU; on CPU the checkpoint's own dtype (`ModelConfig.checkpoint_dtype`, see
+    _AUTO_CPU). The one place this choice is made, for the runner, the KV sizing and the server alike."""
+    if isinstance(requested, DType):
+        return requested
+    if requested is not None and requested.lower() != AUTO:
+        return parse_run_dtype(requested)
+    if device != "cpu":
+        return DType.bfloat16
+    return _AUTO_CPU[checkpoint_dtype]
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:

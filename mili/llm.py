@@ -1,7 +1,7 @@
 """The offline API: a batch of prompts in, their completions out.
 
     from mili import LLM, SamplingParams
-    llm = LLM("path/to/Qwen3", max_num_seqs=32)
+    llm = LLM("path/to/Qwen3", max_num_seqs=32)          # quantization="int8" for int8 weights
     for out in llm.generate(["Hello", "The capital of France is"], SamplingParams(max_tokens=32)):
         print(out.outputs[0].text)
     llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(max_tokens=64))
@@ -60,8 +60,10 @@ class Progress:
 
 class LLM:
     def __init__(self, model: str, **engine_args: Any) -> None:
-        """`engine_args`: dtype, device, block_size, num_kv_blocks or kv_cache_bytes, max_num_seqs,
-        max_num_batched_tokens, enable_prefix_cache, max_model_len (see Engine.from_pretrained and EngineConfig)."""
+        """`engine_args`: dtype ("auto", the default: the checkpoint's dtype on CPU, bfloat16 on GPU; or
+        "float32", "bfloat16"), quantization ("none", the default, or "int8": int8 weights), device, block_size,
+        num_kv_blocks or kv_cache_bytes, max_num_seqs, max_num_batched_tokens, enable_prefix_cache,
+        max_model_len (see Engine.from_pretrained and EngineConfig)."""
         self.engine = Engine.from_pretrained(model, **engine_args)
         self.tokenizer = self.engine.tokenizer
 

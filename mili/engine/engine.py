@@ -63,11 +63,14 @@ class Engine:
         self.num_aborted = 0
 
     @classmethod
-    def from_pretrained(cls, model_dir: str, *, dtype: str | None = None, device: str = "cpu", block_size: int = 16,
-                        num_kv_blocks: int | None = None, kv_cache_bytes: float | None = None,
-                        **engine_args: object) -> Engine:
-        runner = ModelRunner.from_pretrained(model_dir, dtype=dtype, device=device, block_size=block_size,
-                                             num_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes)
+    def from_pretrained(cls, model_dir: str, *, dtype: str | None = None, device: str = "cpu",
+                        quantization: str | None = None, block_size: int = 16, num_kv_blocks: int | None = None,
+                        kv_cache_bytes: float | None = None, **engine_args: object) -> Engine:
+        """`dtype`: auto (None), float32 or bfloat16; `quantization`: none (None) or int8 (see
+        ModelRunner.from_pretrained); `engine_args`: EngineConfig's fields."""
+        runner = ModelRunner.from_pretrained(model_dir, dtype=dtype, device=device, quantization=quantization,
+                                             block_size=block_size, num_blocks=num_kv_blocks,
+                                             kv_cache_bytes=kv_cache_bytes)
         return cls(runner, Tokenizer.from_pretrained(model_dir), EngineConfig(**engine_args))
 
     def default_sampling_params(self, **overrides: object) -> SamplingParams:

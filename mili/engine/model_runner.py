@@ -24,17 +24,16 @@ from max.engine import InferenceSession, Model
 from max.graph import DeviceRef
 
 from mili.config import ModelConfig
-from mili.dtypes import parse_run_dtype
+from mili.dtypes import resolve_run_dtype
 from mili.engine.batch import Batch
+from mili.model.packed_linear import WeightFormat
 from mili.model.qwen3 import Qwen3GraphSpec, build_qwen3_graph, load_qwen3_weights
 from mili.progress import report_while_slow
+from mili.quantization import describe_run, parse_quantization
 
 log = logging.getLogger(__name__)
 
 DEVICES = ("cpu", "gpu")
-# float32 is the CPU default: MAX's CPU matmul runs bf16 at half the fp32 rate for prompts
-# (benchmarks/model.py measures both dtypes).
-DEFAULT_DTYPE = {"cpu": DType.float32, "gpu": DType.bfloat16}
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 
 
@@ -108,27 +107,33 @@ def kv_cache_budget(kv_cache_memory: float, weight_bytes: int, device: Device | 
     return int(kv_cache_memory)
 
 
+def runner_spec(config: ModelConfig, *, dtype: DType, block_size: int, device: Device | None = None,
+                weights: WeightFormat | None = None) -> Qwen3GraphSpec:
+    """The graph spec a ModelRunner on `device` (default: the host) builds, its weight format resolved. It
+    needs config.json only, so the KV cache can be sized and the run described before the compile."""
+    device_ref = DeviceRef.CPU() if device is None else DeviceRef.from_device(device)
+    return Qwen3GraphSpec(config, dtype=dtype, device=device_ref, block_size=block_size, weights=weights)
+
+
 def blocks_for_bytes(spec: Qwen3GraphSpec, kv_cache_bytes: int) -> int:
     """How many KV blocks of `spec`'s shape fit in a byte budget."""
     per_block = spec.cache_shape(1).bytes(spec.dtype.size_in_bytes)
     return kv_cache_bytes // per_block
 
 
-def kv_cache_blocks(config: ModelConfig, dtype: DType, block_size: int, kv_cache_memory: float | None,
-                    device: Device | None = None) -> int:
-    """KV blocks for `kv_cache_memory` (see kv_cache_budget; None: DEFAULT_KV_CACHE_BYTES) on `device`.
+def kv_cache_blocks(spec: Qwen3GraphSpec, kv_cache_memory: float | None, device: Device | None = None) -> int:
+    """KV blocks of `spec`'s shape for `kv_cache_memory` (see kv_cache_budget; None: DEFAULT_KV_CACHE_BYTES)
+    on `device`, next to `spec`'s weights in their own format (int8 ~1.06 bytes a weight, bf16 2, float32 4).
 
-    Needs only config.json, so callers can check a budget before the minute-long graph compile."""
-    probe = Qwen3GraphSpec(config, dtype=dtype, block_size=block_size)
-    weight_bytes = sum(int(np.prod(shape)) for shape in probe.weight_shapes().values()) * dtype.size_in_bytes
+    Needs only config.json (runner_spec), so callers can check a budget before the minute-long graph compile."""
     asked = DEFAULT_KV_CACHE_BYTES if kv_cache_memory is None else kv_cache_memory
-    budget = kv_cache_budget(asked, weight_bytes, device)
-    num_blocks = blocks_for_bytes(probe, budget)
+    budget = kv_cache_budget(asked, spec.weight_bytes(), device)
+    num_blocks = blocks_for_bytes(spec, budget)
     if num_blocks < 1:
-        per_block = probe.cache_shape(1).bytes(dtype.size_in_bytes)
+        per_block = spec.cache_shape(1).bytes(spec.dtype.size_in_bytes)
         nbytes = f"{budget} byte" + ("" if budget == 1 else "s")
         what = f"{asked:g} of the free memory ({nbytes})" if asked <= 1 else nbytes
-        raise KvCacheSizeError(f"a KV cache of {what} holds no block of {block_size} tokens (one takes "
+        raise KvCacheSizeError(f"a KV cache of {what} holds no block of {spec.block_size} tokens (one takes "
                                f"{per_block} bytes for this model)")
     return num_blocks
 
@@ -141,12 +146,12 @@ class StartupTimes:
 
 class ModelRunner:
     def __init__(self, model_dir: str | Path, config: ModelConfig, *, dtype: DType, device: str,
-                 block_size: int, num_blocks: int) -> None:
+                 block_size: int, num_blocks: int, weights: WeightFormat | None = None) -> None:
         self.model_dir = Path(model_dir)
         self.config = config
         self.device_name = device
-        self.device, device_ref = resolve_device(device)
-        self.spec = Qwen3GraphSpec(config, dtype=dtype, device=device_ref, block_size=block_size)
+        self.device, _ = resolve_device(device)
+        self.spec = runner_spec(config, dtype=dtype, block_size=block_size, device=self.device, weights=weights)
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -157,7 +162,8 @@ class ModelRunner:
             weights = {name: buffer.to(self.device) for name, buffer in weights.items()}
         loaded = time.perf_counter()
         log.info("compiling the Qwen3 graph (%d layers, %s, %s); a first compile takes a minute or more, "
-                 "MAX's compile cache makes later starts fast", config.num_hidden_layers, dtype.name, device)
+                 "MAX's compile cache makes later starts fast", config.num_hidden_layers, describe_run(self.spec),
+                 device)
         session = InferenceSession(devices=[self.device])
         # A cold compile is a minute or more with no output of MAX's own; a warm start (seconds) logs nothing here.
         with report_while_slow(log, "still compiling the Qwen3 graph (%d s so far; only the first start of a "
@@ -174,20 +180,25 @@ class ModelRunner:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, *, dtype: DType | str | None = None, device: str = "cpu",
-                        block_size: int = 16, num_blocks: int | None = None,
+                        quantization: str | None = None, block_size: int = 16, num_blocks: int | None = None,
                         kv_cache_bytes: float | None = None) -> ModelRunner:
-        """Reads config.json and the weights; sizes the KV cache from `num_blocks`, or from
-        `kv_cache_bytes`: bytes, or a fraction (0, 1] of the memory left once the weights are loaded."""
+        """Reads config.json and the weights. `dtype`: float32, bfloat16, or auto/None (the checkpoint's own on
+        CPU, bfloat16 on GPU: mili.dtypes.resolve_run_dtype); `quantization`: none/None, or int8 for int8
+        weights (mili.quantization). Sizes the KV cache from `num_blocks`, or from `kv_cache_bytes`: bytes, or
+        a fraction (0, 1] of the memory left once the weights are loaded."""
         if device not in DEVICES:
             raise ValueError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
         config = ModelConfig.from_pretrained(model_dir)
-        run_dtype = DEFAULT_DTYPE[device] if dtype is None else (
-            parse_run_dtype(dtype) if isinstance(dtype, str) else dtype)
+        run_dtype = resolve_run_dtype(dtype, checkpoint_dtype=config.checkpoint_dtype, device=device)
+        weights = parse_quantization(quantization)
         if num_blocks is not None and kv_cache_bytes is not None:
             raise ValueError("give num_blocks or kv_cache_bytes, not both")
         if num_blocks is None:
-            num_blocks = kv_cache_blocks(config, run_dtype, block_size, kv_cache_bytes, resolve_device(device)[0])
-        return cls(model_dir, config, dtype=run_dtype, device=device, block_size=block_size, num_blocks=num_blocks)
+            driver_device = resolve_device(device)[0]
+            spec = runner_spec(config, dtype=run_dtype, block_size=block_size, device=driver_device, weights=weights)
+            num_blocks = kv_cache_blocks(spec, kv_cache_bytes, driver_device)
+        return cls(model_dir, config, dtype=run_dtype, device=device, block_size=block_size, num_blocks=num_blocks,
+                   weights=weights)
 
     @property
     def block_size(self) -> int:
@@ -196,6 +207,10 @@ class ModelRunner:
     @property
     def dtype(self) -> DType:
         return self.spec.dtype
+
+    @property
+    def weight_format(self) -> WeightFormat:
+        return self.spec.weight_format
 
     def run(self, batch: Batch) -> np.ndarray:
         """Runs one step: stores the new tokens' K/V in the cache, returns float32 logits [L, vocab]."""

@@ -73,6 +73,7 @@ def create_app(state: ServerState) -> FastAPI:
             snapshot = await state.engine.call(read)
         return {
             "model": settings.model_name, "device": settings.device, "dtype": settings.dtype,
+            "weights": settings.weights, "weight_group_size": settings.weight_group_size,
             "health": state.health, "model_loaded": state.engine is not None,
             "uptime_s": round(time.monotonic() - state.started, 1), **snapshot,
             "prefix_cache_hit_rate": state.cached_tokens_seen / state.prompt_tokens_seen

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import uvicorn
 
 from mili.engine.async_engine import AsyncEngine
-from mili.config import ModelConfig
 from mili.engine.config import ContextTooLong, EngineConfig
 from mili.engine.engine import Engine
+from mili.quantization import describe_run, weight_group_size
 from mili.server.app import create_app
 from mili.server.state import ServerSettings, ServerState
 from mili.server.startup import (ModelNotFound, StartupError, bind_listening_socket, check_checkpoint_folder,
@@ -34,7 +34,8 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "cpu"
-    dtype: str | None = None
+    dtype: str = "auto"  # auto: the checkpoint's dtype on CPU, bfloat16 on GPU (mili.dtypes.resolve_run_dtype)
+    quantization: str = "none"  # or int8: int8 weights (mili/quantization.py)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     kv_cache_memory: str = "1GiB"  # as typed: bytes with an optional unit, or a fraction (mili/memory_size.py)
@@ -55,20 +56,23 @@ def serve(options: ServeOptions) -> int:
     try:
         model_dir, default_name = resolve_model(options.model)
         check_checkpoint_folder(model_dir)
-        num_kv_blocks = plan_kv_cache_blocks(model_dir, kv_cache_memory=options.kv_cache_memory, dtype=options.dtype,
-                                             device=options.device, block_size=options.block_size)
+        plan = plan_kv_cache_blocks(model_dir, kv_cache_memory=options.kv_cache_memory, dtype=options.dtype,
+                                    quantization=options.quantization, device=options.device,
+                                    block_size=options.block_size)
         if options.max_model_len is not None:  # refused now rather than after the compile
             EngineConfig(max_model_len=options.max_model_len).context_limit(
-                ModelConfig.from_pretrained(model_dir).max_position_embeddings, num_kv_blocks * options.block_size)
+                plan.spec.config.max_position_embeddings, plan.num_blocks * options.block_size)
     except ContextTooLong as exc:
         listening.close()
         raise StartupError(str(exc)) from None
     except BaseException:
         listening.close()
         raise
+    # /status reports the resolved formats from the start, also while the model loads.
     settings = ServerSettings(model_name=options.served_model_name or default_name, device=options.device,
-                              dtype=options.dtype or ("float32" if options.device == "cpu" else "bfloat16"),
-                              api_key=options.api_key, max_queue=options.max_queue)
+                              dtype=plan.spec.dtype.name, weights=plan.spec.weight_format.value,
+                              weight_group_size=weight_group_size(plan.spec), api_key=options.api_key,
+                              max_queue=options.max_queue)
     state = ServerState(settings)
     app = create_app(state)
     server = uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
@@ -93,22 +97,23 @@ def serve(options: ServeOptions) -> int:
     # here on the main thread, because MAX builds graphs in the thread that owns its MLIR context.
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, name="mili-http", daemon=True)
     thread.start()
-    log.info("starting the server for %s on http://%s:%d (model loading: /health answers 503 until ready)",
-             settings.model_name, options.host, options.port)
+    log.info("starting the server for %s (%s) on http://%s:%d (model loading: /health answers 503 until ready)",
+             settings.model_name, describe_run(plan.spec), options.host, options.port)
     try:
         engine = Engine.from_pretrained(
-            str(model_dir), dtype=options.dtype, device=options.device, block_size=options.block_size,
-            num_kv_blocks=num_kv_blocks, max_num_seqs=options.max_num_seqs,
+            # the plan's resolved dtype, so the engine builds the very spec the KV cache was sized for
+            str(model_dir), dtype=plan.spec.dtype.name, quantization=options.quantization, device=options.device,
+            block_size=options.block_size, num_kv_blocks=plan.num_blocks, max_num_seqs=options.max_num_seqs,
             max_num_batched_tokens=options.max_num_batched_tokens, enable_prefix_cache=options.prefix_cache,
             max_model_len=options.max_model_len)
         state.attach(AsyncEngine(engine, on_death=on_engine_death))
         runner = engine.runner
         random_note = " (the built-in demo: RANDOM weights, gibberish output)" if options.model is None else ""
         log.info("serving %s%s on http://%s:%d: %s on %s, %d KV blocks of %d tokens (context %d tokens), "
-                 "prefix cache %s, weights %.1f s, compile %.1f s", settings.model_name, random_note, options.host,
-                 options.port, runner.dtype.name, options.device, runner.num_blocks, runner.block_size,
-                 engine.max_model_len, "on" if options.prefix_cache else "off", runner.startup.weights_s,
-                 runner.startup.compile_s)
+                 "prefix cache %s, weights loaded in %.1f s, compile %.1f s", settings.model_name, random_note,
+                 options.host, options.port, describe_run(plan.spec), options.device, runner.num_blocks,
+                 runner.block_size, engine.max_model_len, "on" if options.prefix_cache else "off",
+                 runner.startup.weights_s, runner.startup.compile_s)
         while thread.is_alive() and not stop.wait(0.5):
             pass
     except KeyboardInterrupt:

@@ -10,9 +10,14 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mili.memory_size import HOW_TO_PASS, MemorySizeError, parse_memory_size
+
+if TYPE_CHECKING:
+    from mili.model.qwen3 import Qwen3GraphSpec
 
 
 class StartupError(ValueError):
@@ -94,13 +99,24 @@ def bind_listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+@dataclass(frozen=True)
+class KvCachePlan:
+    """What the checks before the compile settle: the graph spec the engine will build (run dtype and weight
+    format resolved from the flags and config.json) and how many KV blocks fit next to its weights."""
+
+    spec: Qwen3GraphSpec
+    num_blocks: int
+
+
 def plan_kv_cache_blocks(model_dir: Path, *, kv_cache_memory: str, dtype: str | None, device: str,
-                         block_size: int) -> int:
+                         block_size: int, quantization: str | None = None) -> KvCachePlan:
     """KV blocks for `--kv-cache-memory` as typed (see mili/memory_size.py), sized as the engine would size
-    them but from config.json alone, so a budget that cannot be allocated fails before the compile."""
+    them (the same run dtype and weight format) but from config.json alone, so a budget that cannot be
+    allocated fails before the compile."""
     from mili.config import ModelConfig
-    from mili.dtypes import parse_run_dtype
-    from mili.engine.model_runner import DEFAULT_DTYPE, KvCacheSizeError, kv_cache_blocks, resolve_device
+    from mili.dtypes import resolve_run_dtype
+    from mili.engine.model_runner import KvCacheSizeError, kv_cache_blocks, resolve_device, runner_spec
+    from mili.quantization import parse_quantization
 
     try:
         size = parse_memory_size(kv_cache_memory)
@@ -110,9 +126,17 @@ def plan_kv_cache_blocks(model_dir: Path, *, kv_cache_memory: str, dtype: str | 
         driver_device = resolve_device(device)[0]
     except ValueError as exc:  # --device gpu on a machine without one
         raise StartupError(f"--device {device}: {exc}") from None
-    config = ModelConfig.from_pretrained(model_dir)
-    run_dtype = DEFAULT_DTYPE[device] if dtype is None else parse_run_dtype(dtype)
     try:
-        return kv_cache_blocks(config, run_dtype, block_size, size, driver_device)
+        weights = parse_quantization(quantization)
+    except ValueError as exc:
+        raise StartupError(f"--quantization {quantization}: {exc}") from None
+    config = ModelConfig.from_pretrained(model_dir)
+    try:
+        run_dtype = resolve_run_dtype(dtype, checkpoint_dtype=config.checkpoint_dtype, device=device)
+    except ValueError as exc:
+        raise StartupError(f"--dtype {dtype}: {exc}") from None
+    spec = runner_spec(config, dtype=run_dtype, block_size=block_size, device=driver_device, weights=weights)
+    try:
+        return KvCachePlan(spec, kv_cache_blocks(spec, size, driver_device))
     except KvCacheSizeError as exc:
         raise StartupError(f"--kv-cache-memory {kv_cache_memory}: {exc}; {HOW_TO_PASS}") from None

@@ -14,7 +14,9 @@ from mili.server.metrics import ServerMetrics
 class ServerSettings:
     model_name: str
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "float32"             # the run dtype (activations and KV cache), resolved
+    weights: str = "dense"             # the weight format: "dense", "bf16" (packed) or "int8" (WeightFormat values)
+    weight_group_size: int | None = None  # int8: inputs per float16 scale; None otherwise
     api_key: str | None = None
     max_queue: int = 256               # requests in flight beyond this get 429
     max_body_bytes: int = 4 << 20

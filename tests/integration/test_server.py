@@ -39,6 +39,7 @@ def test_models_and_status(client: openai.OpenAI, server: str):
     assert [m.id for m in client.models.list().data] == [MODEL]
     status = httpx.get(f"{server}/status").json()
     assert status["model"] == MODEL and status["model_loaded"] and status["dtype"] == "float32"
+    assert (status["weights"], status["weight_group_size"]) == ("dense", None)  # auto: the float32 checkpoint
 
 
 def test_completion_with_n_stop_logprobs_and_usage(client: openai.OpenAI):

@@ -101,3 +101,45 @@ def test_unknown_preset_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit):
         main(["checkpoint", "--preset", "qwen3-235b"])
     assert "invalid choice: 'qwen3-235b'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["serve"], ["generate", "--prompt", "Hi"]])
+def test_dtype_and_quantization_flags_parse_with_their_defaults(command):
+    from mili.cli import build_parser
+
+    defaults = build_parser().parse_args(command)
+    assert (defaults.dtype, defaults.quantization) == ("auto", "none")
+    chosen = build_parser().parse_args([*command, "--dtype", "bfloat16", "--quantization", "int8"])
+    assert (chosen.dtype, chosen.quantization) == ("bfloat16", "int8")
+
+
+@pytest.mark.parametrize("flag, value, choices", [("--quantization", "fp8", "'none', 'int8'"),
+                                                  ("--dtype", "float16", "'auto', 'float32', 'bfloat16'")])
+@pytest.mark.parametrize("command", [["serve"], ["generate", "--prompt", "Hi"]])
+def test_a_bad_dtype_or_quantization_is_an_argparse_error_naming_the_flag(command, flag, value, choices, capsys):
+    with pytest.raises(SystemExit):
+        main([*command, flag, value])
+    assert f"argument {flag}: invalid choice: '{value}' (choose from {choices})" in capsys.readouterr().err
+
+
+def test_serve_and_generate_pass_the_flags_on(small_checkpoint_dir, monkeypatch):
+    import mili.engine.engine
+    import mili.server.serve
+
+    seen: list[dict] = []
+
+    def fake_serve(options) -> int:
+        seen.append({"dtype": options.dtype, "quantization": options.quantization})
+        return 0
+
+    def fake_engine(cls, model_dir, **kwargs):
+        seen.append({"dtype": kwargs["dtype"], "quantization": kwargs["quantization"]})
+        raise ValueError("stopped before the compile")
+
+    monkeypatch.setattr(mili.server.serve, "serve", fake_serve)
+    monkeypatch.setattr(mili.engine.engine.Engine, "from_pretrained", classmethod(fake_engine))
+    assert main(["serve", "--port", str(free_port()), "--quantization", "int8"]) == 0
+    with pytest.raises(SystemExit, match="mili generate: stopped before the compile"):
+        main(["generate", "--model", str(small_checkpoint_dir), "--prompt", "Hi", "--dtype", "float32",
+              "--quantization", "int8"])
+    assert seen == [{"dtype": "auto", "quantization": "int8"}, {"dtype": "float32", "quantization": "int8"}]

@@ -1,4 +1,5 @@
-"""bfloat16 conversions against torch's, including rounding ties, infinities, NaN and subnormals."""
+"""bfloat16 conversions against torch's, including rounding ties, infinities, NaN and subnormals; the run
+dtype a `--dtype` choice resolves to."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from mili.dtypes import (
     f32_to_bf16_bits,
     numpy_to_buffer,
     parse_run_dtype,
+    resolve_run_dtype,
     to_numpy_f32,
 )
 
@@ -64,3 +66,25 @@ def test_parse_run_dtype(name, expected):
 def test_parse_run_dtype_names_the_choices():
     with pytest.raises(ValueError, match="choose float32 or bfloat16"):
         parse_run_dtype("float16")
+
+
+@pytest.mark.parametrize("checkpoint_dtype, expected", [
+    ("bfloat16", DType.bfloat16), ("float16", DType.bfloat16), ("float32", DType.float32),
+    (None, DType.float32),  # a config.json that names no dtype: float32, exact whatever the file holds
+])
+def test_auto_on_cpu_is_the_checkpoints_dtype(checkpoint_dtype, expected):
+    for requested in ("auto", "AUTO", None):
+        assert resolve_run_dtype(requested, checkpoint_dtype=checkpoint_dtype, device="cpu") == expected
+
+
+@pytest.mark.parametrize("checkpoint_dtype", ["bfloat16", "float32", None])
+def test_auto_on_gpu_is_bfloat16(checkpoint_dtype):
+    assert resolve_run_dtype("auto", checkpoint_dtype=checkpoint_dtype, device="gpu") == DType.bfloat16
+
+
+def test_an_explicit_dtype_wins_over_the_checkpoints():
+    assert resolve_run_dtype("float32", checkpoint_dtype="bfloat16", device="cpu") == DType.float32
+    assert resolve_run_dtype("bf16", checkpoint_dtype="float32", device="gpu") == DType.bfloat16
+    assert resolve_run_dtype(DType.float32, checkpoint_dtype="bfloat16", device="gpu") == DType.float32
+    with pytest.raises(ValueError, match="choose float32 or bfloat16"):
+        resolve_run_dtype("float16", checkpoint_dtype="float16", device="cpu")

@@ -7,7 +7,8 @@ no compile, so every fault can be forced and timed.
 - a long request on a tiny KV pool finishes instead of hanging everyone;
 - SIGTERM or SIGINT (even when SIGINT was ignored, as for a server started in the background) drains, ends
   open streams with an error event and [DONE], and `serve` returns 0; a crashed engine loop makes /health
-  503 and `serve` return 1.
+  503 and `serve` return 1;
+- /status reports the run dtype and weight format `serve` resolved before the compile.
 """
 
 from __future__ import annotations
@@ -24,12 +25,18 @@ from contextlib import contextmanager
 import httpx
 import pytest
 import uvicorn
+from max.dtype import DType
 
 from mili.engine.async_engine import AsyncEngine
 from mili.engine.config import EngineConfig
+from mili.config import ModelConfig
 from mili.engine.engine import Engine
+from mili.engine.model_runner import runner_spec
+from mili.model.packed_linear import WeightFormat
 from mili.server import serve as serve_module
 from mili.server.app import create_app
+from mili.server.demo import DEMO_CONFIG
+from mili.server.startup import KvCachePlan
 from mili.server.state import ServerSettings, ServerState
 from tests.engine_fakes import FakeRunner, FakeTokenizer, reference_next_token
 from tests.servers import free_port, wait_healthy
@@ -174,14 +181,18 @@ def test_a_request_as_long_as_the_whole_pool_finishes_and_the_next_one_is_served
         assert_still_serving(url)
 
 
-def serve_with_client(monkeypatch, engine: Engine, tmp_path, grace_s: float, client) -> tuple[int, float]:
+def serve_with_client(monkeypatch, engine: Engine, tmp_path, grace_s: float, client,
+                      weights: WeightFormat | None = None) -> tuple[int, float]:
     """Runs `mili serve` itself (signals, drain, exit code) in this thread, with the fake engine in place of
-    the compiled model, while `client(url)` runs on another thread; returns serve's exit code and seconds."""
+    the compiled model and a plan for the demo model's shape in bfloat16 with `weights`, while `client(url)`
+    runs on another thread; returns serve's exit code and seconds."""
     model_dir = tmp_path / "model"
     model_dir.mkdir()
+    spec = runner_spec(ModelConfig.from_dict(DEMO_CONFIG), dtype=DType.bfloat16, block_size=4, weights=weights)
     monkeypatch.setattr(serve_module, "resolve_model", lambda model: (model_dir, MODEL))
     monkeypatch.setattr(serve_module, "check_checkpoint_folder", lambda folder: None)
-    monkeypatch.setattr(serve_module, "plan_kv_cache_blocks", lambda *args, **kwargs: engine.pool.num_blocks)
+    monkeypatch.setattr(serve_module, "plan_kv_cache_blocks",
+                        lambda *args, **kwargs: KvCachePlan(spec, engine.pool.num_blocks))
     monkeypatch.setattr(serve_module.Engine, "from_pretrained", classmethod(lambda cls, *args, **kwargs: engine))
     port = free_port()
     thread = threading.Thread(target=client, args=(f"http://127.0.0.1:{port}",))
@@ -244,6 +255,22 @@ def test_a_crashed_engine_loop_makes_serve_exit_non_zero(monkeypatch, tmp_path):
 
     code, seconds = serve_with_client(monkeypatch, engine, tmp_path, 1.0, client)
     assert code == 1 and statuses == [503] and seconds < 30
+
+
+@pytest.mark.parametrize("weights, reported", [(WeightFormat.INT8, ("int8", 32)), (None, ("bf16", None))])
+def test_status_reports_the_resolved_dtype_and_weight_format(monkeypatch, tmp_path, weights, reported):
+    engine = fake_engine()
+    statuses: list[dict] = []
+
+    def client(url: str) -> None:
+        wait_healthy(url)
+        statuses.append(httpx.get(f"{url}/status").json())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    code, _ = serve_with_client(monkeypatch, engine, tmp_path, 1.0, client, weights)
+    assert code == 0
+    (status,) = statuses
+    assert (status["dtype"], status["weights"], status["weight_group_size"]) == ("bfloat16", *reported)
 
 
 def test_unset_sampling_fields_take_the_checkpoints_defaults():

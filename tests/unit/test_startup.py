@@ -45,7 +45,7 @@ def test_a_folder_missing_a_checkpoint_file_names_it(small_checkpoint_dir, tmp_p
 
 
 def plan(folder, value: str) -> int:
-    return plan_kv_cache_blocks(folder, kv_cache_memory=value, dtype=None, device="cpu", block_size=16)
+    return plan_kv_cache_blocks(folder, kv_cache_memory=value, dtype=None, device="cpu", block_size=16).num_blocks
 
 
 @pytest.mark.parametrize("value, message", [
@@ -78,3 +78,33 @@ def test_gpu_without_one_names_the_flag(small_checkpoint_dir):
         pytest.skip("this machine has a GPU")
     with pytest.raises(StartupError, match="--device gpu: .*no GPU"):
         plan_kv_cache_blocks(small_checkpoint_dir, kv_cache_memory="1GiB", dtype=None, device="gpu", block_size=16)
+
+
+def test_the_plan_resolves_the_dtype_from_the_checkpoint_and_the_weights_from_quantization(small_checkpoint_dir):
+    from max.dtype import DType
+
+    from mili.checkpoints import cached_checkpoint
+    from mili.model.packed_linear import WeightFormat
+
+    def planned(folder, **flags):
+        return plan_kv_cache_blocks(folder, kv_cache_memory="0.1", device="cpu", block_size=16,
+                                    **{"dtype": "auto", **flags})
+
+    bf16_dir = cached_checkpoint("tiny-tied-gqa2-d64-bf16")  # config.json says bfloat16
+    auto_f32, auto_bf16 = planned(small_checkpoint_dir), planned(bf16_dir)
+    assert (auto_f32.spec.dtype, auto_f32.spec.weight_format) == (DType.float32, WeightFormat.DENSE)
+    assert (auto_bf16.spec.dtype, auto_bf16.spec.weight_format) == (DType.bfloat16, WeightFormat.BF16)
+    forced = planned(bf16_dir, dtype="float32")
+    assert (forced.spec.dtype, forced.spec.weight_format) == (DType.float32, WeightFormat.DENSE)
+    int8 = planned(bf16_dir, quantization="int8")
+    assert (int8.spec.dtype, int8.spec.weight_format) == (DType.bfloat16, WeightFormat.INT8)
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"quantization": "fp8"}, "--quantization fp8: unsupported quantization 'fp8': choose none or int8"),
+    ({"dtype": "float16"}, "--dtype float16: unsupported dtype 'float16': choose float32 or bfloat16"),
+])
+def test_a_bad_dtype_or_quantization_names_the_flag(small_checkpoint_dir, flags, message):
+    with pytest.raises(StartupError, match=message):
+        plan_kv_cache_blocks(small_checkpoint_dir, kv_cache_memory="1GiB", device="cpu", block_size=16,
+                             **{"dtype": None, **flags})

@@ -1,0 +1,50 @@
+"""The user-facing choice of weight format (`--quantization`, `LLM(..., quantization=...)`), and how a
+run's formats are named in logs and /status.
+
+    parse_quantization("int8")  -> WeightFormat.INT8   (int8 weight-only, a float16 scale per group of 32 inputs)
+    parse_quantization(None)    -> None                (the graph spec's default, see Qwen3GraphSpec)
+    describe_run(spec)          -> "bfloat16 activations, int8 weights (group 32)"
+
+Only the flag's names live here; what each format is lives in mili/model/packed_linear.py, and which format
+an unquantized run gets (packed bf16 for bfloat16 on CPU, dense otherwise) in Qwen3GraphSpec.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mili.model.packed_linear import WeightFormat
+
+if TYPE_CHECKING:
+    from mili.model.qwen3 import Qwen3GraphSpec
+
+NONE = "none"
+# --quantization choice -> the weight format it asks for (None: the spec's default for the run dtype)
+_FORMATS: dict[str, WeightFormat | None] = {NONE: None, "int8": WeightFormat.INT8}
+QUANTIZATIONS = tuple(_FORMATS)
+
+
+def parse_quantization(value: str | None) -> WeightFormat | None:
+    """`"int8"` -> WeightFormat.INT8; `"none"` or None -> None; anything else is a ValueError naming the choices."""
+    key = NONE if value is None else value.lower()
+    if key not in _FORMATS:
+        raise ValueError(f"unsupported quantization {value!r}: choose {' or '.join(QUANTIZATIONS)}")
+    return _FORMATS[key]
+
+
+def weight_group_size(spec: Qwen3GraphSpec) -> int | None:
+    """Inputs per int8 scale, or None when the weights are not quantized."""
+    return spec.group_size if spec.weight_format is WeightFormat.INT8 else None
+
+
+def describe_weights(spec: Qwen3GraphSpec) -> str:
+    """`int8 weights (group 32)`, `packed bf16 weights` or `dense float32 weights`."""
+    fmt = spec.weight_format
+    if fmt is WeightFormat.INT8:
+        return f"int8 weights (group {spec.group_size})"
+    return "packed bf16 weights" if fmt is WeightFormat.BF16 else f"dense {spec.dtype.name} weights"
+
+
+def describe_run(spec: Qwen3GraphSpec) -> str:
+    """The run dtype and the weight format in words, for startup logs."""
+    return f"{spec.dtype.name} activations, {describe_weights(spec)}"
