@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 SERVE_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install install-test build test serve bench-kernels bench-model bench-throughput bench checkpoint-0.6b clean
+.PHONY: install install-test build test serve bench-kernels bench-linear bench-model bench-throughput bench checkpoint-0.6b clean
 
 $(BIN)/python:
 	@echo "make: creating the virtual environment $(VENV) with $(PYTHON)"
@@ -48,6 +48,10 @@ serve: install build
 
 bench-kernels: install build
 	$(BIN)/python -m benchmarks.kernels $(BENCH_ARGS)
+
+# The linear-op benchmark compares with torch's F.linear: test extras.
+bench-linear: install-test build
+	$(BIN)/python -m benchmarks.linear $(BENCH_ARGS)
 
 # The model benchmark writes its random-weight checkpoint with transformers on first use: test extras.
 bench-model: install-test build

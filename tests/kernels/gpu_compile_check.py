@@ -28,6 +28,7 @@ def main(arch: str) -> None:
     from max.graph import DeviceRef
 
     from mili.config import ModelConfig
+    from mili.model.packed_linear import WeightFormat
     from mili.model.qwen3 import Qwen3GraphSpec, build_qwen3_graph
     from mili.checkpoints import cached_checkpoint
     from tests.kernels.graphs import build_all_graphs
@@ -38,7 +39,10 @@ def main(arch: str) -> None:
     model_config = ModelConfig.from_pretrained(cached_checkpoint("tiny-tied-gqa2-d64"))
     model_graph = build_qwen3_graph(Qwen3GraphSpec(model_config, dtype=DType.bfloat16,
                                                    device=DeviceRef.from_device(gpu)), name="qwen3_gpu")
-    for graph in [*build_all_graphs(DeviceRef.from_device(gpu)), model_graph]:
+    # ...and with int8 weights, whose projections and tied embedding go through MILI's packed ops on the GPU too.
+    int8_graph = build_qwen3_graph(Qwen3GraphSpec(model_config, dtype=DType.bfloat16, device=DeviceRef.from_device(gpu),
+                                                  weights=WeightFormat.INT8), name="qwen3_gpu_int8")
+    for graph in [*build_all_graphs(DeviceRef.from_device(gpu)), model_graph, int8_graph]:
         start = time.monotonic()
         model = session.load(graph)
         print(f"compiled {graph.name} for virtual {arch} in {time.monotonic() - start:.1f}s: {type(model).__name__}",
