@@ -46,6 +46,11 @@ def panels_per_tile() -> Int:
     return 2
 
 
+# A single row (batch-1 decode) streams four panels at once: more independent FMA chains and four memory
+# streams per thread for the prefetchers (with MR = 2 rows, four panels would not fit AVX2's registers).
+comptime SINGLE_ROW_PANELS = 4
+
+
 def kernel_family_code[x_dtype: DType]() -> Int:
     """What the CPU linear op compiles to here, for tests and logs: F32_WIDTH * 10 + (1 if vdpbf16ps)."""
     return F32_WIDTH * 10 + (1 if uses_dot_bf16[x_dtype]() else 0)
@@ -395,7 +400,10 @@ def linear_bf16_cpu[x_dtype: DType, out_dtype: DType](
 
         # vdpbf16ps reads the packed pairs directly: the prefill path is the same tile with more rows.
         if shape.rows < GEMM_MIN_ROWS:
-            for_each_tile[rows_per_tile(), panels_per_tile()](shape, 2, dot_tile, ctx)
+            if shape.rows == 1:
+                for_each_tile[1, SINGLE_ROW_PANELS](shape, 2, dot_tile, ctx)
+            else:
+                for_each_tile[rows_per_tile(), panels_per_tile()](shape, 2, dot_tile, ctx)
         else:
             for_each_tile[gemm_rows(), gemm_panels()](shape, 2, dot_tile, ctx)
     else:
@@ -409,7 +417,10 @@ def linear_bf16_cpu[x_dtype: DType, out_dtype: DType](
                 def tile[MR: Int, NP: Int](row: Int, panel: Int) {imm out_ptr, imm x32, imm lanes, imm shape}:
                     bf16_tile_decoded[out_dtype, MR, NP](out_ptr, x32, lanes, shape, row, panel)
 
-                for_each_tile[rows_per_tile(), panels_per_tile()](shape, 4, tile, ctx)
+                if shape.rows == 1:
+                    for_each_tile[1, SINGLE_ROW_PANELS](shape, 4, tile, ctx)
+                else:
+                    for_each_tile[rows_per_tile(), panels_per_tile()](shape, 4, tile, ctx)
             else:
                 gemm_decoded(out_ptr, x32, shape, decode, ctx)
 
@@ -430,7 +441,10 @@ def linear_int8_cpu[x_dtype: DType, out_dtype: DType, group: Int](
             def tile[MR: Int, NP: Int](row: Int, panel: Int) {imm out_ptr, imm x32, imm q_ptr, imm scale_ptr, imm shape}:
                 int8_tile[out_dtype, MR, NP, group](out_ptr, x32, q_ptr, scale_ptr, shape, row, panel)
 
-            for_each_tile[rows_per_tile(), panels_per_tile()](shape, 4, tile, ctx)
+            if shape.rows == 1:
+                for_each_tile[1, SINGLE_ROW_PANELS](shape, 4, tile, ctx)
+            else:
+                for_each_tile[rows_per_tile(), panels_per_tile()](shape, 4, tile, ctx)
         else:
             gemm_decoded(out_ptr, x32, shape, decode, ctx)
 
