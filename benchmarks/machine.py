@@ -5,6 +5,7 @@
   compute-bound on one element at a time);
 - float32 multiply-add rate: OpenBLAS sgemm (numpy) on 2048^3, the best-tuned float32 kernel on the machine,
   as the practical FMA peak for a kernel that multiplies in float32.
+Benchmarks measure before and after their timed rounds and keep the better of each (MachineLimits.best_of).
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ class MachineLimits:
     read_gb_s: float
     sgemm_gflop_s: float
     cpu_flags: str  # the SIMD features the kernels can use
+
+    def best_of(self, other: MachineLimits) -> MachineLimits:
+        """The higher of two measurements of each limit: a limit is what the machine can do, and on a shared
+        machine a neighbour's burst during one probe only ever lowers it (seen here: 21 GB/s and 91 GFLOP/s at
+        the start of a run whose later rounds ran at 34 GB/s-class speeds)."""
+        return MachineLimits(self.cpu, self.cores, max(self.read_gb_s, other.read_gb_s),
+                             max(self.sgemm_gflop_s, other.sgemm_gflop_s), self.cpu_flags)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
             decode[TRANSFORMERS].extend(peer.decode(args.decode))
         print(f"round {round_index + 1}/{args.repeats} done", flush=True)
 
+    limits = limits.best_of(measure())
     medians = {e: (statistics.median(prefill[e]), statistics.median(decode[e])) for e in engines}
     rows = []
     for name in engines:
