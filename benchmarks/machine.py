@@ -10,6 +10,7 @@ Benchmarks measure before and after their timed rounds and keep the better of ea
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import subprocess
@@ -49,16 +50,19 @@ class MachineLimits:
                 f"float32 FMA rate {self.sgemm_gflop_s:.0f} GFLOP/s (OpenBLAS sgemm)")
 
 
+def cpuinfo_field(name: str) -> str | None:
+    """The first `name : value` line of /proc/cpuinfo (None where there is none)."""
+    path = Path("/proc/cpuinfo")
+    found = re.search(rf"^{name}\s*:\s*(.*)$", path.read_text() if path.exists() else "", re.MULTILINE)
+    return found.group(1).strip() if found else None
+
+
 def cpu_model() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    found = re.search(r"^model name\s*:\s*(.*)$", text, re.MULTILINE)
-    return found.group(1).strip() if found else platform.processor() or platform.machine()
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def simd_flags() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    found = re.search(r"^flags\s*:(.*)$", text, re.MULTILINE)
-    flags = set(found.group(1).split()) if found else set()
+    flags = set((cpuinfo_field("flags") or "").split())
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
     return " ".join(f for f in wanted if f in flags) or "no AVX2"
 
@@ -85,7 +89,6 @@ def sgemm_gflop_s(size: int = 2048, repeats: int = 5) -> float:
 
 
 def measure() -> MachineLimits:
-    import os
     print("measuring the machine: read bandwidth (1 GiB, all cores), float32 FMA rate (sgemm)...", flush=True)
     limits = MachineLimits(cpu_model(), os.cpu_count() or 1, read_bandwidth_gb_s(), sgemm_gflop_s(), simd_flags())
     print(f"  {limits.describe()}", flush=True)

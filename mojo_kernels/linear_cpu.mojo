@@ -5,7 +5,7 @@ from std.memory import bitcast, stack_allocation
 from std.sys import CompilationTarget, simd_width_of, size_of, num_physical_cores
 from std.sys.intrinsics import llvm_intrinsic
 from std.math import ceildiv
-from .cpu_parallel import parallel_ranges, parallel_for
+from .cpu_parallel import parallel_ranges
 from .convert import narrow, widen
 from .linear_layout import PANEL, LinearShape, bf16_panel_stride, int8_padded_k
 
@@ -84,14 +84,14 @@ def store_tile[out_dtype: DType, MR: Int, NP: Int](
 
 
 @always_inline
-def fma_rows[x_dtype: DType, MR: Int, NP: Int](
+def fma_rows[MR: Int, NP: Int](
     acc: MutPointer[Float32, ...], slot: Int, weights: SIMD[DType.float32, F32_WIDTH],
-    x_ptr: Pointer[Scalar[x_dtype], ...], x_at: Int, k_len: Int,
+    x32: Pointer[Float32, ...], x_at: Int, k_len: Int,
 ):
     """Computes acc[m, slot] = fma(x[m, k], weights, acc[m, slot]) for the tile's MR rows (x_at = offset of row 0's k)."""
     comptime for m in range(MR):
         var i = (m * NP * VECTORS_PER_PANEL + slot) * F32_WIDTH
-        var xv = SIMD[DType.float32, F32_WIDTH](widen(x_ptr.unsafe_load(x_at + m * k_len)))
+        var xv = SIMD[DType.float32, F32_WIDTH](x32.unsafe_load(x_at + m * k_len))
         acc.unsafe_store(i, xv.fma(weights, acc.unsafe_load[width=F32_WIDTH](i)))
 
 
@@ -105,9 +105,9 @@ def bf16_pair_step[MR: Int, NP: Int, with_odd: Bool](
         comptime for c in range(VECTORS_PER_PANEL):
             var lanes = w_ptr.unsafe_load[width=F32_WIDTH](p * lane_stride + lane_at + c * F32_WIDTH)
             var slot = p * VECTORS_PER_PANEL + c
-            fma_rows[DType.float32, MR, NP](acc, slot, bitcast[DType.float32, F32_WIDTH](lanes << 16), x32, x_at, k_len)
+            fma_rows[MR, NP](acc, slot, bitcast[DType.float32, F32_WIDTH](lanes << 16), x32, x_at, k_len)
             comptime if with_odd:
-                fma_rows[DType.float32, MR, NP](acc, slot, bitcast[DType.float32, F32_WIDTH](lanes & 0xFFFF0000),
+                fma_rows[MR, NP](acc, slot, bitcast[DType.float32, F32_WIDTH](lanes & 0xFFFF0000),
                                                 x32, x_at + 1, k_len)
 
 
@@ -191,7 +191,7 @@ def int8_tile[out_dtype: DType, MR: Int, NP: Int, group: Int](
                 var q = q_ptr.unsafe_load[width=F32_WIDTH](((panel + p) * padded_k + k) * PANEL
                                                             + (v % VECTORS_PER_PANEL) * F32_WIDTH)
                 var weights = q.cast[DType.float32]() * scales.unsafe_load[width=F32_WIDTH](v * F32_WIDTH)
-                fma_rows[DType.float32, MR, NP](acc, v, weights, x32, x_row + k, k_len)
+                fma_rows[MR, NP](acc, v, weights, x32, x_row + k, k_len)
     store_tile[out_dtype, MR, NP](out_ptr, acc, shape, row, panel)
 
 
@@ -317,6 +317,17 @@ def for_each_tile[
     parallel_ranges(shape.panels(), linear_tasks(shape), panel_range, ctx)
 
 
+def for_each_decode_tile[
+    TileFn: def[MR: Int, NP: Int](row: Int, panel: Int) -> None, //
+](shape: LinearShape, x_bytes: Int, tile: TileFn, ctx: DeviceContext) raises:
+    """Runs for_each_tile with the decode-batch tile shape: a single row streams SINGLE_ROW_PANELS panels, more rows
+    go rows_per_tile() x panels_per_tile() at a time (per-row arithmetic is the same either way)."""
+    if shape.rows == 1:
+        for_each_tile[1, SINGLE_ROW_PANELS](shape, x_bytes, tile, ctx)
+    else:
+        for_each_tile[rows_per_tile(), panels_per_tile()](shape, x_bytes, tile, ctx)
+
+
 comptime ScratchPointer = MutPointer[Float32, MutAnyOrigin]
 
 
@@ -326,19 +337,17 @@ def gemm_decoded[
     out_ptr: MutPointer[Scalar[out_dtype], ...], x32: Pointer[Float32, ...], shape: LinearShape, decode: DecodeFn,
     ctx: DeviceContext,
 ) raises:
-    """The prefill path: each thread decodes gemm_panels() panels at a time into a scratch buffer of its own
-    (decode(panel, dst) writes the panel's [K][16] floats at dst) and runs every row against them."""
+    """The prefill path: each thread takes a contiguous range of panels, decodes gemm_panels() of them at a time
+    into a scratch buffer of its own (decode(panel, dst) writes the panel's [K][16] floats at dst) and runs every
+    row against them."""
     comptime MR = gemm_rows()
     comptime NP = gemm_panels()
-    var tasks = linear_tasks(shape)
-    var per_task = ceildiv(shape.panels(), tasks)
     var panel_floats = shape.k * PANEL
 
-    def run(task: Int) raises {imm out_ptr, imm x32, imm shape, imm decode, imm per_task, imm panel_floats}:
+    def panel_range(first: Int, end: Int) raises {imm out_ptr, imm x32, imm shape, imm decode, imm panel_floats}:
         var scratch = List[Float32](length=NP * panel_floats, fill=0)
         var decoded = rebind[ScratchPointer](scratch.unsafe_ptr())
-        var end = min(shape.panels(), (task + 1) * per_task)
-        var panel = task * per_task
+        var panel = first
         while panel < end:
             var here = min(NP, end - panel)
             for p in range(here):
@@ -363,7 +372,7 @@ def gemm_decoded[
             panel += here
         _ = scratch^
 
-    parallel_for(tasks, run, ctx)
+    parallel_ranges(shape.panels(), linear_tasks(shape), panel_range, ctx)
 
 
 def with_float32_rows[x_dtype: DType, BodyFn: def(Pointer[Float32, ImmutAnyOrigin]) raises -> None, //](
@@ -400,10 +409,7 @@ def linear_bf16_cpu[x_dtype: DType, out_dtype: DType](
 
         # vdpbf16ps reads the packed pairs directly: the prefill path is the same tile with more rows.
         if shape.rows < GEMM_MIN_ROWS:
-            if shape.rows == 1:
-                for_each_tile[1, SINGLE_ROW_PANELS](shape, 2, dot_tile, ctx)
-            else:
-                for_each_tile[rows_per_tile(), panels_per_tile()](shape, 2, dot_tile, ctx)
+            for_each_decode_tile(shape, 2, dot_tile, ctx)
         else:
             for_each_tile[gemm_rows(), gemm_panels()](shape, 2, dot_tile, ctx)
     else:
@@ -417,10 +423,7 @@ def linear_bf16_cpu[x_dtype: DType, out_dtype: DType](
                 def tile[MR: Int, NP: Int](row: Int, panel: Int) {imm out_ptr, imm x32, imm lanes, imm shape}:
                     bf16_tile_decoded[out_dtype, MR, NP](out_ptr, x32, lanes, shape, row, panel)
 
-                if shape.rows == 1:
-                    for_each_tile[1, SINGLE_ROW_PANELS](shape, 4, tile, ctx)
-                else:
-                    for_each_tile[rows_per_tile(), panels_per_tile()](shape, 4, tile, ctx)
+                for_each_decode_tile(shape, 4, tile, ctx)
             else:
                 gemm_decoded(out_ptr, x32, shape, decode, ctx)
 
@@ -441,10 +444,7 @@ def linear_int8_cpu[x_dtype: DType, out_dtype: DType, group: Int](
             def tile[MR: Int, NP: Int](row: Int, panel: Int) {imm out_ptr, imm x32, imm q_ptr, imm scale_ptr, imm shape}:
                 int8_tile[out_dtype, MR, NP, group](out_ptr, x32, q_ptr, scale_ptr, shape, row, panel)
 
-            if shape.rows == 1:
-                for_each_tile[1, SINGLE_ROW_PANELS](shape, 4, tile, ctx)
-            else:
-                for_each_tile[rows_per_tile(), panels_per_tile()](shape, 4, tile, ctx)
+            for_each_decode_tile(shape, 4, tile, ctx)
         else:
             gemm_decoded(out_ptr, x32, shape, decode, ctx)
 

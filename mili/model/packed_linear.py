@@ -41,12 +41,6 @@ class WeightFormat(enum.Enum):
     def packed(self) -> bool:
         return self is not WeightFormat.DENSE
 
-    def bytes_per_weight(self, run_dtype: DType, group_size: int = DEFAULT_GROUP_SIZE) -> float:
-        """Storage per weight (for memory planning and GB/s figures)."""
-        if self is WeightFormat.INT8:
-            return 1 + 2 / group_size
-        return 2.0 if self is WeightFormat.BF16 else float(run_dtype.size_in_bytes)
-
 
 def panels(out_features: int) -> int:
     return -(-out_features // PANEL)

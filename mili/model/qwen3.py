@@ -108,8 +108,10 @@ class Qwen3GraphSpec:
         return self.config.tie_word_embeddings and self.weight_format.packed
 
     def packed_shape(self, name: str) -> PackedShape:
-        shapes = graph_weight_shapes(self.config)
-        out_features, in_features = shapes[name] if name in shapes else shapes["embed_tokens"]  # a tied head
+        return self._packed(_graph_shape(graph_weight_shapes(self.config), name))
+
+    def _packed(self, shape: tuple[int, ...]) -> PackedShape:
+        out_features, in_features = shape
         return PackedShape(self.weight_format, out_features, in_features, self.group_size)
 
     def weight_types(self) -> dict[str, tuple[DType, tuple[int, ...]]]:
@@ -118,11 +120,11 @@ class Qwen3GraphSpec:
         shapes = graph_weight_shapes(self.config)
         types: dict[str, tuple[DType, tuple[int, ...]]] = {}
         for name in _graph_names(self):
-            shape = shapes[name] if name in shapes else shapes["embed_tokens"]  # a tied head
+            shape = _graph_shape(shapes, name)
             if not _is_projection(name):
                 types[name] = (self.dtype, shape)
             elif self.weight_format.packed:
-                types |= {name + suffix: (dtype, packed) for suffix, dtype, packed in self.packed_shape(name).arrays()}
+                types |= {name + suffix: (dtype, packed) for suffix, dtype, packed in self._packed(shape).arrays()}
             else:
                 types[name] = (self.dtype, shape[::-1] if self.weights_in_out else shape)
         return types
@@ -138,6 +140,11 @@ class Qwen3GraphSpec:
         c = self.config
         return BufferType(self.dtype, [c.num_hidden_layers, 2, "num_blocks", c.num_key_value_heads,
                                        self.block_size * c.head_dim], self.device)
+
+
+def _graph_shape(shapes: dict[str, tuple[int, ...]], name: str) -> tuple[int, ...]:
+    """A graph weight's [out, in] shape from graph_weight_shapes; a tied LM head has the embedding's."""
+    return shapes[name] if name in shapes else shapes["embed_tokens"]
 
 
 def _layer_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from max.dtype import DType
 
 from mili.dtypes import f32_to_bf16_bits
 from mili.model.packed_linear import (PANEL, PackedShape, WeightFormat, dequantize_int8, pack_bf16, pack_weight,
@@ -81,9 +80,9 @@ def test_a_gguf_q8_0_tensor_is_held_without_loss(rng):
 
 
 def test_storage_sizes():
-    assert WeightFormat.INT8.bytes_per_weight(DType.bfloat16) == 1 + 2 / 32
-    assert WeightFormat.BF16.bytes_per_weight(DType.float32) == 2
-    assert WeightFormat.DENSE.bytes_per_weight(DType.float32) == 4
     assert PackedShape(WeightFormat.INT8, 1024, 1024).nbytes() == 1024 * 1024 * (1 + 2 / 32)
+    assert PackedShape(WeightFormat.BF16, 1024, 1024).nbytes() == 1024 * 1024 * 2
+    with pytest.raises(ValueError, match="not packed"):
+        PackedShape(WeightFormat.DENSE, 1024, 1024).nbytes()
     with pytest.raises(ValueError, match="group_size"):
         quantize_int8(np.zeros((1, 1), np.float32), 0)
