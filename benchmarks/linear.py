@@ -15,12 +15,14 @@ float32 for the float32 ones; MILI's output is the activation dtype.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +33,7 @@ from max.graph import DeviceRef, TensorType, ops
 
 from benchmarks.kernels import graph
 from benchmarks.machine import MachineLimits, measure
-from mili.dtypes import f32_to_bf16_bits, numpy_to_buffer
+from mili.dtypes import numpy_to_buffer
 from mili.model import packed_linear
 from mili.model.packed_linear import PackedShape, WeightFormat, pack_weight
 
@@ -80,6 +82,11 @@ class Result:
     share_of_limit: float  # GEMV: of read bandwidth; otherwise: of the float32 FMA rate
 
 
+@torch.no_grad()
+def _torch_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x, w)
+
+
 class Contenders:
     """Compiled graphs and weight copies for one (shape, rows); `calls()` gives each contender's timed call."""
 
@@ -96,20 +103,24 @@ class Contenders:
             arrays = [list(packed.buffers("w").values())]
             arrays += [[Buffer.from_numpy(a.copy()).view(b.dtype) for a, b in zip(packed.arrays, arrays[0], strict=True)]
                        for _ in range(copies_for(packed.shape.nbytes()) - 1)]
-            self._add(f"MILI {fmt.value}", packed.shape.nbytes(), model, x_bf16, arrays)
+            self._add(f"MILI {fmt.value}", packed.shape.nbytes(), arrays,
+                      lambda a, model=model: model.execute(x_bf16, *a))
         for dtype in (DType.float32, DType.bfloat16):
             model = session.load(self._max_graph(dtype, k, n))
             nbytes = n * k * dtype.size_in_bytes
             # MAX folds the transpose of an [N, K] float32 weight; bf16 must be stored [K, N] (see qwen3.py)
             host = w if dtype == DType.float32 else np.ascontiguousarray(w.T)
-            arrays = [[numpy_to_buffer(host, dtype)] for _ in range(copies_for(nbytes))]
-            self._add(f"MAX {dtype.name}", nbytes, model, numpy_to_buffer(x, dtype), arrays)
+            # a copy each: Buffer.from_numpy shares a float32 array's memory, so copies of `host` itself would
+            # all be one buffer, warm in cache
+            arrays = [[numpy_to_buffer(host.copy(), dtype)] for _ in range(copies_for(nbytes))]
+            self._add(f"MAX {dtype.name}", nbytes, arrays,
+                      lambda a, model=model, xb=numpy_to_buffer(x, dtype): model.execute(xb, *a))
         for dtype in (torch.float32, torch.bfloat16):
-            weights = [torch.from_numpy(w).to(dtype) for _ in range(copies_for(n * k * dtype.itemsize))]
-            self._add_torch(f"torch {str(dtype).removeprefix('torch.')}", n * k * dtype.itemsize,
-                            torch.from_numpy(x).to(dtype), weights)
-        numpy_weights = [w.copy() for _ in range(copies_for(w.nbytes))]
-        self._add_numpy("numpy float32", w.nbytes, x, numpy_weights)
+            nbytes = n * k * dtype.itemsize
+            weights = [torch.from_numpy(w).to(dtype, copy=True) for _ in range(copies_for(nbytes))]
+            self._add(f"torch {str(dtype).removeprefix('torch.')}", nbytes, weights,
+                      lambda wt, xt=torch.from_numpy(x).to(dtype): _torch_linear(xt, wt))
+        self._add("numpy float32", w.nbytes, [w.copy() for _ in range(copies_for(w.nbytes))], lambda wt: x @ wt.T)
 
     @staticmethod
     def _mili_graph(fmt: WeightFormat, k: int, n: int):
@@ -127,27 +138,11 @@ class Contenders:
         return graph(f"max_matmul_{dtype.name}_{k}_{n}", [TensorType(dtype, ["m", k], CPU_REF),
                                                           TensorType(dtype, shape, CPU_REF)], body)
 
-    def _add(self, name: str, nbytes: int, model, x: Buffer, arrays: list[list[Buffer]]) -> None:
-        turn = iter(range(1 << 62))
-
-        def call() -> None:
-            model.execute(x, *arrays[next(turn) % len(arrays)])
-        self._calls[name], self.weight_bytes[name] = call, nbytes
-
-    def _add_torch(self, name: str, nbytes: int, x: torch.Tensor, weights: list[torch.Tensor]) -> None:
-        turn = iter(range(1 << 62))
-
-        def call() -> None:
-            with torch.no_grad():
-                torch.nn.functional.linear(x, weights[next(turn) % len(weights)])
-        self._calls[name], self.weight_bytes[name] = call, nbytes
-
-    def _add_numpy(self, name: str, nbytes: int, x: np.ndarray, weights: list[np.ndarray]) -> None:
-        turn = iter(range(1 << 62))
-
-        def call() -> None:
-            x @ weights[next(turn) % len(weights)].T
-        self._calls[name], self.weight_bytes[name] = call, nbytes
+    def _add(self, name: str, nbytes: int, copies: list, run: Callable[[Any], object]) -> None:
+        """Registers a contender whose calls run `run` on its weight copies in turn."""
+        turns = itertools.cycle(copies)
+        self._calls[name] = lambda: run(next(turns))
+        self.weight_bytes[name] = nbytes
 
     def calls(self) -> dict[str, Callable[[], object]]:
         return self._calls
