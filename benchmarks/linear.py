@@ -1,7 +1,8 @@
 """MILI's linear op (bf16 and int8 packed weights) against MAX's ops.matmul, torch's F.linear and numpy, on
 Qwen3-0.6B's projection shapes, measured side by side in interleaved rounds (medians).
 
-    python -m benchmarks.linear [--repeats 10] [--quick] [--out benchmarks/results/linear.json]
+    python -m benchmarks.linear [--repeats 10] [--quick] [--shapes qkv,lm_head] [--rows 1,16]
+                                [--contenders MILI,torch] [--out benchmarks/results/linear.json]
 
 Rows M = 1 (batch-1 decode), 16 (a decode batch) and 512 (a prefill chunk). Each round gives every contender a
 burst of calls and drops the first of each burst (see time_in_bursts). For M = 1 and 16 every contender
@@ -91,13 +92,13 @@ class Contenders:
     """Compiled graphs and weight copies for one (shape, rows); `calls()` gives each contender's timed call."""
 
     def __init__(self, session: InferenceSession, k: int, n: int, rows: int, copies_for: Callable[[int], int],
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, keep: Callable[[str], bool]) -> None:
         w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
         x = rng.standard_normal((rows, k)).astype(np.float32)
         self.weight_bytes: dict[str, int] = {}
         self._calls: dict[str, Callable[[], object]] = {}
         x_bf16 = numpy_to_buffer(x, DType.bfloat16)
-        for fmt in (WeightFormat.BF16, WeightFormat.INT8):
+        for fmt in (f for f in (WeightFormat.BF16, WeightFormat.INT8) if keep(f"MILI {f.value}")):
             packed = pack_weight(w, fmt)
             model = session.load(self._mili_graph(fmt, k, n))
             arrays = [list(packed.buffers("w").values())]
@@ -105,7 +106,7 @@ class Contenders:
                        for _ in range(copies_for(packed.shape.nbytes()) - 1)]
             self._add(f"MILI {fmt.value}", packed.shape.nbytes(), arrays,
                       lambda a, model=model: model.execute(x_bf16, *a))
-        for dtype in (DType.float32, DType.bfloat16):
+        for dtype in (d for d in (DType.float32, DType.bfloat16) if keep(f"MAX {d.name}")):
             model = session.load(self._max_graph(dtype, k, n))
             nbytes = n * k * dtype.size_in_bytes
             # MAX folds the transpose of an [N, K] float32 weight; bf16 must be stored [K, N] (see qwen3.py)
@@ -115,12 +116,13 @@ class Contenders:
             arrays = [[numpy_to_buffer(host.copy(), dtype)] for _ in range(copies_for(nbytes))]
             self._add(f"MAX {dtype.name}", nbytes, arrays,
                       lambda a, model=model, xb=numpy_to_buffer(x, dtype): model.execute(xb, *a))
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (d for d in (torch.float32, torch.bfloat16) if keep(f"torch {str(d).removeprefix('torch.')}")):
             nbytes = n * k * dtype.itemsize
             weights = [torch.from_numpy(w).to(dtype, copy=True) for _ in range(copies_for(nbytes))]
             self._add(f"torch {str(dtype).removeprefix('torch.')}", nbytes, weights,
                       lambda wt, xt=torch.from_numpy(x).to(dtype): _torch_linear(xt, wt))
-        self._add("numpy float32", w.nbytes, [w.copy() for _ in range(copies_for(w.nbytes))], lambda wt: x @ wt.T)
+        if keep("numpy float32"):
+            self._add("numpy float32", w.nbytes, [w.copy() for _ in range(copies_for(w.nbytes))], lambda wt: x @ wt.T)
 
     @staticmethod
     def _mili_graph(fmt: WeightFormat, k: int, n: int):
@@ -148,14 +150,25 @@ class Contenders:
         return self._calls
 
 
-def run(limits: MachineLimits, repeats: int, quick: bool) -> list[Result]:
+@dataclass(frozen=True)
+class Selection:
+    """Which cases run: shape names, row counts, and contenders by name prefix (None: all)."""
+
+    shapes: tuple[str, ...]
+    rows: tuple[int, ...] = ROWS
+    contenders: tuple[str, ...] | None = None
+
+    def keep(self, contender: str) -> bool:
+        return self.contenders is None or contender.startswith(self.contenders) or contender == "MILI bf16"
+
+
+def run(limits: MachineLimits, repeats: int, selection: Selection) -> list[Result]:
     session = InferenceSession(devices=[CPU()])
     rng = np.random.default_rng(0)
     torch.set_num_threads(limits.cores)
     results: list[Result] = []
-    shapes = SHAPES[:2] + SHAPES[-1:] if quick else SHAPES
-    for name, k, n in shapes:
-        for rows in ROWS:
+    for name, k, n in (s for s in SHAPES if s[0] in selection.shapes):
+        for rows in selection.rows:
             if name == "lm_head" and rows == 512:
                 continue  # prefill computes logits for the last token of each sequence only
             cold = rows < 512
@@ -163,7 +176,7 @@ def run(limits: MachineLimits, repeats: int, quick: bool) -> list[Result]:
             def copies_for(nbytes: int) -> int:
                 return max(1, -(-COLD_BYTES // nbytes)) if cold else 1
             print(f"{name} K={k} N={n} M={rows}: preparing and compiling...", flush=True)
-            contenders = Contenders(session, k, n, rows, copies_for, rng)
+            contenders = Contenders(session, k, n, rows, copies_for, rng, selection.keep)
             times = time_in_bursts(contenders.calls(), repeats)
             flops = 2 * rows * n * k
             for contender, us in times.items():
@@ -189,12 +202,27 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=10, help="at least this many timed rounds per case")
     parser.add_argument("--quick", action="store_true", help="three shapes only (a smoke run)")
+    parser.add_argument("--shapes", help=f"comma-separated shape names (default all: {','.join(s[0] for s in SHAPES)})")
+    parser.add_argument("--rows", help="comma-separated row counts M (default 1,16,512)")
+    parser.add_argument("--contenders", help="comma-separated contender name prefixes, e.g. MILI,torch "
+                                             "(default all; MILI bf16 always runs: the table's speedups are against it)")
     parser.add_argument("--out", default="benchmarks/results/linear.json", help="where to write the JSON results")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    names = [s[0] for s in SHAPES]
+    shapes = tuple(args.shapes.split(",")) if args.shapes else tuple(names[:2] + names[-1:] if args.quick else names)
+    if unknown := set(shapes) - set(names):
+        parser.error(f"--shapes: unknown {sorted(unknown)}; choose from {names}")
+    try:
+        rows = tuple(int(r) for r in args.rows.split(",")) if args.rows else ROWS
+    except ValueError:
+        parser.error(f"--rows must be comma-separated integers, got {args.rows!r}")
+    if any(r < 1 for r in rows):
+        parser.error("--rows: every row count must be at least 1")
+    contenders = tuple(args.contenders.split(",")) if args.contenders else None
     limits = measure()
-    results = run(limits, args.repeats, args.quick)
+    results = run(limits, args.repeats, Selection(shapes, rows, contenders))
     after = limits.best_of(measure())
     for r in results:  # shares against the better measurement of each limit
         r.share_of_limit *= (limits.read_gb_s / after.read_gb_s if r.rows == 1

@@ -14,12 +14,16 @@
 # Scores are scaled by 1/sqrt(head_dim); softmax is online (running max and sum) in float32, one KV block
 # at a time, so nothing of size context is ever materialised.
 #
-# CPU: a work item is (sequence, KV head, a tile of up to MAX_ROWS query rows = tokens x heads of that KV
-# head's group). Its rows share every K/V block load. Scores for a block come from broadcast FMAs over the
-# transposed K block (contiguous SIMD vectors of keys, no per-key horizontal sums). When there are too few
-# items to keep every core busy (long-context decode at small batch), each item's key range is split into
-# block-aligned parts computed in parallel, and their partial softmaxes (max, sum, unnormalised output)
-# are merged afterwards.
+# CPU: a work item (tile) is (sequence, a run of KV heads, a tile of up to MAX_ROWS query rows = tokens x
+# heads of those KV heads' groups). A tile walks the sequence's blocks once; inside a block it takes its KV
+# heads in turn, which lie side by side in the cache (one head's block is only 4 KB). Rows that share a KV head
+# share every K/V vector load and its widening to float32: scores come from broadcast FMAs over the
+# transposed K block (contiguous SIMD vectors of keys, no per-key horizontal sums), a few rows at a time; the
+# weighted V sum keeps a chunk of each row's output in registers across the block's keys. A sequence with a
+# single token tile (decode, short verification) has its key range split every SPLIT_KEYS keys into parts
+# computed in parallel, whose partial softmaxes (max, sum, unnormalised output) are merged afterwards; the
+# split depends on the sequence alone, so its result never depends on what else is in the batch. Tiles get
+# fewer KV heads when there would otherwise be fewer tiles than cores.
 # GPU: one thread block per (token, head); threads own one key each for scoring and output dims for the
 # weighted V sum; block-wide max/sum reductions in shared memory.
 import extensibility
@@ -30,7 +34,6 @@ from .cpu_parallel import parallel_for
 from std.algorithm import vectorize
 from std.memory import stack_allocation, AddressSpace
 from std.sys import simd_width_of, num_physical_cores, size_of
-from std.sys.intrinsics import prefetch, PrefetchOptions
 from std.math import exp, sqrt, ceildiv, iota
 from .kv_cache import CacheLayout, cache_layout
 from .gpu_reduce import block_sum, block_max
@@ -38,7 +41,8 @@ from .convert import narrow
 
 comptime MutableInputTensor = ManagedTensorSlice[IOSpec.MutableInput, ...]
 comptime MAX_ROWS = 16  # query rows (tokens x heads) a CPU work item scores against each K block
-comptime MIN_KEYS_PER_SPLIT = 256  # a split part smaller than this is not worth its merge
+comptime MAX_PARTS = 64  # parts whose merge weights are kept on the stack (more are recomputed)
+comptime SPLIT_KEYS = 256  # keys per part of a split decode (a part's merge costs about one block)
 comptime NO_SCORE: Float32 = -1.0e30  # finite "minus infinity": exp() of it is 0 and it never makes NaN
 comptime GPU_THREADS = 128
 comptime F32_WIDTH = simd_width_of[DType.float32]()
@@ -46,13 +50,15 @@ comptime F32_WIDTH = simd_width_of[DType.float32]()
 
 @fieldwise_init
 struct Tile(TrivialRegisterPassable):
-    """One CPU work item: rows (tokens first_token..end_token x heads first_head..end_head) of sequence
-    `seq` against keys [key_lo, key_hi), for KV head `kv_head`. A tile whose key range was split into
-    `parts` consecutive tiles writes partial result slot `partial`; an unsplit one (parts = 1,
-    partial = -1) writes the final output directly."""
+    """One CPU work item: rows of sequence `seq` against keys [key_lo, key_hi), for KV heads
+    kv_head ..< kv_head + kv_count. Its rows are KV head-major: for each of its KV heads, tokens
+    first_token ..< end_token x query heads first_head ..< end_head of that KV head's group. A tile whose key
+    range was split into `parts` consecutive tiles writes partial result slot `partial`; an unsplit one
+    (parts = 1, partial = -1) writes the final output directly."""
 
     var seq: Int
     var kv_head: Int
+    var kv_count: Int
     var first_head: Int
     var end_head: Int
     var first_token: Int
@@ -61,6 +67,25 @@ struct Tile(TrivialRegisterPassable):
     var key_hi: Int
     var partial: Int
     var parts: Int
+
+    @always_inline
+    def rows_per_kv_head(self) -> Int:
+        return (self.end_token - self.first_token) * (self.end_head - self.first_head)
+
+    @always_inline
+    def rows(self) -> Int:
+        return self.kv_count * self.rows_per_kv_head()
+
+    @always_inline
+    def token(self, r: Int) -> Int:
+        """The sequence-relative new token of row r."""
+        return self.first_token + (r % self.rows_per_kv_head()) // (self.end_head - self.first_head)
+
+    @always_inline
+    def head(self, r: Int, group: Int) -> Int:
+        """The query head of row r."""
+        var heads = self.end_head - self.first_head
+        return (self.kv_head + r // self.rows_per_kv_head()) * group + self.first_head + r % heads
 
 
 @fieldwise_init
@@ -113,6 +138,16 @@ def validate_batch(
                             layout.num_blocks - 1, ")")
 
 
+def key_splits(q_len: Int, tokens_per_tile: Int, keys: Int) -> Int:
+    """Parts a sequence's key range is split into: a sequence with one token tile (decode, short
+    verification) splits every SPLIT_KEYS keys so its long context is read by every core; one with many token
+    tiles has parallel work already. Depends on the sequence alone, so its arithmetic never depends on the
+    rest of the batch."""
+    if q_len > tokens_per_tile:
+        return 1
+    return max(1, ceildiv(keys, SPLIT_KEYS))
+
+
 def plan_tiles(
     query_start: Pointer[Int32, ...],
     context_lens: Pointer[Int32, ...],
@@ -123,38 +158,127 @@ def plan_tiles(
     mut split_groups: List[Int],
 ) -> Int:
     """Fills `tiles` with the work items and `split_groups` with the index of the first part of each
-    split tile; returns how many partial-result slots they use."""
+    split tile; returns how many partial-result slots they use. A tile takes as many KV heads as fit
+    MAX_ROWS rows, so that it walks K and V blocks that lie side by side in the cache (one KV head's block is
+    only 4 KB; all of a block's heads are contiguous), unless that would leave cores idle."""
     var tokens_per_tile = max(1, MAX_ROWS // batch.group)
     var heads_per_tile = min(batch.group, MAX_ROWS)
-    var base_items = 0
-    for b in range(batch.batch):
-        base_items += ceildiv(seq_q_len(query_start, b), tokens_per_tile) * ceildiv(batch.group, heads_per_tile)
-    base_items *= layout.kv_heads
-    var wanted = 4 * workers  # enough items that uneven ones still balance across cores
-    var partials = 0
-    for b in range(batch.batch):
-        var q_len = seq_q_len(query_start, b)
-        var keys = Int(context_lens.unsafe_load(b))
-        var splits = 1
-        if base_items < wanted:
-            splits = max(1, min(ceildiv(wanted, base_items), keys // MIN_KEYS_PER_SPLIT))
-        # Block-aligned split boundaries: every part starts on a block.
-        var keys_per_split = ceildiv(ceildiv(keys, splits), layout.block_size) * layout.block_size
-        splits = ceildiv(keys, keys_per_split)
-        for g in range(layout.kv_heads):
-            for h0 in range(0, batch.group, heads_per_tile):
-                for i0 in range(0, q_len, tokens_per_tile):
-                    if splits > 1:
-                        split_groups.append(len(tiles))
-                    for s in range(splits):
-                        var slot = -1
+    var kv_cap = layout.kv_heads
+    while True:
+        tiles.clear()
+        split_groups.clear()
+        var partials = 0
+        for b in range(batch.batch):
+            var q_len = seq_q_len(query_start, b)
+            var keys = Int(context_lens.unsafe_load(b))
+            var rows_per_kv = min(q_len, tokens_per_tile) * heads_per_tile
+            var kv_per_tile = max(1, min(kv_cap, MAX_ROWS // rows_per_kv))
+            var splits = key_splits(q_len, tokens_per_tile, keys)
+            # Block-aligned split boundaries: every part starts on a block.
+            var keys_per_split = ceildiv(ceildiv(keys, splits), layout.block_size) * layout.block_size
+            splits = ceildiv(keys, keys_per_split)
+            for g in range(0, layout.kv_heads, kv_per_tile):
+                for h0 in range(0, batch.group, heads_per_tile):
+                    for i0 in range(0, q_len, tokens_per_tile):
                         if splits > 1:
-                            slot = partials
-                            partials += 1
-                        tiles.append(Tile(b, g, h0, min(batch.group, h0 + heads_per_tile), i0,
-                                          min(q_len, i0 + tokens_per_tile), s * keys_per_split,
-                                          min(keys, (s + 1) * keys_per_split), slot, splits))
-    return partials
+                            split_groups.append(len(tiles))
+                        for s in range(splits):
+                            var slot = -1
+                            if splits > 1:
+                                slot = partials
+                                partials += 1
+                            tiles.append(Tile(b, g, min(kv_per_tile, layout.kv_heads - g), h0,
+                                              min(batch.group, h0 + heads_per_tile), i0,
+                                              min(q_len, i0 + tokens_per_tile), s * keys_per_split,
+                                              min(keys, (s + 1) * keys_per_split), slot, splits))
+        # Fewer tiles than cores: give each tile fewer KV heads (this never changes a row's arithmetic).
+        if len(tiles) >= workers or kv_cap == 1:
+            return partials
+        kv_cap = max(1, kv_cap // 2)
+
+
+@always_inline
+def score_rows_per_call() -> Int:
+    """Query rows scored together against one K block: 2 rows x 2 chunks x 2 accumulator sets = 8 registers on
+    AVX2 (16), 8 rows x 1 chunk x 2 = 16 on AVX-512 (32). Each K vector is widened once for all of them."""
+    return 8 if F32_WIDTH >= 16 else 2
+
+
+@always_inline
+def value_vectors_per_call[rows: Int]() -> Int:
+    """Output vectors per row that one pass over a V block keeps in registers for `rows` rows (rows x this
+    accumulators + this many V vectors + a broadcast fit the register file)."""
+    return max(1, (16 if F32_WIDTH >= 16 else 8) // rows)
+
+
+@always_inline
+def score_rows[dtype: DType, D: Int, BS: Int, RB: Int](
+    scores: MutPointer[Float32, ...], q_rows: Pointer[Float32, ...], r0: Int,
+    cache_ptr: Pointer[Scalar[dtype], ...], k_block: Int,
+):
+    """Scores[r, t] = q[r] . K[t] for RB rows from r0 and every key t of the block (keys past the context are
+    garbage here and masked by the caller). Two accumulator sets (even and odd d) per (row, key chunk) give
+    enough independent FMA chains for the FMA latency; each K vector is loaded and widened once."""
+    comptime KC = min(BS, F32_WIDTH)
+    comptime CH = BS // KC
+    var acc = stack_allocation[2 * RB * CH * KC, Float32]()
+    comptime for i in range(2 * RB * CH):
+        acc.unsafe_store(i * KC, SIMD[DType.float32, KC](0))
+    for d in range(0, D, 2):
+        comptime for half in range(2):
+            comptime for c in range(CH):
+                var keys = cache_ptr.unsafe_load[width=KC](k_block + (d + half) * BS + c * KC).cast[DType.float32]()
+                comptime for r in range(RB):
+                    var i = ((half * RB + r) * CH + c) * KC
+                    var qv = SIMD[DType.float32, KC](q_rows.unsafe_load((r0 + r) * D + d + half))
+                    acc.unsafe_store(i, qv.fma(keys, acc.unsafe_load[width=KC](i)))
+    comptime for r in range(RB):
+        comptime for c in range(CH):
+            var even = acc.unsafe_load[width=KC]((r * CH + c) * KC)
+            var odd = acc.unsafe_load[width=KC](((RB + r) * CH + c) * KC)
+            scores.unsafe_store((r0 + r) * BS + c * KC, even + odd)
+
+
+@always_inline
+def accumulate_values[dtype: DType, D: Int, BS: Int, RB: Int](
+    acc: MutPointer[Float32, ...], probs: Pointer[Float32, ...], alpha: Pointer[Float32, ...], r0: Int, keys: Int,
+    cache_ptr: Pointer[Scalar[dtype], ...], v_block: Int,
+):
+    """Acc[r] = acc[r] * alpha[r] + sum_t probs[r, t] * V[t] over the block's first `keys` keys, for RB rows
+    from r0 (a row with fewer visible keys has probability 0 for the rest: those keys are real, stored ones).
+    The output dims go in chunks that stay in registers across the keys; each V vector is widened once."""
+    comptime DC = value_vectors_per_call[RB]()
+    comptime W = F32_WIDTH
+    comptime assert D % (DC * W) == 0, "head_dim must be a multiple of the value chunk"
+    var out = stack_allocation[RB * DC * W, Float32]()
+    for d0 in range(0, D, DC * W):
+        comptime for r in range(RB):
+            comptime for j in range(DC):
+                var at = (r0 + r) * D + d0 + j * W
+                out.unsafe_store((r * DC + j) * W, acc.unsafe_load[width=W](at) * alpha.unsafe_load(r0 + r))
+        for t in range(keys):
+            comptime for j in range(DC):
+                var v = cache_ptr.unsafe_load[width=W](v_block + t * D + d0 + j * W).cast[DType.float32]()
+                comptime for r in range(RB):
+                    var i = (r * DC + j) * W
+                    var p = SIMD[DType.float32, W](probs.unsafe_load((r0 + r) * BS + t))
+                    out.unsafe_store(i, p.fma(v, out.unsafe_load[width=W](i)))
+        comptime for r in range(RB):
+            comptime for j in range(DC):
+                acc.unsafe_store((r0 + r) * D + d0 + j * W, out.unsafe_load[width=W]((r * DC + j) * W))
+
+
+@always_inline
+def for_row_groups[F: def[RB: Int](r0: Int) -> None, //, RB: Int](first_row: Int, end_row: Int, body: F):
+    """Calls body[RB](r0) over rows first_row ..< end_row in groups of RB, then body[rest](r0) once for the
+    remainder."""
+    var r0 = first_row
+    while r0 + RB <= end_row:
+        body[RB](r0)
+        r0 += RB
+    comptime for rest in range(1, RB):
+        if end_row - r0 == rest:
+            body[rest](r0)
 
 
 def attend_tile[dtype: DType, head_dim: Int, block_size: Int](
@@ -175,26 +299,24 @@ def attend_tile[dtype: DType, head_dim: Int, block_size: Int](
     comptime D = head_dim
     comptime BS = block_size
     comptime KC = min(BS, F32_WIDTH)  # keys scored per SIMD vector
-    comptime LINE_ELEMS = 64 // size_of[dtype]()  # elements per cache line
     comptime assert BS % KC == 0, "block_size must be a multiple of the key chunk"
-    comptime assert D % 4 == 0, "head_dim must be a multiple of 4"
-    var heads = tile.end_head - tile.first_head
-    var rows = (tile.end_token - tile.first_token) * heads
+    comptime assert D % F32_WIDTH == 0, "head_dim must be a multiple of the SIMD width"
+    var rows = tile.rows()
+    var rows_per_kv = tile.rows_per_kv_head()
     var q_rows = stack_allocation[MAX_ROWS * D, Float32]()
     var acc = stack_allocation[MAX_ROWS * D, Float32]()
     var scores = stack_allocation[MAX_ROWS * BS, Float32]()
     var row_max = stack_allocation[MAX_ROWS, Float32]()
     var row_sum = stack_allocation[MAX_ROWS, Float32]()
+    var row_alpha = stack_allocation[MAX_ROWS, Float32]()
     var row_limit = stack_allocation[MAX_ROWS, Int]()
-    var row_keys = stack_allocation[MAX_ROWS, Int]()
     var token_base = Int(query_start.unsafe_load(tile.seq))
     var first_limit = seq_first_key_limit(query_start, context_lens, tile.seq)
 
     var max_limit = 0
     for r in range(rows):
-        var i = tile.first_token + r // heads
-        var head = tile.kv_head * batch.group + tile.first_head + r % heads
-        var q_base = ((token_base + i) * batch.num_heads + head) * D
+        var i = tile.token(r)
+        var q_base = ((token_base + i) * batch.num_heads + tile.head(r, batch.group)) * D
         for d in range(D):
             q_rows.unsafe_store(r * D + d, q_ptr.unsafe_load(q_base + d).cast[DType.float32]() * scale)
         for d in range(D):
@@ -209,73 +331,46 @@ def attend_tile[dtype: DType, head_dim: Int, block_size: Int](
     var block_start = tile.key_lo
     while block_start < max_limit:
         var physical = Int(block_tables.unsafe_load(table_row + block_start // BS))
-        var k_block = layout.k_block(physical, tile.kv_head)
-        var v_block = layout.v_block(physical, tile.kv_head)
-        if block_start + BS < max_limit:
-            # Blocks are scattered in memory, so the hardware prefetcher cannot see the next one coming:
-            # ask for it while this one is computed (decode is a pure stream over K and V).
-            var next_physical = Int(block_tables.unsafe_load(table_row + block_start // BS + 1))
-            var next_k = layout.k_block(next_physical, tile.kv_head)
-            var next_v = layout.v_block(next_physical, tile.kv_head)
-            for offset in range(0, BS * D, LINE_ELEMS):
-                prefetch[PrefetchOptions().for_read().high_locality()](cache_ptr.unsafe_offset(next_k + offset))
-                prefetch[PrefetchOptions().for_read().high_locality()](cache_ptr.unsafe_offset(next_v + offset))
-        for r in range(rows):
-            var n = max(0, min(BS, row_limit.unsafe_load(r) - block_start))
-            row_keys.unsafe_store(r, n)
-            if n == 0:
-                continue
-            # Scores of this row against the block's keys, KC keys per vector.
-            var best = SIMD[DType.float32, KC](NO_SCORE)
-            for c in range(0, n, KC):
-                # Four independent accumulators hide the FMA latency of one long chain over head_dim.
-                var s0 = SIMD[DType.float32, KC](0)
-                var s1 = SIMD[DType.float32, KC](0)
-                var s2 = SIMD[DType.float32, KC](0)
-                var s3 = SIMD[DType.float32, KC](0)
-                var q_row = r * D
-                var k_col = k_block + c
-                for d in range(0, D, 4):
-                    s0 += q_rows.unsafe_load(q_row + d) * cache_ptr.unsafe_load[width=KC](
-                        k_col + d * BS).cast[DType.float32]()
-                    s1 += q_rows.unsafe_load(q_row + d + 1) * cache_ptr.unsafe_load[width=KC](
-                        k_col + (d + 1) * BS).cast[DType.float32]()
-                    s2 += q_rows.unsafe_load(q_row + d + 2) * cache_ptr.unsafe_load[width=KC](
-                        k_col + (d + 2) * BS).cast[DType.float32]()
-                    s3 += q_rows.unsafe_load(q_row + d + 3) * cache_ptr.unsafe_load[width=KC](
-                        k_col + (d + 3) * BS).cast[DType.float32]()
-                var s = (s0 + s1) + (s2 + s3)
-                var valid = iota[DType.int32, KC]().lt(SIMD[DType.int32, KC](Int32(n - c)))
-                s = valid.select(s, SIMD[DType.float32, KC](NO_SCORE))
-                scores.unsafe_store(r * BS + c, s)
-                best = max(best, s)
-            # Online softmax: rescale what was accumulated under the old running max.
-            var old_max = row_max.unsafe_load(r)
-            var new_max = max(old_max, best.reduce_max())
-            var alpha = exp(old_max - new_max)
-            var block_sum = SIMD[DType.float32, KC](0)
-            for c in range(0, n, KC):
-                var p = exp(scores.unsafe_load[width=KC](r * BS + c) - new_max)
-                scores.unsafe_store(r * BS + c, p)
-                block_sum += p
-            row_sum.unsafe_store(r, row_sum.unsafe_load(r) * alpha + block_sum.reduce_add())
-            row_max.unsafe_store(r, new_max)
-            if alpha != 1.0:
-                def rescale[w: Int](d: Int) {imm acc, imm r, imm alpha}:
-                    acc.unsafe_store(r * D + d, acc.unsafe_load[width=w](r * D + d) * alpha)
+        for kv in range(tile.kv_count):
+            var k_block = layout.k_block(physical, tile.kv_head + kv)
+            var v_block = layout.v_block(physical, tile.kv_head + kv)
+            var first_row = kv * rows_per_kv
+            var end_row = first_row + rows_per_kv
 
-                vectorize[F32_WIDTH](D, rescale)
-        # Weighted sum of V rows. A row's whole output (head_dim floats) stays in registers across the
-        # block's keys; the V block is read from L1 for the tile's other rows.
-        for r in range(rows):
-            var n = row_keys.unsafe_load(r)
-            if n == 0:
-                continue
-            var out_row = acc.unsafe_load[width=D](r * D)
-            for t in range(n):
-                var v = cache_ptr.unsafe_load[width=D](v_block + t * D).cast[DType.float32]()
-                out_row += scores.unsafe_load(r * BS + t) * v
-            acc.unsafe_store(r * D, out_row)
+            def score[RB: Int](r0: Int) {imm scores, imm q_rows, imm cache_ptr, imm k_block}:
+                score_rows[dtype, D, BS, RB](scores, q_rows, r0, cache_ptr, k_block)
+
+            for_row_groups[score_rows_per_call()](first_row, end_row, score)
+            # Online softmax per row: mask the keys it cannot see, rescale what it has under the new running max.
+            var block_keys = 0
+            for r in range(first_row, end_row):
+                var n = max(0, min(BS, row_limit.unsafe_load(r) - block_start))
+                block_keys = max(block_keys, n)
+                var best = SIMD[DType.float32, KC](NO_SCORE)
+                comptime for c in range(0, BS, KC):
+                    var valid = iota[DType.int32, KC]().lt(SIMD[DType.int32, KC](Int32(n - c)))
+                    var s = valid.select(scores.unsafe_load[width=KC](r * BS + c), SIMD[DType.float32, KC](NO_SCORE))
+                    scores.unsafe_store(r * BS + c, s)
+                    best = max(best, s)
+                var old_max = row_max.unsafe_load(r)
+                var new_max = max(old_max, best.reduce_max())
+                var block_sum = SIMD[DType.float32, KC](0)
+                comptime for c in range(0, BS, KC):
+                    var valid = iota[DType.int32, KC]().lt(SIMD[DType.int32, KC](Int32(n - c)))
+                    # Masked keys get probability 0 even when the row has seen no key yet (new_max = NO_SCORE).
+                    var p = valid.select(exp(scores.unsafe_load[width=KC](r * BS + c) - new_max),
+                                         SIMD[DType.float32, KC](0))
+                    scores.unsafe_store(r * BS + c, p)
+                    block_sum += p
+                var alpha = exp(old_max - new_max)
+                row_alpha.unsafe_store(r, alpha)
+                row_sum.unsafe_store(r, row_sum.unsafe_load(r) * alpha + block_sum.reduce_add())
+                row_max.unsafe_store(r, new_max)
+
+            def values[RB: Int](r0: Int) {imm acc, imm scores, imm row_alpha, imm block_keys, imm cache_ptr, imm v_block}:
+                accumulate_values[dtype, D, BS, RB](acc, scores, row_alpha, r0, block_keys, cache_ptr, v_block)
+
+            for_row_groups[score_rows_per_call()](first_row, end_row, values)
         block_start += BS
 
     for r in range(rows):
@@ -286,9 +381,7 @@ def attend_tile[dtype: DType, head_dim: Int, block_size: Int](
             for d in range(D):
                 partial_ptr.unsafe_store(base + 2 + d, acc.unsafe_load(r * D + d))
         else:
-            var i = tile.first_token + r // heads
-            var head = tile.kv_head * batch.group + tile.first_head + r % heads
-            var out_base = ((token_base + i) * batch.num_heads + head) * D
+            var out_base = ((token_base + tile.token(r)) * batch.num_heads + tile.head(r, batch.group)) * D
             var inv_sum = 1.0 / row_sum.unsafe_load(r)
             for d in range(D):
                 out_ptr.unsafe_store(out_base + d, narrow[dtype](acc.unsafe_load(r * D + d) * inv_sum))
@@ -306,10 +399,9 @@ def merge_partials[dtype: DType, head_dim: Int](
     comptime D = head_dim
     var tile = tiles[first]
     var parts = tile.parts
-    var heads = tile.end_head - tile.first_head
-    var rows = (tile.end_token - tile.first_token) * heads
     var token_base = Int(query_start.unsafe_load(tile.seq))
-    for r in range(rows):
+    var weights = stack_allocation[MAX_PARTS, Float32]()
+    for r in range(tile.rows()):
         var overall_max = NO_SCORE
         for s in range(parts):
             var base = (tiles[first + s].partial * MAX_ROWS + r) * (D + 2)
@@ -317,16 +409,21 @@ def merge_partials[dtype: DType, head_dim: Int](
         var total = Float32(0)
         for s in range(parts):
             var base = (tiles[first + s].partial * MAX_ROWS + r) * (D + 2)
-            total += partial_ptr.unsafe_load(base + 1) * exp(partial_ptr.unsafe_load(base) - overall_max)
-        var i = tile.first_token + r // heads
-        var head = tile.kv_head * batch.group + tile.first_head + r % heads
-        var out_base = ((token_base + i) * batch.num_heads + head) * D
-        for d in range(D):
-            var value = Float32(0)
+            var weight = exp(partial_ptr.unsafe_load(base) - overall_max)
+            weights.unsafe_store(s % MAX_PARTS, weight)
+            total += partial_ptr.unsafe_load(base + 1) * weight
+        var out_base = ((token_base + tile.token(r)) * batch.num_heads + tile.head(r, batch.group)) * D
+        var inv_total = 1.0 / total
+
+        def merge_dims[w: Int](d: Int) {imm tiles, imm first, imm parts, imm r, imm partial_ptr, imm weights, imm out_ptr, imm out_base, imm inv_total, imm overall_max}:
+            var value = SIMD[DType.float32, w](0)
             for s in range(parts):
                 var base = (tiles[first + s].partial * MAX_ROWS + r) * (D + 2)
-                value += partial_ptr.unsafe_load(base + 2 + d) * exp(partial_ptr.unsafe_load(base) - overall_max)
-            out_ptr.unsafe_store(out_base + d, narrow[dtype](value / total))
+                var weight = weights.unsafe_load(s) if s < MAX_PARTS else exp(partial_ptr.unsafe_load(base) - overall_max)
+                value += partial_ptr.unsafe_load[width=w](base + 2 + d) * weight
+            out_ptr.unsafe_store(out_base + d, narrow[dtype](value * inv_total))
+
+        vectorize[F32_WIDTH](D, merge_dims)
 
 
 def paged_attention_cpu[dtype: DType, head_dim: Int, block_size: Int](

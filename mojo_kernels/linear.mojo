@@ -11,11 +11,14 @@
 #         W[n, k] = q[n, k] * scale[n, k // G], q in [-127, 127] (a GGUF Q8_0 block is G = 32 with a float16 scale).
 # Padding (k >= K, n >= N) holds zeros and is never read into an output.
 #
-# Accumulation, and why a row's output is bit-identical whatever M is: every output (m, n) is one float32
+# Accumulation, and why a row's output is bit-identical whatever M is: every bf16 output (m, n) is one float32
 # chain acc = fma(x[m, k], W[n, k], acc) over k = 0, 1, ..., K-1 in order, with W[n, k] decoded exactly to
-# float32 (a bfloat16 is the top half of a float32; q * scale has at most 7 + 11 significant bits). Rows never
-# share an accumulator and K is never split, so the blocking (1..MR rows per micro-kernel call, threads over
-# panels, row blocks for cache reuse) changes which rows share a weight load, never a row's arithmetic.
+# float32 (a bfloat16 is the top half of a float32). An int8 output sums each group unscaled first:
+# part_g = chain of fma(x[m, k], q[n, k], part) over the group's k in order from 0 (q is exact in float32), then
+# acc = fma(part_g, scale[n, g], acc) over g in order: one FMA per weight instead of a multiply and an FMA.
+# Rows never share an accumulator and K is never split, so the blocking (1..MR rows per micro-kernel call,
+# threads over panels, row blocks for cache reuse) changes which rows share a weight load, never a row's
+# arithmetic.
 # On CPUs with AVX512_BF16, bfloat16 activations against bf16 weights use vdpbf16ps instead, for every M alike
 # (two k per instruction: bf16 products are exact, each add rounds, denormals are flushed), so the guarantee
 # holds there too; such a CPU's results differ from an AVX2 CPU's in the last bits.
@@ -29,7 +32,7 @@ from max.gpu.host import DeviceContext
 from max.gpu import block_idx, thread_idx, block_dim, grid_dim
 from std.math import ceildiv
 from .convert import narrow, widen
-from .linear_layout import PANEL, LinearShape, bf16_panel_stride, int8_padded_k, packed_bf16_weight, packed_int8_weight
+from .linear_layout import PANEL, LinearShape, bf16_panel_stride, int8_padded_k, packed_bf16_weight, packed_int8_q, packed_int8_scale
 from .linear_cpu import linear_bf16_cpu, linear_int8_cpu, kernel_family_code
 
 comptime GPU_THREADS = 256
@@ -65,10 +68,13 @@ def linear_int8_gpu_kernel[x_dtype: DType, out_dtype: DType, group: Int](
     while i < total:
         var m = i // Int(n_len)
         var n = i - m * Int(n_len)
+        var padded_k = int8_padded_k(Int(k_len), group)
         var acc: Float32 = 0
-        for k in range(Int(k_len)):
-            var w = packed_int8_weight[group](q_ptr, scale_ptr, Int(k_len), n, k)
-            acc = widen(x_ptr.unsafe_load(m * Int(k_len) + k)).fma(w, acc)
+        for g in range(padded_k // group):
+            var part: Float32 = 0
+            for k in range(g * group, min(Int(k_len), (g + 1) * group)):
+                part = widen(x_ptr.unsafe_load(m * Int(k_len) + k)).fma(packed_int8_q(q_ptr, padded_k, n, k), part)
+            acc = part.fma(packed_int8_scale[group](scale_ptr, padded_k, n, g), acc)
         out_ptr.unsafe_store(i, narrow[out_dtype](acc))
         i += stride
 

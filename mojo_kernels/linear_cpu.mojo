@@ -168,30 +168,43 @@ def bf16_tile_dot[out_dtype: DType, MR: Int, NP: Int](
 
 
 @always_inline
+def fold_group[MR: Int, NP: Int](
+    acc: MutPointer[Float32, ...], part: Pointer[Float32, ...], scale_ptr: Pointer[Float16, ...], groups: Int,
+    panel: Int, g: Int,
+):
+    """Adds a group's unscaled sums into the tile: acc[m, n] = fma(part[m, n], scale[n, g], acc[m, n])."""
+    comptime V = NP * VECTORS_PER_PANEL
+    comptime for v in range(V):
+        var at = ((panel + v // VECTORS_PER_PANEL) * groups + g) * PANEL + (v % VECTORS_PER_PANEL) * F32_WIDTH
+        var scale = scale_ptr.unsafe_load[width=F32_WIDTH](at).cast[DType.float32]()
+        comptime for m in range(MR):
+            var i = (m * V + v) * F32_WIDTH
+            acc.unsafe_store(i, part.unsafe_load[width=F32_WIDTH](i).fma(scale, acc.unsafe_load[width=F32_WIDTH](i)))
+
+
+@always_inline
 def int8_tile[out_dtype: DType, MR: Int, NP: Int, group: Int](
     out_ptr: MutPointer[Scalar[out_dtype], ...], x32: Pointer[Float32, ...],
     q_ptr: Pointer[Int8, ...], scale_ptr: Pointer[Float16, ...], shape: LinearShape, row: Int, panel: Int,
 ):
-    """Int8 weights decoded as float32(q) * scale (exact) in registers, one group's scales held at a time."""
+    """Int8 weights as float32(q) (exact) in registers: each group's products summed unscaled from zero, then
+    folded in with its scale (fold_group): one FMA per weight and one per group."""
     var acc = stack_allocation[MR * NP * PANEL, Float32]()
-    var scales = stack_allocation[NP * PANEL, Float32]()
+    var part = stack_allocation[MR * NP * PANEL, Float32]()
     zero_tile[MR, NP](acc)
     var k_len = shape.k
     var padded_k = int8_padded_k(k_len, group)
     var groups = padded_k // group
     var x_row = row * k_len
     for g in range(groups):
-        comptime for v in range(NP * VECTORS_PER_PANEL):
-            var p = v // VECTORS_PER_PANEL
-            var at = ((panel + p) * groups + g) * PANEL + (v % VECTORS_PER_PANEL) * F32_WIDTH
-            scales.unsafe_store(v * F32_WIDTH, scale_ptr.unsafe_load[width=F32_WIDTH](at).cast[DType.float32]())
+        zero_tile[MR, NP](part)
         for k in range(g * group, min(k_len, (g + 1) * group)):
             comptime for v in range(NP * VECTORS_PER_PANEL):
                 var p = v // VECTORS_PER_PANEL
                 var q = q_ptr.unsafe_load[width=F32_WIDTH](((panel + p) * padded_k + k) * PANEL
                                                             + (v % VECTORS_PER_PANEL) * F32_WIDTH)
-                var weights = q.cast[DType.float32]() * scales.unsafe_load[width=F32_WIDTH](v * F32_WIDTH)
-                fma_rows[MR, NP](acc, v, weights, x32, x_row + k, k_len)
+                fma_rows[MR, NP](part, v, q.cast[DType.float32](), x32, x_row + k, k_len)
+        fold_group[MR, NP](acc, part, scale_ptr, groups, panel, g)
     store_tile[out_dtype, MR, NP](out_ptr, acc, shape, row, panel)
 
 
@@ -228,33 +241,23 @@ def decode_bf16_panel(dst: MutPointer[Float32, ...], w_lanes: Pointer[UInt32, ..
                                  bitcast[DType.float32, F32_WIDTH](lanes & 0xFFFF0000))
 
 
-def decode_int8_panel[group: Int](dst: MutPointer[Float32, ...], q_ptr: Pointer[Int8, ...],
-                                  scale_ptr: Pointer[Float16, ...], panel: Int, k_len: Int):
-    """Writes dst[k * 16 + j] = q * scale of W[panel * 16 + j, k] as float32."""
-    var padded_k = int8_padded_k(k_len, group)
-    var groups = padded_k // group
-    for g in range(groups):
+def decode_int8_panel(dst: MutPointer[Float32, ...], q_ptr: Pointer[Int8, ...], panel: Int, k_len: Int, padded_k: Int):
+    """Writes dst[k * 16 + j] = q[panel * 16 + j, k] as float32 (unscaled: the tile applies the group scales)."""
+    for k in range(k_len):
         comptime for c in range(VECTORS_PER_PANEL):
-            var scale = scale_ptr.unsafe_load[width=F32_WIDTH]((panel * groups + g) * PANEL + c * F32_WIDTH)
-            var scale32 = scale.cast[DType.float32]()
-            for k in range(g * group, min(k_len, (g + 1) * group)):
-                var q = q_ptr.unsafe_load[width=F32_WIDTH]((panel * padded_k + k) * PANEL + c * F32_WIDTH)
-                dst.unsafe_store(k * PANEL + c * F32_WIDTH, q.cast[DType.float32]() * scale32)
+            var q = q_ptr.unsafe_load[width=F32_WIDTH]((panel * padded_k + k) * PANEL + c * F32_WIDTH)
+            dst.unsafe_store(k * PANEL + c * F32_WIDTH, q.cast[DType.float32]())
 
 
 @always_inline
-def decoded_tile[out_dtype: DType, MR: Int, NP: Int](
-    out_ptr: MutPointer[Scalar[out_dtype], ...], x32: Pointer[Float32, ...], decoded: Pointer[Float32, ...],
-    shape: LinearShape, row: Int, panel: Int,
+def decoded_fmas[MR: Int, NP: Int](
+    acc: MutPointer[Float32, ...], x32: Pointer[Float32, ...], decoded: Pointer[Float32, ...], k_len: Int,
+    x_row: Int, k_begin: Int, k_end: Int,
 ):
-    """MR rows x NP decoded panels (decoded = [NP][K][16] float32, starting at `panel`)."""
-    var acc = stack_allocation[MR * NP * PANEL, Float32]()
-    zero_tile[MR, NP](acc)
-    var k_len = shape.k
-    var x_row = row * k_len
+    """Acc[m, n] = fma(x[m, k], decoded[n, k], acc[m, n]) for k in [k_begin, k_end), MR rows x NP decoded panels."""
     comptime V = NP * VECTORS_PER_PANEL
     var weights = stack_allocation[V * F32_WIDTH, Float32]()
-    for k in range(k_len):
+    for k in range(k_begin, k_end):
         # All of this k's weight vectors first, then one broadcast per row: V + 1 registers besides the
         # accumulators (6 x 2 + 3 = 15 of AVX2's 16).
         comptime for v in range(V):
@@ -266,6 +269,35 @@ def decoded_tile[out_dtype: DType, MR: Int, NP: Int](
                 var i = (m * V + v) * F32_WIDTH
                 acc.unsafe_store(i, xv.fma(weights.unsafe_load[width=F32_WIDTH](v * F32_WIDTH),
                                            acc.unsafe_load[width=F32_WIDTH](i)))
+
+
+@always_inline
+def decoded_tile[out_dtype: DType, MR: Int, NP: Int](
+    out_ptr: MutPointer[Scalar[out_dtype], ...], x32: Pointer[Float32, ...], decoded: Pointer[Float32, ...],
+    shape: LinearShape, row: Int, panel: Int,
+):
+    """MR rows x NP decoded bf16 panels (decoded = [NP][K][16] float32, starting at `panel`)."""
+    var acc = stack_allocation[MR * NP * PANEL, Float32]()
+    zero_tile[MR, NP](acc)
+    decoded_fmas[MR, NP](acc, x32, decoded, shape.k, row * shape.k, 0, shape.k)
+    store_tile[out_dtype, MR, NP](out_ptr, acc, shape, row, panel)
+
+
+@always_inline
+def decoded_int8_tile[out_dtype: DType, MR: Int, NP: Int, group: Int](
+    out_ptr: MutPointer[Scalar[out_dtype], ...], x32: Pointer[Float32, ...], decoded: Pointer[Float32, ...],
+    scale_ptr: Pointer[Float16, ...], shape: LinearShape, row: Int, panel: Int,
+):
+    """MR rows x NP decoded int8 panels (unscaled q as float32), group by group like int8_tile."""
+    var acc = stack_allocation[MR * NP * PANEL, Float32]()
+    var part = stack_allocation[MR * NP * PANEL, Float32]()
+    zero_tile[MR, NP](acc)
+    var k_len = shape.k
+    var groups = int8_padded_k(k_len, group) // group
+    for g in range(groups):
+        zero_tile[MR, NP](part)
+        decoded_fmas[MR, NP](part, x32, decoded, k_len, row * k_len, g * group, min(k_len, (g + 1) * group))
+        fold_group[MR, NP](acc, part, scale_ptr, groups, panel, g)
     store_tile[out_dtype, MR, NP](out_ptr, acc, shape, row, panel)
 
 
@@ -332,19 +364,16 @@ comptime ScratchPointer = MutPointer[Float32, MutAnyOrigin]
 
 
 def gemm_decoded[
-    out_dtype: DType, DecodeFn: def(panel: Int, dst: ScratchPointer) -> None, //
-](
-    out_ptr: MutPointer[Scalar[out_dtype], ...], x32: Pointer[Float32, ...], shape: LinearShape, decode: DecodeFn,
-    ctx: DeviceContext,
-) raises:
-    """The prefill path: each thread takes a contiguous range of panels, decodes gemm_panels() of them at a time
-    into a scratch buffer of its own (decode(panel, dst) writes the panel's [K][16] floats at dst) and runs every
-    row against them."""
-    comptime MR = gemm_rows()
-    comptime NP = gemm_panels()
+    DecodeFn: def(panel: Int, dst: ScratchPointer) -> None,
+    TileFn: def[MR: Int, NP: Int](decoded: ScratchPointer, row: Int, panel: Int) -> None, //, MR: Int, NP: Int,
+](shape: LinearShape, decode: DecodeFn, tile: TileFn, ctx: DeviceContext) raises:
+    """The prefill path: each thread takes a contiguous range of panels, decodes NP of them at a time into a
+    scratch buffer of its own (decode(panel, dst) writes the panel's [K][16] floats at dst) and runs every row
+    against them, tile[MR or 1, NP or 1](decoded, row, panel)."""
     var panel_floats = shape.k * PANEL
+    var rows = shape.rows
 
-    def panel_range(first: Int, end: Int) raises {imm out_ptr, imm x32, imm shape, imm decode, imm panel_floats}:
+    def panel_range(first: Int, end: Int) raises {imm decode, imm tile, imm panel_floats, imm rows}:
         var scratch = List[Float32](length=NP * panel_floats, fill=0)
         var decoded = rebind[ScratchPointer](scratch.unsafe_ptr())
         var panel = first
@@ -352,22 +381,22 @@ def gemm_decoded[
             var here = min(NP, end - panel)
             for p in range(here):
                 decode(panel + p, decoded.unsafe_offset(p * panel_floats))
-            var row = 0
             if here == NP:
-                while row + MR <= shape.rows:
-                    decoded_tile[out_dtype, MR, NP](out_ptr, x32, decoded, shape, row, panel)
+                var row = 0
+                while row + MR <= rows:
+                    tile[MR, NP](decoded, row, panel)
                     row += MR
-                while row < shape.rows:
-                    decoded_tile[out_dtype, 1, NP](out_ptr, x32, decoded, shape, row, panel)
+                while row < rows:
+                    tile[1, NP](decoded, row, panel)
                     row += 1
             else:
                 for p in range(here):
-                    row = 0
-                    while row + MR <= shape.rows:
-                        decoded_tile[out_dtype, MR, 1](out_ptr, x32, decoded.unsafe_offset(p * panel_floats), shape, row, panel + p)
+                    var row = 0
+                    while row + MR <= rows:
+                        tile[MR, 1](decoded.unsafe_offset(p * panel_floats), row, panel + p)
                         row += MR
-                    while row < shape.rows:
-                        decoded_tile[out_dtype, 1, 1](out_ptr, x32, decoded.unsafe_offset(p * panel_floats), shape, row, panel + p)
+                    while row < rows:
+                        tile[1, 1](decoded.unsafe_offset(p * panel_floats), row, panel + p)
                         row += 1
             panel += here
         _ = scratch^
@@ -425,7 +454,10 @@ def linear_bf16_cpu[x_dtype: DType, out_dtype: DType](
 
                 for_each_decode_tile(shape, 4, tile, ctx)
             else:
-                gemm_decoded(out_ptr, x32, shape, decode, ctx)
+                def gemm_tile[MR: Int, NP: Int](decoded: ScratchPointer, row: Int, panel: Int) {imm out_ptr, imm x32, imm shape}:
+                    decoded_tile[out_dtype, MR, NP](out_ptr, x32, decoded, shape, row, panel)
+
+                gemm_decoded[gemm_rows(), gemm_panels()](shape, decode, gemm_tile, ctx)
 
         with_float32_rows(x_ptr, shape.rows * shape.k, run)
 
@@ -435,9 +467,10 @@ def linear_int8_cpu[x_dtype: DType, out_dtype: DType, group: Int](
     q_ptr: Pointer[Int8, ...], scale_ptr: Pointer[Float16, ...], shape: LinearShape, ctx: DeviceContext,
 ) raises:
     var k_len = shape.k
+    var padded_k = int8_padded_k(k_len, group)
 
-    def decode(panel: Int, dst: ScratchPointer) {imm q_ptr, imm scale_ptr, imm k_len}:
-        decode_int8_panel[group](dst, q_ptr, scale_ptr, panel, k_len)
+    def decode(panel: Int, dst: ScratchPointer) {imm q_ptr, imm k_len, imm padded_k}:
+        decode_int8_panel(dst, q_ptr, panel, k_len, padded_k)
 
     def run(x32: Pointer[Float32, ImmutAnyOrigin]) raises {imm out_ptr, imm q_ptr, imm scale_ptr, imm shape, imm decode, ref ctx}:
         if shape.rows < GEMM_MIN_ROWS:
@@ -446,6 +479,9 @@ def linear_int8_cpu[x_dtype: DType, out_dtype: DType, group: Int](
 
             for_each_decode_tile(shape, 4, tile, ctx)
         else:
-            gemm_decoded(out_ptr, x32, shape, decode, ctx)
+            def gemm_tile[MR: Int, NP: Int](decoded: ScratchPointer, row: Int, panel: Int) {imm out_ptr, imm x32, imm scale_ptr, imm shape}:
+                decoded_int8_tile[out_dtype, MR, NP, group](out_ptr, x32, decoded, scale_ptr, shape, row, panel)
+
+            gemm_decoded[gemm_rows(), gemm_panels()](shape, decode, gemm_tile, ctx)
 
     with_float32_rows(x_ptr, shape.rows * shape.k, run)

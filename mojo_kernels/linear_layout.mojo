@@ -35,12 +35,20 @@ def packed_bf16_weight(w_ptr: Pointer[BFloat16, ...], k_len: Int, n: Int, k: Int
 
 
 @always_inline
+def packed_int8_q(q_ptr: Pointer[Int8, ...], padded_k: Int, n: Int, k: Int) -> Float32:
+    """Q[n, k] (unscaled) from the int8 panel layout."""
+    return q_ptr.unsafe_load(((n // PANEL) * padded_k + k) * PANEL + n % PANEL).cast[DType.float32]()
+
+
+@always_inline
+def packed_int8_scale[group: Int](scale_ptr: Pointer[Float16, ...], padded_k: Int, n: Int, g: Int) -> Float32:
+    """The scale of channel n's group g."""
+    return scale_ptr.unsafe_load(((n // PANEL) * (padded_k // group) + g) * PANEL + n % PANEL).cast[DType.float32]()
+
+
+@always_inline
 def packed_int8_weight[group: Int](q_ptr: Pointer[Int8, ...], scale_ptr: Pointer[Float16, ...], k_len: Int, n: Int,
                                    k: Int) -> Float32:
     """W[n, k] = q * scale from the int8 panel layout."""
     var padded_k = int8_padded_k(k_len, group)
-    var q = q_ptr.unsafe_load(((n // PANEL) * padded_k + k) * PANEL + n % PANEL).cast[DType.float32]()
-    var scale = scale_ptr.unsafe_load(((n // PANEL) * (padded_k // group) + k // group) * PANEL + n % PANEL)
-    return q * scale.cast[DType.float32]()
-
-
+    return packed_int8_q(q_ptr, padded_k, n, k) * packed_int8_scale[group](scale_ptr, padded_k, n, k // group)

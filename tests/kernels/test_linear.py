@@ -44,12 +44,17 @@ def run_linear(model, x: np.ndarray, n: int, weights: dict, ids: np.ndarray) -> 
     return [o.to_numpy() if o.dtype in (DType.float32, DType.int32) else to_numpy_f32(o) for o in model.execute(*buffers)]
 
 
-def error_bound(x64: np.ndarray, w64: np.ndarray, out_dtype: DType) -> np.ndarray:
-    """|kernel - exact| per element: a float32 chain of K fused multiply-adds is off by at most
-    K * u * sum_k |x_k w_k| (u = 2^-24; 1.01 covers the higher-order terms); a bfloat16 output adds half an
-    ulp of the result (u = 2^-8 relative)."""
-    k = x64.shape[1]
-    accumulation = 1.01 * k * FLOAT32_UNIT * (np.abs(x64) @ np.abs(w64).T)
+def chain_length(k: int, fmt: WeightFormat, group: int) -> int:
+    """Roundings on any product's way into a float32 output: K for bf16's one chain of K FMAs; for int8, a
+    chain of at most G within the group plus one of ceil(K / G) across the groups (linear.mojo's header)."""
+    return k if fmt is WeightFormat.BF16 else min(k, group) + -(-k // group)
+
+
+def error_bound(x64: np.ndarray, w64: np.ndarray, out_dtype: DType, chain: int) -> np.ndarray:
+    """|kernel - exact| per element: float32 sums in which each product passes through at most `chain`
+    roundings are off by at most chain * u * sum_k |x_k w_k| (u = 2^-24; 1.01 covers the higher-order terms);
+    a bfloat16 output adds half an ulp of the result (u = 2^-8 relative)."""
+    accumulation = 1.01 * chain * FLOAT32_UNIT * (np.abs(x64) @ np.abs(w64).T)
     if out_dtype == DType.bfloat16:
         return accumulation + BFLOAT16_UNIT * (np.abs(x64 @ w64.T) + accumulation)
     return accumulation + FLOAT32_UNIT * np.abs(x64 @ w64.T)
@@ -66,7 +71,7 @@ def test_linear_and_embedding_match_float64(linear_model, m, k, n, rng):
         w64 = weights[case.weights, case.group_size].dense().astype(np.float64)
         assert got.shape == (m, n), case.name
         error = np.abs(got - x64 @ w64.T)
-        bound = error_bound(x64, w64, case.out_dtype)
+        bound = error_bound(x64, w64, case.out_dtype, chain_length(k, case.weights, case.group_size))
         worst = np.unravel_index(np.argmax(error - bound), error.shape) if error.size else None
         assert np.all(error <= bound), f"{case.name}: error {error[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
     for (fmt, out_dtype, group), got in zip(EMBEDDING_CASES, outputs[len(LINEAR_CASES):], strict=False):
