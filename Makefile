@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 SERVE_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install install-test build test serve bench-kernels bench-linear bench-model bench-throughput bench checkpoint-0.6b clean
+.PHONY: install install-test build test serve bench-kernels bench-linear bench-model bench-step bench-throughput bench checkpoint-0.6b clean
 
 $(BIN)/python:
 	@echo "make: creating the virtual environment $(VENV) with $(PYTHON)"
@@ -56,6 +56,10 @@ bench-linear: install-test build
 # The model benchmark writes its random-weight checkpoint with transformers on first use: test extras.
 bench-model: install-test build
 	$(BIN)/python -m benchmarks.model $(BENCH_ARGS)
+
+# Where a decode step's time goes (linear layers, attention, the rest); same checkpoint as bench-model.
+bench-step: install-test build
+	$(BIN)/python -m benchmarks.step $(BENCH_ARGS)
 
 bench-throughput: install-test build
 	$(BIN)/python -m benchmarks.throughput $(BENCH_ARGS)
