@@ -30,7 +30,7 @@ import extensibility
 from extensibility import InputTensor, OutputTensor, ManagedTensorSlice, IOSpec
 from max.gpu.host import DeviceContext
 from max.gpu import block_idx, thread_idx, barrier
-from .cpu_parallel import parallel_for
+from .cpu_parallel import parallel_for, for_row_groups
 from std.algorithm import vectorize
 from std.memory import stack_allocation, AddressSpace
 from std.sys import simd_width_of, num_physical_cores, size_of
@@ -269,18 +269,6 @@ def accumulate_values[dtype: DType, D: Int, BS: Int, RB: Int](
 
 
 @always_inline
-def for_row_groups[F: def[RB: Int](r0: Int) -> None, //, RB: Int](first_row: Int, end_row: Int, body: F):
-    """Calls body[RB](r0) over rows first_row ..< end_row in groups of RB, then body[rest](r0) once for the
-    remainder."""
-    var r0 = first_row
-    while r0 + RB <= end_row:
-        body[RB](r0)
-        r0 += RB
-    comptime for rest in range(1, RB):
-        if end_row - r0 == rest:
-            body[rest](r0)
-
-
 def attend_tile[dtype: DType, head_dim: Int, block_size: Int](
     tile: Tile,
     batch: BatchShape,

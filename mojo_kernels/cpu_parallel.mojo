@@ -49,3 +49,20 @@ def parallel_ranges[F: def(Int, Int) raises -> None](count: Int, tasks: Int, bod
         body(task * per_task, min(count, (task + 1) * per_task))
 
     parallel_for(used, run, ctx)
+
+
+def for_row_groups[F: def[MR: Int](row: Int) -> None, //, MR: Int](first_row: Int, end_row: Int, body: F):
+    """Calls body[rows](row) over rows first_row ..< end_row in the fewest groups of at most MR rows, their
+    sizes balanced (16 rows with MR = 6 are 6 + 5 + 5, never 6 + 6 + 4 or 6 + 6 + 1 + 1 + 1 + 1): a
+    micro-kernel's efficiency falls with its row count, so no group is left much smaller than the others."""
+    var total = end_row - first_row
+    if total <= 0:
+        return
+    var groups = ceildiv(total, MR)
+    var row = first_row
+    for g in range(groups):
+        var count = total // groups + (1 if g < total % groups else 0)
+        comptime for rows in range(1, MR + 1):
+            if count == rows:
+                body[rows](row)
+        row += count

@@ -5,7 +5,7 @@ from std.memory import bitcast, stack_allocation
 from std.sys import CompilationTarget, simd_width_of, size_of, num_physical_cores
 from std.sys.intrinsics import llvm_intrinsic
 from std.math import ceildiv
-from .cpu_parallel import parallel_ranges
+from .cpu_parallel import parallel_ranges, for_row_groups
 from .convert import narrow, widen
 from .linear_layout import PANEL, LinearShape, bf16_panel_stride, int8_padded_k
 
@@ -34,21 +34,32 @@ def uses_dot_bf16[x_dtype: DType]() -> Bool:
 
 
 @always_inline
-def rows_per_tile() -> Int:
-    """Rows per micro-kernel call: accumulators + broadcasts must fit the 16 (AVX2) or 32 (AVX-512) vector
-    registers."""
-    return 4 if F32_WIDTH >= 16 else 2
+def max_tile_rows() -> Int:
+    """Most rows per micro-kernel call: 6 x 2 accumulators on AVX2 (16 registers), 12 x 2 on AVX-512 (32)."""
+    return 12 if F32_WIDTH >= 16 else 6
 
 
 @always_inline
-def panels_per_tile() -> Int:
-    """Panels per micro-kernel call: enough independent FMA chains for one row to stream at DRAM speed."""
-    return 2
+def tile_panels[MR: Int]() -> Int:
+    """Panels per micro-kernel call for MR rows: 4, 2 or 1, the most whose MR x NP x VECTORS_PER_PANEL
+    accumulators stay within 8 of AVX2's 16 registers (24 of AVX-512's 32). A single row thus streams four
+    panels at once (more independent FMA chains, four memory streams per thread for the prefetchers). Why 8 on
+    AVX2: the in-register bf16 decode needs the loaded lanes, both decoded halves, a mask and a broadcast beside
+    the accumulators, and tiles of 10 or 12 accumulators ran 1.5-3x slower per row than tiles of 8 (spills)."""
+    comptime fit = (24 if F32_WIDTH >= 16 else 8) // (MR * VECTORS_PER_PANEL)
+    return 4 if fit >= 4 else (2 if fit >= 2 else 1)
 
 
-# A single row (batch-1 decode) streams four panels at once: more independent FMA chains and four memory
-# streams per thread for the prefetchers (with MR = 2 rows, four panels would not fit AVX2's registers).
-comptime SINGLE_ROW_PANELS = 4
+@always_inline
+def decode_tile_rows() -> Int:
+    """Most rows per call where the weights are decoded in registers: 4 on AVX2 (8 accumulators, see
+    tile_panels), 8 on AVX-512."""
+    return 8 if F32_WIDTH >= 16 else 4
+
+
+# Panels every row group of a block passes over before the next ones: four panels of K <= 3072 bf16 weights
+# (<= 384 KB) stay in L2 while the groups reread them.
+comptime PANEL_CHUNK = 4
 
 
 def kernel_family_code[x_dtype: DType]() -> Int:
@@ -214,17 +225,6 @@ def int8_tile[out_dtype: DType, MR: Int, NP: Int, group: Int](
 # GEMM_ROWS rows at a time run FMAs against it; bfloat16 activations are widened to float32 once. A row's
 # chain of FMAs is the same as on the decode path, so which path ran never changes a bit.
 
-@always_inline
-def gemm_rows() -> Int:
-    """Rows per prefill micro-kernel: 6 x 2 accumulators on AVX2 (16 registers), 12 x 2 on AVX-512 (32)."""
-    return 12 if F32_WIDTH >= 16 else 6
-
-
-@always_inline
-def gemm_panels() -> Int:
-    return 2 if F32_WIDTH >= 16 else 1
-
-
 # Below this many rows the in-register decode wins (it reads each weight once and decodes it once per MR rows).
 comptime GEMM_MIN_ROWS = 16
 
@@ -316,48 +316,33 @@ def row_block(shape: LinearShape, x_bytes: Int, rows_per_call: Int) -> Int:
 
 
 def for_each_tile[
-    TileFn: def[MR: Int, NP: Int](row: Int, panel: Int) -> None, //, MR: Int, NP: Int
+    TileFn: def[MR: Int, NP: Int](row: Int, panel: Int) -> None, //, MAX_ROWS: Int
 ](shape: LinearShape, x_bytes: Int, tile: TileFn, ctx: DeviceContext) raises:
-    """Calls tile[MR or 1, NP or 1](row, panel) over the whole output, threads splitting the panels into
-    contiguous ranges, rows in blocks that stay in L2 while a thread's panels stream past."""
-    var block = row_block(shape, x_bytes, MR)
+    """Calls tile[MR, NP](row, panel) over the whole output: threads split the panels into contiguous ranges;
+    rows go in blocks that stay in L2, each block in balanced groups of at most MAX_ROWS rows, a group of MR
+    rows taking tile_panels[MR]() panels per call. Every row's arithmetic is the same whatever group it lands
+    in."""
+    var block = row_block(shape, x_bytes, MAX_ROWS)
     var rows = shape.rows
 
     def panel_range(first: Int, end: Int) raises {imm tile, imm rows, imm block}:
         for row0 in range(0, rows, block):
-            var row_end = min(rows, row0 + block)
-            var panel = first
-            while panel + NP <= end:
-                var row = row0
-                while row + MR <= row_end:
-                    tile[MR, NP](row, panel)
-                    row += MR
-                while row < row_end:
-                    tile[1, NP](row, panel)
-                    row += 1
-                panel += NP
-            while panel < end:
-                var row = row0
-                while row + MR <= row_end:
-                    tile[MR, 1](row, panel)
-                    row += MR
-                while row < row_end:
-                    tile[1, 1](row, panel)
-                    row += 1
-                panel += 1
+            for chunk in range(first, end, PANEL_CHUNK):
+                var chunk_end = min(end, chunk + PANEL_CHUNK)
+
+                def group[MR: Int](row: Int) {imm tile, imm chunk, imm chunk_end}:
+                    comptime NP = tile_panels[MR]()
+                    var panel = chunk
+                    while panel + NP <= chunk_end:
+                        tile[MR, NP](row, panel)
+                        panel += NP
+                    while panel < chunk_end:
+                        tile[MR, 1](row, panel)
+                        panel += 1
+
+                for_row_groups[MAX_ROWS](row0, min(rows, row0 + block), group)
 
     parallel_ranges(shape.panels(), linear_tasks(shape), panel_range, ctx)
-
-
-def for_each_decode_tile[
-    TileFn: def[MR: Int, NP: Int](row: Int, panel: Int) -> None, //
-](shape: LinearShape, x_bytes: Int, tile: TileFn, ctx: DeviceContext) raises:
-    """Runs for_each_tile with the decode-batch tile shape: a single row streams SINGLE_ROW_PANELS panels, more rows
-    go rows_per_tile() x panels_per_tile() at a time (per-row arithmetic is the same either way)."""
-    if shape.rows == 1:
-        for_each_tile[1, SINGLE_ROW_PANELS](shape, x_bytes, tile, ctx)
-    else:
-        for_each_tile[rows_per_tile(), panels_per_tile()](shape, x_bytes, tile, ctx)
 
 
 comptime ScratchPointer = MutPointer[Float32, MutAnyOrigin]
@@ -369,7 +354,7 @@ def gemm_decoded[
 ](shape: LinearShape, decode: DecodeFn, tile: TileFn, ctx: DeviceContext) raises:
     """The prefill path: each thread takes a contiguous range of panels, decodes NP of them at a time into a
     scratch buffer of its own (decode(panel, dst) writes the panel's [K][16] floats at dst) and runs every row
-    against them, tile[MR or 1, NP or 1](decoded, row, panel)."""
+    against them, tile[rows, NP or 1](decoded, row, panel) in balanced groups of at most MR rows."""
     var panel_floats = shape.k * PANEL
     var rows = shape.rows
 
@@ -382,22 +367,19 @@ def gemm_decoded[
             for p in range(here):
                 decode(panel + p, decoded.unsafe_offset(p * panel_floats))
             if here == NP:
-                var row = 0
-                while row + MR <= rows:
-                    tile[MR, NP](decoded, row, panel)
-                    row += MR
-                while row < rows:
-                    tile[1, NP](decoded, row, panel)
-                    row += 1
+                def full[R: Int](row: Int) {imm tile, imm decoded, imm panel}:
+                    tile[R, NP](decoded, row, panel)
+
+                for_row_groups[MR](0, rows, full)
             else:
                 for p in range(here):
-                    var row = 0
-                    while row + MR <= rows:
-                        tile[MR, 1](decoded.unsafe_offset(p * panel_floats), row, panel + p)
-                        row += MR
-                    while row < rows:
-                        tile[1, 1](decoded.unsafe_offset(p * panel_floats), row, panel + p)
-                        row += 1
+                    var one = decoded.unsafe_offset(p * panel_floats)
+                    var at = panel + p
+
+                    def single[R: Int](row: Int) {imm tile, imm one, imm at}:
+                        tile[R, 1](one, row, at)
+
+                    for_row_groups[MR](0, rows, single)
             panel += here
         _ = scratch^
 
@@ -438,9 +420,9 @@ def linear_bf16_cpu[x_dtype: DType, out_dtype: DType](
 
         # vdpbf16ps reads the packed pairs directly: the prefill path is the same tile with more rows.
         if shape.rows < GEMM_MIN_ROWS:
-            for_each_decode_tile(shape, 2, dot_tile, ctx)
+            for_each_tile[decode_tile_rows()](shape, 2, dot_tile, ctx)
         else:
-            for_each_tile[gemm_rows(), gemm_panels()](shape, 2, dot_tile, ctx)
+            for_each_tile[max_tile_rows()](shape, 2, dot_tile, ctx)
     else:
         var k_len = shape.k
 
@@ -452,12 +434,12 @@ def linear_bf16_cpu[x_dtype: DType, out_dtype: DType](
                 def tile[MR: Int, NP: Int](row: Int, panel: Int) {imm out_ptr, imm x32, imm lanes, imm shape}:
                     bf16_tile_decoded[out_dtype, MR, NP](out_ptr, x32, lanes, shape, row, panel)
 
-                for_each_decode_tile(shape, 4, tile, ctx)
+                for_each_tile[decode_tile_rows()](shape, 4, tile, ctx)
             else:
                 def gemm_tile[MR: Int, NP: Int](decoded: ScratchPointer, row: Int, panel: Int) {imm out_ptr, imm x32, imm shape}:
                     decoded_tile[out_dtype, MR, NP](out_ptr, x32, decoded, shape, row, panel)
 
-                gemm_decoded[gemm_rows(), gemm_panels()](shape, decode, gemm_tile, ctx)
+                gemm_decoded[max_tile_rows(), tile_panels[max_tile_rows()]()](shape, decode, gemm_tile, ctx)
 
         with_float32_rows(x_ptr, shape.rows * shape.k, run)
 
@@ -477,11 +459,11 @@ def linear_int8_cpu[x_dtype: DType, out_dtype: DType, group: Int](
             def tile[MR: Int, NP: Int](row: Int, panel: Int) {imm out_ptr, imm x32, imm q_ptr, imm scale_ptr, imm shape}:
                 int8_tile[out_dtype, MR, NP, group](out_ptr, x32, q_ptr, scale_ptr, shape, row, panel)
 
-            for_each_decode_tile(shape, 4, tile, ctx)
+            for_each_tile[decode_tile_rows()](shape, 4, tile, ctx)
         else:
             def gemm_tile[MR: Int, NP: Int](decoded: ScratchPointer, row: Int, panel: Int) {imm out_ptr, imm x32, imm scale_ptr, imm shape}:
                 decoded_int8_tile[out_dtype, MR, NP, group](out_ptr, x32, decoded, scale_ptr, shape, row, panel)
 
-            gemm_decoded[gemm_rows(), gemm_panels()](shape, decode, gemm_tile, ctx)
+            gemm_decoded[max_tile_rows(), tile_panels[max_tile_rows()]()](shape, decode, gemm_tile, ctx)
 
     with_float32_rows(x_ptr, shape.rows * shape.k, run)
