@@ -222,7 +222,7 @@ def int8_tile[out_dtype: DType, MR: Int, NP: Int, group: Int](
 # --- Prefill: weights decoded once per panel, then a float32 register-blocked kernel ------------------------
 # With many rows, decoding in registers (above) costs as much as the FMAs it feeds. Instead each panel is
 # decoded once into a float32 scratch panel [NP][K][16] (exactly the values the in-register decode makes) and
-# GEMM_ROWS rows at a time run FMAs against it; bfloat16 activations are widened to float32 once. A row's
+# max_tile_rows() rows at a time run FMAs against it; bfloat16 activations are widened to float32 once. A row's
 # chain of FMAs is the same as on the decode path, so which path ran never changes a bit.
 
 # Below this many rows the in-register decode wins (it reads each weight once and decodes it once per MR rows).
