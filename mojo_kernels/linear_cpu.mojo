@@ -52,9 +52,9 @@ def tile_panels[MR: Int]() -> Int:
 
 @always_inline
 def decode_tile_rows() -> Int:
-    """Most rows per call where the weights are decoded in registers: 4 on AVX2 (8 accumulators, see
-    tile_panels), 8 on AVX-512."""
-    return 8 if F32_WIDTH >= 16 else 4
+    """Most rows per call where the weights are decoded in registers: 6 on AVX2 (12 accumulators, see
+    fma_decoded_k), 8 on AVX-512."""
+    return 8 if F32_WIDTH >= 16 else 6
 
 
 # Panels every row group of a block passes over before the next ones: four panels of K <= 3072 bf16 weights
@@ -95,31 +95,41 @@ def store_tile[out_dtype: DType, MR: Int, NP: Int](
 
 
 @always_inline
-def fma_rows[MR: Int, NP: Int](
-    acc: MutPointer[Float32, ...], slot: Int, weights: SIMD[DType.float32, F32_WIDTH],
-    x32: Pointer[Float32, ...], x_at: Int, k_len: Int,
+def fma_decoded_k[MR: Int, NP: Int](
+    acc: MutPointer[Float32, ...], weights: Pointer[Float32, ...], x32: Pointer[Float32, ...], x_at: Int, k_len: Int,
 ):
-    """Computes acc[m, slot] = fma(x[m, k], weights, acc[m, slot]) for the tile's MR rows (x_at = offset of row 0's k)."""
+    """Acc[m, v] = fma(x[m, k], weights[v], acc[m, v]) for the tile's MR rows and NP panels' V vectors of one k
+    (x_at = offset of row 0's k). The weights are all decoded first, then each row broadcasts its x once and uses
+    it at once: MR x V accumulators + V weights + 1 broadcast live (6 x 2 + 2 + 1 = 15 of AVX2's 16). Broadcasting
+    inside a loop over the vectors instead lets the compiler keep every row's broadcast live, and spills."""
+    comptime V = NP * VECTORS_PER_PANEL
     comptime for m in range(MR):
-        var i = (m * NP * VECTORS_PER_PANEL + slot) * F32_WIDTH
         var xv = SIMD[DType.float32, F32_WIDTH](x32.unsafe_load(x_at + m * k_len))
-        acc.unsafe_store(i, xv.fma(weights, acc.unsafe_load[width=F32_WIDTH](i)))
+        comptime for v in range(V):
+            var i = (m * V + v) * F32_WIDTH
+            acc.unsafe_store(i, xv.fma(weights.unsafe_load[width=F32_WIDTH](v * F32_WIDTH),
+                                       acc.unsafe_load[width=F32_WIDTH](i)))
 
 
 @always_inline
 def bf16_pair_step[MR: Int, NP: Int, with_odd: Bool](
-    acc: MutPointer[Float32, ...], x32: Pointer[Float32, ...], w_ptr: Pointer[UInt32, ...], x_at: Int, k_len: Int,
-    lane_at: Int, lane_stride: Int,
+    acc: MutPointer[Float32, ...], weights: MutPointer[Float32, ...], x32: Pointer[Float32, ...],
+    w_ptr: Pointer[UInt32, ...], x_at: Int, k_len: Int, lane_at: Int, lane_stride: Int,
 ):
-    """One pair of k for the tile: the even weights (lane << 16), then the odd ones (lane & 0xFFFF0000)."""
+    """One pair of k for the tile: the even weights (lane << 16) for every row, then the odd ones
+    (lane & 0xFFFF0000; the lanes are loaded again from L1 rather than kept in registers)."""
     comptime for p in range(NP):
         comptime for c in range(VECTORS_PER_PANEL):
             var lanes = w_ptr.unsafe_load[width=F32_WIDTH](p * lane_stride + lane_at + c * F32_WIDTH)
-            var slot = p * VECTORS_PER_PANEL + c
-            fma_rows[MR, NP](acc, slot, bitcast[DType.float32, F32_WIDTH](lanes << 16), x32, x_at, k_len)
-            comptime if with_odd:
-                fma_rows[MR, NP](acc, slot, bitcast[DType.float32, F32_WIDTH](lanes & 0xFFFF0000),
-                                                x32, x_at + 1, k_len)
+            weights.unsafe_store((p * VECTORS_PER_PANEL + c) * F32_WIDTH, bitcast[DType.float32, F32_WIDTH](lanes << 16))
+    fma_decoded_k[MR, NP](acc, weights, x32, x_at, k_len)
+    comptime if with_odd:
+        comptime for p in range(NP):
+            comptime for c in range(VECTORS_PER_PANEL):
+                var lanes = w_ptr.unsafe_load[width=F32_WIDTH](p * lane_stride + lane_at + c * F32_WIDTH)
+                weights.unsafe_store((p * VECTORS_PER_PANEL + c) * F32_WIDTH,
+                                     bitcast[DType.float32, F32_WIDTH](lanes & 0xFFFF0000))
+        fma_decoded_k[MR, NP](acc, weights, x32, x_at + 1, k_len)
 
 
 @always_inline
@@ -129,6 +139,7 @@ def bf16_tile_decoded[out_dtype: DType, MR: Int, NP: Int](
 ):
     """Bf16 weights decoded to float32 in registers, against float32 activations."""
     var acc = stack_allocation[MR * NP * PANEL, Float32]()
+    var weights = stack_allocation[NP * PANEL, Float32]()
     zero_tile[MR, NP](acc)
     var k_len = shape.k
     var lane_stride = bf16_panel_stride(k_len) // 2  # 32-bit lanes per panel
@@ -136,9 +147,10 @@ def bf16_tile_decoded[out_dtype: DType, MR: Int, NP: Int](
     var x_row = row * k_len
     var full_pairs = k_len // 2
     for kp in range(full_pairs):
-        bf16_pair_step[MR, NP, True](acc, x32, lanes, x_row + 2 * kp, k_len, kp * PANEL, lane_stride)
+        bf16_pair_step[MR, NP, True](acc, weights, x32, lanes, x_row + 2 * kp, k_len, kp * PANEL, lane_stride)
     if k_len % 2 == 1:  # the last k is the even half of a pair whose odd half is padding
-        bf16_pair_step[MR, NP, False](acc, x32, lanes, x_row + 2 * full_pairs, k_len, full_pairs * PANEL, lane_stride)
+        bf16_pair_step[MR, NP, False](acc, weights, x32, lanes, x_row + 2 * full_pairs, k_len, full_pairs * PANEL,
+                                      lane_stride)
     store_tile[out_dtype, MR, NP](out_ptr, acc, shape, row, panel)
 
 
@@ -202,6 +214,7 @@ def int8_tile[out_dtype: DType, MR: Int, NP: Int, group: Int](
     folded in with its scale (fold_group): one FMA per weight and one per group."""
     var acc = stack_allocation[MR * NP * PANEL, Float32]()
     var part = stack_allocation[MR * NP * PANEL, Float32]()
+    var weights = stack_allocation[NP * PANEL, Float32]()
     zero_tile[MR, NP](acc)
     var k_len = shape.k
     var padded_k = int8_padded_k(k_len, group)
@@ -214,7 +227,8 @@ def int8_tile[out_dtype: DType, MR: Int, NP: Int, group: Int](
                 var p = v // VECTORS_PER_PANEL
                 var q = q_ptr.unsafe_load[width=F32_WIDTH](((panel + p) * padded_k + k) * PANEL
                                                             + (v % VECTORS_PER_PANEL) * F32_WIDTH)
-                fma_rows[MR, NP](part, v, q.cast[DType.float32](), x32, x_row + k, k_len)
+                weights.unsafe_store(v * F32_WIDTH, q.cast[DType.float32]())
+            fma_decoded_k[MR, NP](part, weights, x32, x_row + k, k_len)
         fold_group[MR, NP](acc, part, scale_ptr, groups, panel, g)
     store_tile[out_dtype, MR, NP](out_ptr, acc, shape, row, panel)
 
@@ -258,17 +272,10 @@ def decoded_fmas[MR: Int, NP: Int](
     comptime V = NP * VECTORS_PER_PANEL
     var weights = stack_allocation[V * F32_WIDTH, Float32]()
     for k in range(k_begin, k_end):
-        # All of this k's weight vectors first, then one broadcast per row: V + 1 registers besides the
-        # accumulators (6 x 2 + 3 = 15 of AVX2's 16).
         comptime for v in range(V):
             var at = ((v // VECTORS_PER_PANEL) * k_len + k) * PANEL + (v % VECTORS_PER_PANEL) * F32_WIDTH
             weights.unsafe_store(v * F32_WIDTH, decoded.unsafe_load[width=F32_WIDTH](at))
-        comptime for m in range(MR):
-            var xv = SIMD[DType.float32, F32_WIDTH](x32.unsafe_load(x_row + m * k_len + k))
-            comptime for v in range(V):
-                var i = (m * V + v) * F32_WIDTH
-                acc.unsafe_store(i, xv.fma(weights.unsafe_load[width=F32_WIDTH](v * F32_WIDTH),
-                                           acc.unsafe_load[width=F32_WIDTH](i)))
+        fma_decoded_k[MR, NP](acc, weights, x32, x_row + k, k_len)
 
 
 @always_inline
