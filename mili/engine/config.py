@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from mili.engine.scheduler import SchedulerConfig
+from mili.engine.speculative import SpeculativeConfig
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ class EngineConfig:
     enable_prefix_cache: bool = True
     debug_checks: bool = False  # audit the block bookkeeping whenever the engine goes idle
     max_model_len: int | None = None  # context limit (prompt + output); default: what model and cache allow
+    speculative: SpeculativeConfig | None = None  # speculative decoding (off by default)
 
     def scheduler_config(self, block_size: int) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, block_size)

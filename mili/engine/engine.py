@@ -5,9 +5,10 @@
     while engine.has_unfinished():
         for out in engine.step(): print(out.outputs[0].delta, end="")
 
-One step: the scheduler picks a batch (plan), the model runner computes it, the sampler picks one token
-for every sequence whose chunk reached its end, and each such sequence takes its token (text, stop
-checks). Outputs are deltas (mili/engine/outputs.py). Every step with work to do computes something or
+One step: with speculative decoding on, a proposer guesses the next tokens of the decoding sequences
+(mili/engine/speculative.py); the scheduler picks a batch (plan), the model runner computes it, the sampler
+picks one token for every sequence whose chunk reached its end (the verifier, for a chunk with guesses: the
+kept guesses and one token more), and each such sequence takes its tokens (text, stop checks). Outputs are deltas (mili/engine/outputs.py). Every step with work to do computes something or
 finishes something (see scheduler.py). A failure anywhere in a step fails the requests of that step,
 with the error in their output, and the engine goes on with the rest.
 """
@@ -19,6 +20,8 @@ import logging
 import time
 from collections.abc import Hashable, Iterable, Sequence as Seq
 
+import numpy as np
+
 from mili.config import GenerationConfig
 from mili.engine.block_audit import audit_blocks
 from mili.engine.block_pool import BlockPool
@@ -29,8 +32,10 @@ from mili.engine.radix_cache import RadixCache
 from mili.engine.request import Request
 from mili.engine.sampler import SampledToken, Sampler
 from mili.engine.sampling_params import SamplingParams
-from mili.engine.scheduler import Scheduler, StepPlan
-from mili.engine.sequence import FinishReason, Sequence
+from mili.engine.scheduler import ScheduledChunk, Scheduler, StepPlan
+from mili.engine.sequence import FinishReason, Sequence, SequenceStatus
+from mili.engine.speculative import Proposal, Proposer, SpeculationStats, SpeculativeConfig
+from mili.engine.verifier import verify
 from mili.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -42,8 +47,10 @@ class RequestError(ValueError):
 
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
-                 num_blocks: int | None = None) -> None:
-        """`num_blocks` limits the engine to the first blocks of the runner's KV cache (default: all)."""
+                 num_blocks: int | None = None, proposer: Proposer | None = None) -> None:
+        """`num_blocks` limits the engine to the first blocks of the runner's KV cache (default: all);
+        `proposer`: guesses for speculative decoding (default: what config.speculative asks for, built here
+        for n-gram lookup; a draft model's proposer is built by from_pretrained, which loads it)."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.config = config
@@ -61,6 +68,8 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.num_aborted = 0
+        self.proposer = proposer if proposer is not None else make_proposer(config.speculative)
+        self.speculation = SpeculationStats()
 
     @classmethod
     def from_pretrained(cls, model_dir: str, *, dtype: str | None = None, device: str = "cpu",
@@ -71,7 +80,12 @@ class Engine:
         runner = ModelRunner.from_pretrained(model_dir, dtype=dtype, device=device, quantization=quantization,
                                              block_size=block_size, num_blocks=num_kv_blocks,
                                              kv_cache_bytes=kv_cache_bytes)
-        return cls(runner, Tokenizer.from_pretrained(model_dir), EngineConfig(**engine_args))
+        config = EngineConfig(**engine_args)
+        proposer = None
+        if config.speculative is not None and config.speculative.method == "draft":
+            from mili.engine.draft_proposer import DraftProposer
+            proposer = DraftProposer.from_pretrained(config.speculative, runner, dtype=dtype, quantization=quantization)
+        return cls(runner, Tokenizer.from_pretrained(model_dir), config, proposer=proposer)
 
     def default_sampling_params(self, **overrides: object) -> SamplingParams:
         """The checkpoint's sampling defaults (generation_config.json), then `overrides`."""
@@ -136,8 +150,9 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         changed: dict[Request, dict[Sequence, None]] = {}
+        proposals = self._propose()
         try:
-            plan = self.scheduler.schedule()
+            plan = self.scheduler.schedule(proposals)
         except Exception as exc:  # noqa: BLE001 - a bug of ours: fail what is in flight, keep serving
             log.exception("scheduling failed; failing all %d requests in the engine", len(self._requests))
             self._fail(list(self._requests.values()), f"the scheduler failed: {exc}", changed)
@@ -159,18 +174,73 @@ class Engine:
             self.check_blocks()
         return self._outputs(changed)
 
+    def _propose(self) -> dict[int, Proposal]:
+        """Guesses for the decoding sequences that may speculate, by seq_id (none while the batch is too big to
+        gain from it). A failing proposer costs this step its speculation, nothing else."""
+        if self.proposer is None:
+            return {}
+        running = self.scheduler.running
+        try:
+            self.proposer.keep_only({seq.seq_id for seq in running})
+            seqs, limits = [], []
+            for seq in running:
+                limit = min(self.config.speculative.num_speculative_tokens,
+                            seq.params.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens - 1)
+                if (limit > 0 and seq.params.speculative and seq.status is SequenceStatus.RUNNING
+                        and seq.num_uncomputed == 1):
+                    seqs.append(seq)
+                    limits.append(limit)
+            if not seqs:
+                return {}
+            if len(running) > self.config.speculative.max_batch_size:
+                self.speculation.skipped_busy_steps += 1
+                return {}
+            return {seq.seq_id: p for seq, p in zip(seqs, self.proposer.propose(seqs, limits)) if p.tokens}
+        except Exception:  # noqa: BLE001 - speculation is an optimisation: go on without it
+            log.exception("the speculative proposer failed; this step decodes without guesses")
+            self.speculation.proposer_failures += 1
+            return {}
+
     def _run(self, plan: StepPlan, changed: dict[Request, dict[Sequence, None]]) -> None:
         logits = self.runner.run(plan.batch(self.runner.block_size))
-        sampling = [c.seq for c in plan.chunks if c.samples]
-        sampled = self.sampler.sample(logits, sampling)
+        plain: list[ScheduledChunk] = []
+        plain_rows: list[int] = []
+        verifying: list[tuple[ScheduledChunk, np.ndarray]] = []
+        row = 0
+        for chunk in plan.chunks:  # logit rows come in chunk order: k + 1 for a verify chunk, 1 for a sampling one
+            if chunk.proposal:
+                verifying.append((chunk, logits[row:row + chunk.num_guesses + 1]))
+                row += chunk.num_guesses + 1
+            elif chunk.samples:
+                plain.append(chunk)
+                plain_rows.append(row)
+                row += 1
+        sampled = self.sampler.sample(logits if len(plain_rows) == len(logits) else logits[plain_rows],
+                                      [c.seq for c in plain])
+        taken = {id(chunk): [token] for chunk, token in zip(plain, sampled)}
+        for chunk, rows in verifying:
+            verified = verify(rows, chunk.seq, chunk.proposal)
+            self.speculation.record(chunk.num_guesses, verified.accepted, len(verified.tokens))
+            taken[id(chunk)] = verified.tokens
         for chunk in plan.chunks:
             self.scheduler.finish_chunk(chunk)
         now = time.monotonic()
-        for seq, token in zip(sampling, sampled):
-            self._take_token(seq, token, now)
+        for chunk in plan.chunks:
+            tokens = taken.get(id(chunk))
+            if tokens is None:
+                continue
+            seq = chunk.seq
+            for i, token in enumerate(tokens):
+                # tokens before the last are accepted guesses: their K/V were computed in this step
+                self._take_token(seq, token, now, computed=i < len(tokens) - 1)
+                if seq.is_finished:
+                    break
+            if chunk.proposal and not seq.is_finished:
+                self.scheduler.drop_unused_blocks(seq)
             changed.setdefault(seq.request, {})[seq] = None
 
-    def _take_token(self, seq: Sequence, sampled: SampledToken, now: float) -> None:
+    def _take_token(self, seq: Sequence, sampled: SampledToken, now: float, computed: bool = False) -> None:
+        """Appends a generated token (`computed`: its K/V are already in the cache) and checks the stops."""
         request = seq.request
         if seq.first_token_time is None:
             seq.first_token_time = now
@@ -179,6 +249,8 @@ class Engine:
                     self.scheduler.add(sibling)
                 request.pending_siblings = []
         seq.append(sampled)
+        if computed:
+            seq.num_computed += 1
         reason = self._stop_reason(seq, sampled.token)
         if reason is not None:
             self._finish(seq, reason)
@@ -219,3 +291,14 @@ class Engine:
     def check_blocks(self) -> None:
         """Audits the block bookkeeping (AssertionError if broken): every block has one owner, nothing leaked."""
         audit_blocks(self.pool, self.cache, self.scheduler.all_sequences())
+
+
+def make_proposer(config: SpeculativeConfig | None) -> Proposer | None:
+    """The proposer `config` asks for that needs no model of its own (n-gram lookup); None otherwise."""
+    if config is None:
+        return None
+    if config.method == "ngram":
+        from mili.engine.speculative import NgramLookup
+        return NgramLookup(config)
+    raise ValueError(f"speculative method {config.method!r} needs its proposer built with its model "
+                     f"(Engine.from_pretrained builds a draft model's)")

@@ -137,29 +137,36 @@ class Sampler:
             logits = finite_logits(logits)
             argmax = logits.argmax(axis=1)
         wants_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-        logprobs = dict(zip(wants_logprobs, _log_softmax_rows(logits[wants_logprobs]))) if wants_logprobs else {}
+        logprobs = dict(zip(wants_logprobs, log_softmax_rows(logits[wants_logprobs]))) if wants_logprobs else {}
         results = []
         for i, request in enumerate(rows):
             params = request.params
             if params.is_greedy and not params.has_penalties:
                 token = int(argmax[i])
             else:
-                row = logits[i]
-                if params.has_penalties:
-                    row = row.astype(np.float64)  # a copy, wide enough that penalties cannot overflow
-                    apply_penalties(row, params, request.prompt_array, request.output_counts)
-                    row = finite_logits(row[None])[0]
+                row = penalised_row(logits[i], params, request.prompt_array, request.output_counts)
                 token = sample_row(row, params, request.generator)
-            results.append(_with_logprobs(token, logprobs.get(i), params.logprobs or 0))
+            results.append(with_logprobs(token, logprobs.get(i), params.logprobs or 0))
         return results
 
 
-def _log_softmax_rows(rows: np.ndarray) -> np.ndarray:
+def penalised_row(row: np.ndarray, params: SamplingParams, prompt: np.ndarray,
+                  output_counts: dict[int, int]) -> np.ndarray:
+    """`row` (finite logits) under the request's penalties: a float64 copy (wide enough that penalties cannot
+    overflow) when it has any, else `row` itself."""
+    if not params.has_penalties:
+        return row
+    row = row.astype(np.float64)
+    apply_penalties(row, params, prompt, output_counts)
+    return finite_logits(row[None])[0]
+
+
+def log_softmax_rows(rows: np.ndarray) -> np.ndarray:
     shifted = rows.astype(np.float64) - rows.max(axis=1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def _with_logprobs(token: int, logprobs: np.ndarray | None, top_n: int) -> SampledToken:
+def with_logprobs(token: int, logprobs: np.ndarray | None, top_n: int) -> SampledToken:
     if logprobs is None:
         return SampledToken(token, None)
     top: tuple[tuple[int, float], ...] = ()

@@ -29,6 +29,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None         # None: none; k: the chosen token's logprob and the top k alternatives
     skip_special_tokens: bool = True
+    speculative: bool = True            # False: never speculate for this request (when the engine does)
 
     def __post_init__(self) -> None:
         # `stop` may be one string or any sequence of them, as in the OpenAI API; stored as tuples.
@@ -67,6 +68,7 @@ class SamplingParams:
               "must be non-empty strings")
         check(isinstance(self.stop_token_ids, tuple) and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
               "stop_token_ids", "must be non-negative token ids")
+        check(isinstance(self.speculative, bool), "speculative", "must be true or false")
         check(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs",
               f"must be an integer in [0, {MAX_LOGPROBS}] or null")
 

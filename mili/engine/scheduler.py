@@ -1,7 +1,8 @@
 """The scheduler: which sequences run in the next step, and how many tokens each.
 
 Each step fills a token budget (`max_num_batched_tokens`) and a sequence cap (`max_num_seqs`):
-1. running decodes first (one token each), oldest first;
+1. running decodes first (one token each, plus the tokens a speculative proposer guessed for them, as far as
+   the budget and the free blocks allow: guesses never evict or preempt anything), oldest first;
 2. then prefill chunks: running sequences part-way through their prompt, then waiting ones. A waiting
    sequence first takes the longest cached prefix from the radix cache; a prompt longer than the budget
    left is cut into chunks that run over several steps (chunked prefill, mixed with the decodes).
@@ -30,6 +31,7 @@ from mili.engine.batch import Batch, LogitRows, SequenceChunk
 from mili.engine.block_pool import BlockPool
 from mili.engine.radix_cache import RadixCache, RadixNode
 from mili.engine.sequence import Sequence, SequenceStatus
+from mili.engine.speculative import Proposal
 
 WAITING_LOOKAHEAD = 8  # waiting sequences compared for a cached prefix per step (bounds the host work)
 
@@ -51,8 +53,13 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ScheduledChunk:
     seq: Sequence
-    num_tokens: int       # tokens of this sequence that run in the step
+    num_tokens: int       # tokens of this sequence that run in the step (guesses included)
     samples: bool         # the chunk reaches the sequence's end: a token is sampled from its last row
+    proposal: Proposal | None = None  # guessed tokens verified after the real ones (logits at every row)
+
+    @property
+    def num_guesses(self) -> int:
+        return len(self.proposal.tokens) if self.proposal else 0
 
 
 @dataclass
@@ -62,19 +69,25 @@ class StepPlan:
     budget: int = 0
     _scheduled: set[int] = field(default_factory=set)  # ids of the chunks' sequences: `in` is O(1)
 
-    def add(self, seq: Sequence, num_tokens: int) -> None:
-        self.chunks.append(ScheduledChunk(seq, num_tokens, num_tokens == seq.num_uncomputed))
+    def add(self, seq: Sequence, num_tokens: int, proposal: Proposal | None = None) -> None:
+        guesses = len(proposal.tokens) if proposal else 0
+        self.chunks.append(ScheduledChunk(seq, num_tokens + guesses, num_tokens == seq.num_uncomputed, proposal))
         self._scheduled.add(seq.seq_id)
-        self.budget -= num_tokens
+        self.budget -= num_tokens + guesses
 
     def __contains__(self, seq: Sequence) -> bool:
         return seq.seq_id in self._scheduled
 
     def batch(self, block_size: int) -> Batch:
-        return Batch.from_chunks([
-            SequenceChunk(c.seq.token_ids[c.seq.num_computed:c.seq.num_computed + c.num_tokens], c.seq.num_computed,
-                          c.seq.blocks, LogitRows.LAST if c.samples else LogitRows.NONE)
-            for c in self.chunks], block_size)
+        return Batch.from_chunks([_sequence_chunk(c) for c in self.chunks], block_size)
+
+
+def _sequence_chunk(chunk: ScheduledChunk) -> SequenceChunk:
+    seq, start = chunk.seq, chunk.seq.num_computed
+    real = seq.token_ids[start:start + chunk.num_tokens - chunk.num_guesses]
+    if chunk.proposal:
+        return SequenceChunk(real + chunk.proposal.tokens, start, seq.blocks, LogitRows.ALL)
+    return SequenceChunk(real, start, seq.blocks, LogitRows.LAST if chunk.samples else LogitRows.NONE)
 
 
 class Scheduler:
@@ -108,14 +121,16 @@ class Scheduler:
 
     # ------------------------------------------------------------------ one step
 
-    def schedule(self) -> StepPlan:
+    def schedule(self, proposals: dict[int, Proposal] | None = None) -> StepPlan:
+        """The next step. `proposals`: guessed tokens by seq_id, for decoding sequences (speculative decoding)."""
         plan = StepPlan(budget=self.config.max_num_batched_tokens)
+        proposals = proposals or {}
 
         for seq in list(self.running):  # decodes first, oldest first
             if self._full(plan):
                 break
             if seq.status is SequenceStatus.RUNNING and seq.num_uncomputed == 1 and self._reserve(seq, 1, plan):
-                plan.add(seq, 1)
+                plan.add(seq, 1, self._fit_guesses(seq, proposals.get(seq.seq_id), plan.budget - 1))
 
         for seq in list(self.running):  # then unfinished prefills (or recomputes), oldest first
             if self._full(plan):
@@ -202,6 +217,22 @@ class Scheduler:
         seq.blocks.extend(self.pool.alloc(needed))
         return True
 
+    def _fit_guesses(self, seq: Sequence, proposal: Proposal | None, budget: int) -> Proposal | None:
+        """As many of `proposal`'s tokens as the budget and the FREE blocks allow (a guess is never worth an
+        eviction or a preemption), their blocks allocated; None if none fit. `seq`'s next token is reserved."""
+        if not proposal or not proposal.tokens or budget < 1:
+            return None
+        room = (len(seq.blocks) + self.pool.num_free) * self.config.block_size - seq.num_computed - 1
+        count = min(len(proposal.tokens), budget, room)
+        if count < 1:
+            return None
+        total = -(-(seq.num_computed + 1 + count) // self.config.block_size)
+        seq.blocks.extend(self.pool.alloc(max(0, total - len(seq.blocks))))
+        if count == len(proposal.tokens):
+            return proposal
+        probs = proposal.draft_probs
+        return Proposal(proposal.tokens[:count], None if probs is None else probs[:count])
+
     def _youngest_preemptible(self, keep: Sequence, plan: StepPlan) -> Sequence | None:
         for seq in reversed(self.running):
             if seq.priority <= keep.priority:
@@ -243,11 +274,20 @@ class Scheduler:
 
     # ------------------------------------------------------------------ after the step
 
+    def drop_unused_blocks(self, seq: Sequence) -> None:
+        """After a verify step: gives back the blocks past the sequence's tokens, which held only rejected
+        guesses (their slots in kept blocks are simply overwritten later; they never reach the prefix cache,
+        which only takes computed tokens)."""
+        keep = max(seq.num_shared_blocks, -(-seq.num_tokens // self.config.block_size))
+        if len(seq.blocks) > keep:
+            self.pool.free(seq.blocks[keep:])
+            del seq.blocks[keep:]
+
     def finish_chunk(self, chunk: ScheduledChunk) -> None:
         """Marks a chunk's tokens computed. A prompt that just finished goes into the prefix cache at once
         (its whole blocks), so requests arriving meanwhile share it; the sequence then locks that node."""
         seq = chunk.seq
-        seq.num_computed += chunk.num_tokens
+        seq.num_computed += chunk.num_tokens - chunk.num_guesses  # guesses count once accepted (engine)
         if chunk.samples and seq.num_output_tokens == 0 and self.cache.enabled:
             node, tree_blocks = self._cache_prefix(seq, seq.num_computed)
             if len(tree_blocks) > seq.num_shared_blocks:
