@@ -196,3 +196,45 @@ def cached_checkpoint(spec: CheckpointSpec | str) -> Path:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
     return target
+
+
+def cached_layer_draft(base: CheckpointSpec | str, num_layers: int) -> Path:
+    """A draft model for speculative decoding made from `base` (a spec or preset name): its embeddings, its first
+    `num_layers` decoder layers and its final norm, as a checkpoint of its own (same tokenizer and config
+    otherwise). Written once next to the base checkpoint and reused. Needs torch (the test extras)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    source = cached_checkpoint(base)
+    config = json.loads((source / "config.json").read_text())
+    if not 1 <= num_layers < config["num_hidden_layers"]:
+        raise ValueError(f"a layer draft needs 1 <= num_layers < {config['num_hidden_layers']}, got {num_layers}")
+    target = source.parent / f"{source.name}-draft{num_layers}"
+    if (target / "config.json").exists():
+        return target
+    with _file_lock(source.parent / f".{target.name}.lock"):
+        if (target / "config.json").exists():
+            return target
+        log.info("writing a %d-layer draft of %s to %s", num_layers, source.name, target)
+        scratch = Path(tempfile.mkdtemp(prefix=".writing-", dir=source.parent))
+        try:
+            tensors: dict[str, torch.Tensor] = {}
+            for shard in sorted(source.glob("*.safetensors")):
+                for name, tensor in load_file(shard).items():
+                    parts = name.split(".")
+                    if "layers" in parts and int(parts[parts.index("layers") + 1]) >= num_layers:
+                        continue
+                    tensors[name] = tensor
+            save_file(tensors, scratch / "model.safetensors", metadata={"format": "pt"})
+            draft_config = config | {"num_hidden_layers": num_layers}
+            if "layer_types" in config:  # transformers 5 lists one attention type per layer
+                draft_config["layer_types"] = config["layer_types"][:num_layers]
+            (scratch / "config.json").write_text(json.dumps(draft_config, indent=2))
+            for item in source.iterdir():
+                if item.suffix != ".safetensors" and item.name not in ("config.json", "model.safetensors.index.json"):
+                    shutil.copyfile(item, scratch / item.name)
+            scratch.rename(target)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+    return target

@@ -94,6 +94,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     if args.max_tokens < 1:
         raise SystemExit(f"mili generate: --max-tokens must be at least 1, got {args.max_tokens}")
+    speculative = _speculative_config(args, "generate")
     try:
         model_dir, _ = resolve_model(args.model)
         check_checkpoint_folder(model_dir)
@@ -111,8 +112,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     try:
         engine = Engine.from_pretrained(str(model_dir), dtype=args.dtype, device=args.device,
                                         quantization=args.quantization, block_size=GENERATE_BLOCK_SIZE,
-                                        num_kv_blocks=-(-(len(ids) + args.max_tokens) // GENERATE_BLOCK_SIZE))
-    except ValueError as exc:  # --device gpu without one
+                                        num_kv_blocks=-(-(len(ids) + args.max_tokens) // GENERATE_BLOCK_SIZE),
+                                        speculative=speculative)
+    except ValueError as exc:  # --device gpu without one, a draft model of another vocabulary
         raise SystemExit(f"mili generate: {exc}") from None
     engine.add_request("generate", ids, SamplingParams.greedy(max_tokens=args.max_tokens))
     while engine.has_unfinished():
@@ -145,9 +147,46 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, prefix_cache=not args.no_prefix_cache,
             api_key=args.api_key, max_queue=args.max_queue, served_model_name=args.served_model_name,
-            max_model_len=args.max_model_len, shutdown_grace_s=args.shutdown_grace))
+            max_model_len=args.max_model_len, shutdown_grace_s=args.shutdown_grace,
+            speculative=_speculative_config(args, "serve")))
     except StartupError as exc:
         raise SystemExit(f"mili serve: {exc}") from None
+
+
+def _add_speculative_flags(parser: argparse.ArgumentParser) -> None:
+    from mili.engine.speculative import DEFAULT_MAX_BATCH_SIZE, METHODS
+
+    parser.add_argument("--speculative", choices=METHODS,
+                        help="speculative decoding (default off): ngram guesses from earlier text of the prompt and "
+                             "output (free; pays off when the output repeats its input), draft runs --draft-model")
+    parser.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                        help="most tokens guessed per sequence and step (default 4)")
+    parser.add_argument("--draft-model", help="a smaller Qwen3 checkpoint folder with the same tokenizer "
+                                              "(for --speculative draft)")
+    parser.add_argument("--speculative-max-batch", type=int, default=DEFAULT_MAX_BATCH_SIZE, metavar="N",
+                        help=f"speculate only while at most N sequences run (default {DEFAULT_MAX_BATCH_SIZE}: "
+                             f"bigger batches already share each weight read among their tokens)")
+
+
+def _speculative_config(args: argparse.Namespace, command: str):
+    """The SpeculativeConfig the flags ask for (None: off); a bad combination exits naming the flag."""
+    from mili.engine.speculative import SpeculativeConfig
+
+    if args.speculative is None:
+        if args.draft_model is not None:
+            raise SystemExit(f"mili {command}: --draft-model needs --speculative draft")
+        return None
+    if args.speculative == "draft" and args.draft_model is None:
+        raise SystemExit(f"mili {command}: --speculative draft needs --draft-model FOLDER (a smaller Qwen3 with "
+                         f"the same tokenizer), or use --speculative ngram")
+    if args.speculative == "ngram" and args.draft_model is not None:
+        raise SystemExit(f"mili {command}: --draft-model is for --speculative draft, not ngram")
+    if not 1 <= args.num_speculative_tokens <= 16:
+        raise SystemExit(f"mili {command}: --num-speculative-tokens must be in 1..16, got {args.num_speculative_tokens}")
+    if args.speculative_max_batch < 1:
+        raise SystemExit(f"mili {command}: --speculative-max-batch must be at least 1, got {args.speculative_max_batch}")
+    return SpeculativeConfig(args.speculative, args.num_speculative_tokens, draft_model=args.draft_model,
+                             max_batch_size=args.speculative_max_batch)
 
 
 def _add_format_flags(parser: argparse.ArgumentParser) -> None:
@@ -195,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default 64)")
     _add_format_flags(generate)
     generate.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="where to run (default cpu)")
+    _add_speculative_flags(generate)
     generate.set_defaults(run=_cmd_generate)
 
     serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
@@ -225,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="on SIGTERM or Ctrl-C, how long requests in flight may take to finish before they are "
                        "ended with an error event (default 30)")
     serve.add_argument("--served-model-name", help="the model name clients use (default: the folder or repo id)")
+    _add_speculative_flags(serve)
     serve.set_defaults(run=_cmd_serve)
     return parser
 

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 from mili.engine.engine import Engine
 from mili.engine.outputs import RequestOutput
 from mili.engine.sampling_params import SamplingParams
+from mili.engine.speculative import SpeculativeConfig
 
 Message = dict[str, Any]
 
@@ -58,12 +59,32 @@ class Progress:
             print(line, file=self.stream, flush=True)
 
 
+VLLM_SPECULATIVE_NAMES = {"model": "draft_model", "prompt_lookup_min": "ngram_min", "prompt_lookup_max": "ngram_max"}
+
+
+def speculative_config(value: SpeculativeConfig | dict[str, Any]) -> SpeculativeConfig:
+    """A SpeculativeConfig from itself or from a dict of its fields (vLLM's key names accepted)."""
+    if isinstance(value, SpeculativeConfig):
+        return value
+    fields = {VLLM_SPECULATIVE_NAMES.get(key, key): item for key, item in value.items()}
+    known = set(SpeculativeConfig.__dataclass_fields__)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"unknown speculative_config keys {unknown}: use {sorted(known | set(VLLM_SPECULATIVE_NAMES))}")
+    return SpeculativeConfig(**fields)
+
+
 class LLM:
     def __init__(self, model: str, **engine_args: Any) -> None:
         """`engine_args`: dtype ("auto", the default: the checkpoint's dtype on CPU, bfloat16 on GPU; or
         "float32", "bfloat16"), quantization ("none", the default, or "int8": int8 weights), device, block_size,
         num_kv_blocks or kv_cache_bytes, max_num_seqs, max_num_batched_tokens, enable_prefix_cache,
-        max_model_len (see Engine.from_pretrained and EngineConfig)."""
+        max_model_len (see Engine.from_pretrained and EngineConfig), speculative_config (a SpeculativeConfig or a
+        dict as vLLM takes it: {"method": "ngram", "num_speculative_tokens": 4} or {"method": "draft", "model":
+        "path/to/small-Qwen3", ...}; off by default)."""
+        spec = engine_args.pop("speculative_config", None)
+        if spec is not None:
+            engine_args["speculative"] = speculative_config(spec)
         self.engine = Engine.from_pretrained(model, **engine_args)
         self.tokenizer = self.engine.tokenizer
 

@@ -68,6 +68,8 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.num_aborted = 0
+        if proposer is not None and config.speculative is None:
+            raise ValueError("a speculative proposer was given, but the engine config has no speculative settings")
         self.proposer = proposer if proposer is not None else make_proposer(config.speculative)
         self.speculation = SpeculationStats()
 
@@ -137,6 +139,15 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
+
+    def speculation_status(self) -> dict[str, object] | None:
+        """Speculative decoding's settings and counters (/status, benchmarks); None when it is off."""
+        config = self.config.speculative
+        if config is None:
+            return None
+        return {"method": config.method, "num_speculative_tokens": config.num_speculative_tokens,
+                "draft_model": config.draft_model, "max_batch_size": config.max_batch_size,
+                **self.speculation.as_dict()}
 
     @property
     def num_running(self) -> int:

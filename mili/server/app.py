@@ -61,14 +61,14 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/status")
     async def status() -> dict[str, Any]:
         snapshot: dict[str, Any] = {"running": 0, "waiting": 0, "kv_blocks_used": 0, "kv_blocks_free": 0,
-                                    "kv_blocks_cached": 0, "max_model_len": None}
+                                    "kv_blocks_cached": 0, "max_model_len": None, "speculative": None}
         if state.engine is not None:
             core = state.engine.engine
 
             def read() -> dict[str, Any]:  # on the engine thread: a consistent view between steps
                 return {"running": core.num_running, "waiting": core.num_waiting, "kv_blocks_used": core.pool.num_used,
                         "kv_blocks_free": core.pool.num_free, "kv_blocks_cached": core.cache.usage().cached_blocks,
-                        "max_model_len": core.max_model_len}
+                        "max_model_len": core.max_model_len, "speculative": core.speculation_status()}
 
             snapshot = await state.engine.call(read)
         return {

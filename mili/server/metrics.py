@@ -44,6 +44,18 @@ class ServerMetrics:
             lambda: engine.pool.num_used / engine.pool.num_blocks)
         Gauge("mili_preemptions_total", "Sequences preempted since start", registry=r).set_function(
             lambda: engine.scheduler.num_preemptions)
+        if engine.proposer is not None:
+            spec = engine.speculation
+            for name, doc, read in (
+                    ("mili_spec_decode_num_drafts_total", "Sequence-steps that verified guessed tokens",
+                     lambda: spec.verify_steps),
+                    ("mili_spec_decode_num_draft_tokens_total", "Guessed tokens verified", lambda: spec.proposed),
+                    ("mili_spec_decode_num_accepted_tokens_total", "Guessed tokens accepted", lambda: spec.accepted),
+                    ("mili_spec_decode_acceptance_rate", "Accepted / verified guessed tokens since start",
+                     lambda: spec.acceptance_rate),
+                    ("mili_spec_decode_mean_accepted_length",
+                     "Tokens per verify step since start (accepted guesses + 1)", lambda: spec.mean_accepted_length)):
+                Gauge(name, doc, registry=r).set_function(read)
 
     def observe(self, out: RequestOutput) -> None:
         """Records a finished request."""

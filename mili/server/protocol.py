@@ -41,6 +41,7 @@ class SamplingFields(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0, le=10)
     ignore_eos: bool = False
     cache_salt: str | None = None
+    speculative: bool = True  # MILI: false opts this request out of speculative decoding
 
     @field_validator("stop")
     @classmethod
@@ -61,7 +62,7 @@ class SamplingFields(BaseModel):
         return SamplingParams(
             n=self.n, max_tokens=max_tokens, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop=stops, ignore_eos=self.ignore_eos,
-            logprobs=logprobs, **fields)
+            logprobs=logprobs, speculative=self.speculative, **fields)
 
 
 class CompletionRequest(SamplingFields):

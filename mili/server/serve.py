@@ -10,17 +10,19 @@ import logging
 import signal
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 
 from mili.engine.async_engine import AsyncEngine
 from mili.engine.config import ContextTooLong, EngineConfig
 from mili.engine.engine import Engine
+from mili.engine.speculative import SpeculativeConfig
 from mili.quantization import describe_run, weight_group_size
 from mili.server.app import create_app
 from mili.server.state import ServerSettings, ServerState
 from mili.server.startup import (ModelNotFound, StartupError, bind_listening_socket, check_checkpoint_folder,
-                                 plan_kv_cache_blocks, resolve_model)
+                                 check_draft_model, plan_kv_cache_blocks, resolve_model)
 
 __all__ = ["ModelNotFound", "ServeOptions", "StartupError", "resolve_model", "serve"]
 
@@ -46,6 +48,7 @@ class ServeOptions:
     served_model_name: str | None = None
     max_model_len: int | None = None
     shutdown_grace_s: float = 30.0  # on SIGTERM/SIGINT, how long requests in flight may take to finish
+    speculative: SpeculativeConfig | None = None  # speculative decoding (mili/engine/speculative.py); off if None
 
 
 def serve(options: ServeOptions) -> int:
@@ -59,6 +62,8 @@ def serve(options: ServeOptions) -> int:
         plan = plan_kv_cache_blocks(model_dir, kv_cache_memory=options.kv_cache_memory, dtype=options.dtype,
                                     quantization=options.quantization, device=options.device,
                                     block_size=options.block_size)
+        if options.speculative is not None and options.speculative.draft_model is not None:
+            check_draft_model(Path(options.speculative.draft_model), plan.spec.config.vocab_size)
         if options.max_model_len is not None:  # refused now rather than after the compile
             EngineConfig(max_model_len=options.max_model_len).context_limit(
                 plan.spec.config.max_position_embeddings, plan.num_blocks * options.block_size)
@@ -105,15 +110,15 @@ def serve(options: ServeOptions) -> int:
             str(model_dir), dtype=plan.spec.dtype.name, quantization=options.quantization, device=options.device,
             block_size=options.block_size, num_kv_blocks=plan.num_blocks, max_num_seqs=options.max_num_seqs,
             max_num_batched_tokens=options.max_num_batched_tokens, enable_prefix_cache=options.prefix_cache,
-            max_model_len=options.max_model_len)
+            max_model_len=options.max_model_len, speculative=options.speculative)
         state.attach(AsyncEngine(engine, on_death=on_engine_death))
         runner = engine.runner
         random_note = " (the built-in demo: RANDOM weights, gibberish output)" if options.model is None else ""
         log.info("serving %s%s on http://%s:%d: %s on %s, %d KV blocks of %d tokens (context %d tokens), "
-                 "prefix cache %s, weights loaded in %.1f s, compile %.1f s", settings.model_name, random_note,
-                 options.host, options.port, describe_run(plan.spec), options.device, runner.num_blocks,
-                 runner.block_size, engine.max_model_len, "on" if options.prefix_cache else "off",
-                 runner.startup.weights_s, runner.startup.compile_s)
+                 "prefix cache %s, speculative decoding %s, weights loaded in %.1f s, compile %.1f s",
+                 settings.model_name, random_note, options.host, options.port, describe_run(plan.spec), options.device,
+                 runner.num_blocks, runner.block_size, engine.max_model_len, "on" if options.prefix_cache else "off",
+                 describe_speculation(options.speculative), runner.startup.weights_s, runner.startup.compile_s)
         while thread.is_alive() and not stop.wait(0.5):
             pass
     except KeyboardInterrupt:
@@ -126,6 +131,14 @@ def serve(options: ServeOptions) -> int:
         log.critical("exiting because the engine loop crashed (see above); a supervisor should restart MILI")
         return 1
     return 0
+
+
+def describe_speculation(config: SpeculativeConfig | None) -> str:
+    if config is None:
+        return "off"
+    source = f"draft model {config.draft_model}" if config.method == "draft" else "n-gram lookup"
+    return (f"{source}, up to {config.num_speculative_tokens} tokens, while at most {config.max_batch_size} "
+            f"sequences run")
 
 
 def _shut_down(state: ServerState, server: uvicorn.Server, thread: threading.Thread, grace_s: float) -> None:

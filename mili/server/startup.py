@@ -67,6 +67,21 @@ def check_checkpoint_folder(model_dir: Path) -> None:
                            f"Qwen3 checkpoint folder (config.json, *.safetensors, tokenizer.json)")
 
 
+def check_draft_model(draft_dir: Path, target_vocab_size: int) -> None:
+    """--draft-model: a checkpoint folder whose vocabulary is the target's (checked before any compile)."""
+    from mili.config import ModelConfig
+
+    if not draft_dir.is_dir():
+        raise StartupError(f"--draft-model {draft_dir}: no such folder; pass a smaller Qwen3 checkpoint folder "
+                           f"with the target's tokenizer (e.g. a Qwen3-0.6B for a Qwen3-8B)")
+    if not (draft_dir / "config.json").is_file() or not any(draft_dir.glob("*.safetensors")):
+        raise StartupError(f"--draft-model {draft_dir}: needs config.json and *.safetensors in that folder")
+    vocab = ModelConfig.from_pretrained(draft_dir).vocab_size
+    if vocab != target_vocab_size:
+        raise StartupError(f"--draft-model {draft_dir}: its vocabulary has {vocab} tokens, the model's "
+                           f"{target_vocab_size}; a draft must share the target's tokenizer")
+
+
 def bind_listening_socket(host: str, port: int) -> socket.socket:
     """A socket bound to host:port, for uvicorn to listen on (`Server.run(sockets=...)`).
 

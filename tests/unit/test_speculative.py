@@ -107,7 +107,7 @@ def comparable(planned: list[Planned], rng: np.random.Generator) -> list[Planned
 def test_speculation_changes_no_token(kind):
     seed = replay_seed()
     rng = np.random.default_rng(seed)
-    workloads = int(os.environ.get("MILI_TEST_WORKLOADS", 250))
+    workloads = int(os.environ.get("MILI_TEST_WORKLOADS", 150))
     compared = proposed = accepted = 0
     for index in range(workloads):
         base, planned = random_workload(rng)
@@ -147,7 +147,7 @@ def test_speculation_changes_no_token(kind):
 def test_aborts_and_preemption_leak_nothing(kind):
     seed = replay_seed()
     rng = np.random.default_rng(seed)
-    for index in range(150):
+    for index in range(100):
         base, planned = random_workload(rng)
         config, proposer = make_proposer(kind, rng, base.runner, int(rng.integers(1, 9)))
         engine = twin(base, dataclasses.replace(config, max_batch_size=64), proposer)
