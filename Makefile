@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 SERVE_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install install-test build test serve bench-kernels bench-linear bench-model bench-step bench-throughput bench checkpoint-0.6b clean
+.PHONY: install install-test build test serve bench-kernels bench-linear bench-model bench-step bench-throughput bench-speculative bench checkpoint-0.6b clean
 
 $(BIN)/python:
 	@echo "make: creating the virtual environment $(VENV) with $(PYTHON)"
@@ -63,6 +63,10 @@ bench-step: install-test build
 
 bench-throughput: install-test build
 	$(BIN)/python -m benchmarks.throughput $(BENCH_ARGS)
+
+# Speculative decoding: verify-step cost and decode speed off / ngram / 2-layer draft (writes the draft on first use).
+bench-speculative: install-test build
+	$(BIN)/python -m benchmarks.speculative $(BENCH_ARGS)
 
 bench: install-test build
 	$(BIN)/python -m benchmarks

@@ -4,11 +4,12 @@ The kernel benchmarks (benchmarks/kernels.py: each op against MAX's and numpy), 
 (benchmarks/linear.py: bf16/int8 packed weights against MAX's matmul, torch and numpy), then the whole model
 (benchmarks/model.py: prefill and decode speed per dtype), where a decode step's time goes
 (benchmarks/step.py), then the engine (benchmarks/throughput.py:
-offline throughput by concurrency, TTFT with a cached prefix). Serving benchmarks join with the server.
+offline throughput by concurrency, TTFT with a cached prefix), then speculative decoding
+(benchmarks/speculative.py). Serving benchmarks join with the server.
 Run a suite alone with `python -m benchmarks.kernels`, `.linear`, `.model`, `.step` or `.throughput`.
 """
 
-from benchmarks import kernels, linear, model, step, throughput
+from benchmarks import kernels, linear, model, speculative, step, throughput
 
 if __name__ == "__main__":
     kernels.main([])
@@ -16,3 +17,4 @@ if __name__ == "__main__":
     model.main([])
     step.main([])
     throughput.main([])
+    speculative.main([])

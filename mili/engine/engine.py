@@ -194,17 +194,20 @@ class Engine:
         try:
             self.proposer.keep_only({seq.seq_id for seq in running})
             seqs, limits = [], []
-            for seq in running:
-                limit = min(self.config.speculative.num_speculative_tokens,
-                            seq.params.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens - 1)
-                if (limit > 0 and seq.params.speculative and seq.status is SequenceStatus.RUNNING
-                        and seq.num_uncomputed == 1):
-                    seqs.append(seq)
-                    limits.append(limit)
-            if not seqs:
+            candidates = [seq for seq in running if seq.params.speculative and seq.status is SequenceStatus.RUNNING
+                          and seq.num_uncomputed == 1]
+            if not candidates:
                 return {}
             if len(running) > self.config.speculative.max_batch_size:
                 self.speculation.skipped_busy_steps += 1
+                return {}
+            for seq in candidates:
+                limit = min(seq.guess_depth.limit(self.config.speculative.num_speculative_tokens),
+                            seq.params.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens - 1)
+                if limit > 0:
+                    seqs.append(seq)
+                    limits.append(limit)
+            if not seqs:
                 return {}
             return {seq.seq_id: p for seq, p in zip(seqs, self.proposer.propose(seqs, limits)) if p.tokens}
         except Exception:  # noqa: BLE001 - speculation is an optimisation: go on without it
@@ -232,6 +235,7 @@ class Engine:
         for chunk, rows in verifying:
             verified = verify(rows, chunk.seq, chunk.proposal)
             self.speculation.record(chunk.num_guesses, verified.accepted, len(verified.tokens))
+            chunk.seq.guess_depth.record(chunk.num_guesses, verified.accepted)
             taken[id(chunk)] = verified.tokens
         for chunk in plan.chunks:
             self.scheduler.finish_chunk(chunk)

@@ -17,8 +17,9 @@ import numpy as np
 @dataclass(frozen=True)
 class NgramProposer:
     """Finds the longest suffix of the sequence, between `min_n` and `max_n` tokens long, that also occurs
-    earlier in it (prompt and output alike), and proposes the up to `k` tokens that followed that occurrence.
-    Of equally long matches the most recent wins (the nearest context is the likeliest to repeat)."""
+    earlier in it (prompt and output alike), and proposes the `k` tokens that followed that occurrence (continued
+    periodically when they run into the end). Of equally long matches the most recent wins (the nearest context
+    is the likeliest to repeat)."""
 
     min_n: int = 1
     max_n: int = 4
@@ -31,7 +32,7 @@ class NgramProposer:
             raise ValueError(f"the number of speculative tokens must be at least 1, got {self.k}")
 
     def propose(self, tokens: Sequence[int] | np.ndarray) -> list[int]:
-        """The proposal for the token after `tokens`: between 0 and k token ids (0 when nothing matches)."""
+        """The proposal for the token after `tokens`: k token ids, or none when nothing matches."""
         ids = np.asarray(tokens, dtype=np.int64)
         length = len(ids)
         if length < self.min_n + 1:
@@ -54,4 +55,8 @@ class NgramProposer:
         if best < self.min_n:
             return []
         end = int(ends[np.flatnonzero(matched == best)[-1]])
-        return ids[end + 1:end + 1 + self.k].tolist()
+        # What followed the match, continued periodically where it runs into the sequence's end: a sequence
+        # that repeats itself with period P = length - 1 - end keeps doing so (a loop "a b a b" proposes
+        # "a b a b", not just "a").
+        follow = ids[end + 1:]
+        return follow[np.arange(self.k) % len(follow)].tolist()

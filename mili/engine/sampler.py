@@ -83,13 +83,18 @@ def _candidates(probs: np.ndarray, params: SamplingParams) -> np.ndarray:
 
 def kept_distribution(row: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
     """The tokens a draw may pick from `row` (finite or -inf penalised logits, not all -inf) under
-    temperature, top-k, top-p and min-p, most likely first, with their probabilities (summing to 1).
+    temperature, top-k, top-p and min-p, with their probabilities (summing to 1): most likely first when top-k
+    or top-p cut by rank, in vocabulary order otherwise (sorting 151k probabilities took longer than a step).
     Never empty: the most likely token always stays (its probability is exp(0) = 1 before normalising,
     and a temperature >= GREEDY_BELOW keeps every scaled logit finite in float64)."""
     shifted = row.astype(np.float64)
     with np.errstate(over="ignore"):  # large gaps over a small temperature go to -inf: probability 0
         scaled = (shifted - shifted.max()) / params.temperature  # <= 0: the most likely token stays exp(0) = 1
     probs = np.exp(scaled)
+    if not params.top_k and params.top_p >= 1.0:  # nothing cuts by rank: no sort of the whole vocabulary
+        kept = probs / probs.sum()
+        ids = np.arange(len(probs)) if params.min_p == 0.0 else np.flatnonzero(kept >= params.min_p * kept.max())
+        return ids, probs[ids] / probs[ids].sum()
     ids = _candidates(probs, params)
     kept = probs[ids]
     # renormalised over the top-k set, or over the whole vocabulary without top-k (the candidates for

@@ -2,7 +2,8 @@
 
 It holds its tokens (prompt then output, one list), how many of them have K/V in the cache, its KV block
 table (a leading part owned by the prefix cache and locked through `cache_node`, the rest its own), its
-sampling state (random generator, token counts for penalties, logprobs), its text (decoded, cut at stop
+sampling state (random generator, token counts for penalties, logprobs, how well its speculative guesses
+fare), its text (decoded, cut at stop
 strings, streamed in deltas) and its timings. A Request with n > 1 has n sequences sharing the prompt.
 The scheduler moves sequences between states; nothing here knows about HTTP.
 """
@@ -20,6 +21,7 @@ from mili.engine.completion_text import CompletionText
 from mili.engine.radix_cache import RadixNode
 from mili.engine.sampler import SampledToken
 from mili.engine.sampling_params import SamplingParams
+from mili.engine.speculative import GuessDepth
 
 if TYPE_CHECKING:
     from mili.engine.request import Request
@@ -59,6 +61,7 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    guess_depth: GuessDepth = field(default_factory=GuessDepth)  # speculative decoding: how deep to guess
 
     @property
     def params(self) -> SamplingParams:

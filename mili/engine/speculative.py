@@ -52,6 +52,40 @@ class SpeculativeConfig:
         NgramProposer(self.ngram_min, self.ngram_max, self.num_speculative_tokens)  # checks the n-gram sizes
 
 
+@dataclass
+class GuessDepth:
+    """How many tokens to guess for one sequence, from how its guesses fared: an average of its acceptance rates
+    (recent steps weigh most) sets the depth to the run of accepted guesses it predicts plus one; a sequence
+    whose guesses keep failing stops guessing for a pause of 8 steps, then tries again; each further failure in
+    a row doubles the pause (up to 128 steps), a kept guess resets it. Bad guesses cost a verify step ~1.1-1.7x a
+    decode step (and a draft model its own steps), so they must not go on for long."""
+
+    acceptance: float = 1.0  # start optimistic: the first guesses are how we learn
+    paused_steps: int = 0
+    next_pause: int = 8
+
+    DECAY = 0.5
+    GIVE_UP_BELOW = 0.15
+    FIRST_PAUSE = 8
+    LONGEST_PAUSE = 128
+
+    def limit(self, k: int) -> int:
+        """Tokens to guess this step (0 while paused)."""
+        if self.paused_steps:
+            self.paused_steps -= 1
+            return 0
+        expected_run = self.acceptance / max(1e-9, 1.0 - self.acceptance)  # geometric: mean accepted run
+        return max(1, min(k, 1 + int(expected_run)))
+
+    def record(self, proposed: int, accepted: int) -> None:
+        self.acceptance = self.DECAY * self.acceptance + (1 - self.DECAY) * accepted / proposed
+        if accepted:
+            self.next_pause = self.FIRST_PAUSE
+        if self.acceptance < self.GIVE_UP_BELOW:
+            self.paused_steps, self.acceptance = self.next_pause, 0.5
+            self.next_pause = min(self.LONGEST_PAUSE, 2 * self.next_pause)
+
+
 @dataclass(frozen=True)
 class Proposal:
     """Guessed next tokens of one sequence. `draft_probs[j]` is the distribution token j was drawn from, as

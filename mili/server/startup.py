@@ -76,7 +76,10 @@ def check_draft_model(draft_dir: Path, target_vocab_size: int) -> None:
                            f"with the target's tokenizer (e.g. a Qwen3-0.6B for a Qwen3-8B)")
     if not (draft_dir / "config.json").is_file() or not any(draft_dir.glob("*.safetensors")):
         raise StartupError(f"--draft-model {draft_dir}: needs config.json and *.safetensors in that folder")
-    vocab = ModelConfig.from_pretrained(draft_dir).vocab_size
+    try:
+        vocab = ModelConfig.from_pretrained(draft_dir).vocab_size
+    except ValueError as exc:  # ConfigError: a field MILI cannot run
+        raise StartupError(f"--draft-model {draft_dir}: {exc}") from None
     if vocab != target_vocab_size:
         raise StartupError(f"--draft-model {draft_dir}: its vocabulary has {vocab} tokens, the model's "
                            f"{target_vocab_size}; a draft must share the target's tokenizer")

@@ -143,3 +143,42 @@ def test_serve_and_generate_pass_the_flags_on(small_checkpoint_dir, monkeypatch)
         main(["generate", "--model", str(small_checkpoint_dir), "--prompt", "Hi", "--dtype", "float32",
               "--quantization", "int8"])
     assert seen == [{"dtype": "auto", "quantization": "int8"}, {"dtype": "float32", "quantization": "int8"}]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--speculative", "draft"], "--speculative draft needs --draft-model FOLDER"),
+    (["--draft-model", "/tmp"], "--draft-model needs --speculative draft"),
+    (["--speculative", "ngram", "--draft-model", "/tmp"], "--draft-model is for --speculative draft, not ngram"),
+    (["--speculative", "ngram", "--num-speculative-tokens", "0"], "--num-speculative-tokens must be in 1..16"),
+    (["--speculative", "ngram", "--speculative-max-batch", "0"], "--speculative-max-batch must be at least 1"),
+])
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_speculative_flag_errors_name_the_flag(command, argv, message, small_checkpoint_dir):
+    extra = ["--port", str(free_port())] if command == "serve" else ["--prompt", "Hi"]
+    with pytest.raises(SystemExit, match=f"mili {command}: {message}"):
+        main([command, "--model", str(small_checkpoint_dir), *extra, *argv])
+
+
+def test_a_draft_model_of_another_vocabulary_is_refused_before_the_compile(small_checkpoint_dir, tmp_path):
+    import json
+    import shutil
+
+    draft = tmp_path / "draft"
+    shutil.copytree(small_checkpoint_dir, draft)
+    config = json.loads((draft / "config.json").read_text())
+    (draft / "config.json").write_text(json.dumps(config | {"vocab_size": 152064}))  # Qwen2.5's
+    with pytest.raises(SystemExit, match="--draft-model .*: its vocabulary has 152064 tokens, the model's 151936"):
+        main(["serve", "--model", str(small_checkpoint_dir), "--port", str(free_port()), "--speculative", "draft",
+              "--draft-model", str(draft)])
+
+
+def test_serve_passes_the_speculative_settings_on(small_checkpoint_dir, monkeypatch):
+    import mili.server.serve
+    from mili.engine.speculative import SpeculativeConfig
+
+    seen = []
+    monkeypatch.setattr(mili.server.serve, "serve", lambda options: seen.append(options.speculative) or 0)
+    assert main(["serve", "--port", str(free_port()), "--speculative", "ngram", "--num-speculative-tokens", "6",
+                 "--speculative-max-batch", "2"]) == 0
+    assert main(["serve", "--port", str(free_port())]) == 0
+    assert seen == [SpeculativeConfig("ngram", 6, max_batch_size=2), None]

@@ -9,13 +9,18 @@ from mili.engine.ngram_proposer import NgramProposer
 
 
 def brute_force(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
-    """Longest n in [min_n, max_n] whose suffix occurs earlier; of those occurrences the most recent one."""
+    """Longest n in [min_n, max_n] whose suffix occurs earlier; of those occurrences the most recent one; what
+    followed it, repeated as the sequence would repeat itself if it went on as it did after that occurrence."""
     length = len(tokens)
     for n in range(min(max_n, length - 1), min_n - 1, -1):
         suffix = tokens[length - n:]
         for start in range(length - n - 1, -1, -1):
             if tokens[start:start + n] == suffix:
-                return tokens[start + n:start + n + k]
+                follow = tokens[start + n:]
+                proposal = []
+                while len(proposal) < k:  # x[length + i] = x[start + n + i], itself proposed once past the end
+                    proposal.append((follow + proposal)[len(proposal)])
+                return proposal
     return []
 
 
@@ -47,11 +52,12 @@ def test_no_match_or_too_short_a_sequence_proposes_nothing():
     assert proposer.propose([]) == []
     assert proposer.propose([1, 2]) == []
     assert proposer.propose([1, 2, 3, 4, 2]) == []  # [4, 2] never occurred before; single tokens do not count
-    assert proposer.propose(np.array([1, 2, 3, 1, 2], dtype=np.int32)) == [3, 1, 2]
+    assert proposer.propose(np.array([1, 2, 3, 1, 2], dtype=np.int32)) == [3, 1, 2, 3]
 
 
-def test_a_match_near_the_end_proposes_fewer_than_k_tokens():
-    assert NgramProposer(1, 2, 8).propose([4, 4, 4]) == [4]  # [4, 4] at 0..1, then only the last token follows
+def test_a_match_near_the_end_continues_the_loop_it_found():
+    assert NgramProposer(1, 2, 8).propose([4, 4, 4]) == [4] * 8  # [4, 4] at 0..1: period 1
+    assert NgramProposer(2, 2, 5).propose([9, 1, 2, 1, 2]) == [1, 2, 1, 2, 1]  # period 2
 
 
 @pytest.mark.parametrize("kwargs", [{"min_n": 0}, {"min_n": 3, "max_n": 2}, {"k": 0}])

@@ -315,3 +315,26 @@ def test_cancelling_a_reader_of_several_streams_cancels_it_and_closes_them():
 
     asyncio.run(main())
     assert sorted(closed) == [0, 1]
+
+
+def test_status_and_metrics_count_speculation():
+    from mili.engine.speculative import SpeculativeConfig
+
+    engine = fake_engine(speculative=SpeculativeConfig("ngram", 4, ngram_min=1, max_batch_size=8))
+    with running_server(engine) as (url, _):
+        assert completion(url, prompt="abcabcabcabcabc", max_tokens=30, temperature=0, ignore_eos=True).status_code == 200
+        assert completion(url, prompt="abcabcabc", max_tokens=5, speculative=False).status_code == 200
+        status = httpx.get(f"{url}/status").json()["speculative"]
+        metrics = httpx.get(f"{url}/metrics").text
+    assert status["method"] == "ngram" and status["num_speculative_tokens"] == 4
+    assert status["proposed_tokens"] > 0 and status["verify_steps"] > 0
+    assert 0 <= status["accepted_tokens"] <= status["proposed_tokens"]
+    assert f"mili_spec_decode_num_draft_tokens_total {float(status['proposed_tokens'])}" in metrics
+    assert f"mili_spec_decode_num_accepted_tokens_total {float(status['accepted_tokens'])}" in metrics
+    assert "mili_spec_decode_mean_accepted_length" in metrics
+
+
+def test_status_says_speculation_is_off_by_default():
+    with running_server(fake_engine()) as (url, _):
+        assert httpx.get(f"{url}/status").json()["speculative"] is None
+        assert "mili_spec_decode" not in httpx.get(f"{url}/metrics").text

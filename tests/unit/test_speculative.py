@@ -273,3 +273,19 @@ def test_the_chi_square_test_rejects_a_wrong_residual(monkeypatch):
     p_value = goodness_of_fit(tokens[:, 1], exact_distributions(params, 2)[1])
     print(f"chi-square p-value of the second token with the wrong residual: {p_value:.3g}")
     assert p_value < 1e-6
+
+
+def test_guess_depth_follows_acceptance_and_backs_off():
+    from mili.engine.speculative import GuessDepth
+
+    depth = GuessDepth()
+    assert depth.limit(8) == 8  # optimistic start
+    for _ in range(3):
+        depth.record(4, 0)  # acceptance 0.5, 0.25, 0.125: gives up, pauses 8 steps
+    assert [depth.limit(8) for _ in range(8)] == [0] * 8
+    assert depth.limit(8) == 2  # tries again at acceptance 0.5: a run of 1 expected, so 2 guesses
+    depth.record(2, 0)
+    depth.record(1, 0)  # fails again: the pause doubles
+    assert [depth.limit(8) for _ in range(16)] == [0] * 16 and depth.limit(8) > 0
+    depth.record(2, 2)  # acceptance 0.75: runs of 3 expected; a kept guess resets the back-off
+    assert depth.limit(8) == 4 and depth.next_pause == GuessDepth.FIRST_PAUSE
