@@ -102,7 +102,8 @@ def test_greedy_tokens_are_identical_with_speculation(proposer, small_pool, rng)
     num_blocks = 12 if small_pool else None  # forces preemption: 9 requests of up to ~90 tokens
     expected = run_all(make_engine(None, num_blocks=num_blocks), requests)
     compared = proposed = accepted = 0
-    for k in ([int(rng.integers(2, 8))] if small_pool else [1, 8]):  # k = 1..8 over the two cases
+    ks = [int(rng.integers(2, 8))] if small_pool else [1, 8]  # k = 1..8 over the two cases
+    for k in ks:
         if proposer == "ngram":
             spec, draft = SpeculativeConfig("ngram", k, ngram_min=1, max_batch_size=16), None
         else:
@@ -120,7 +121,7 @@ def test_greedy_tokens_are_identical_with_speculation(proposer, small_pool, rng)
         if small_pool:
             assert engine.scheduler.num_preemptions > 0
     print(f"{proposer}: compared {compared} tokens; accepted {accepted} of {proposed} guesses")
-    assert compared > 300 and proposed > 0
+    assert compared > 150 * len(ks) and proposed > 0
     assert accepted > 0 and (proposer == "draft-self" or accepted < proposed)
 
 
