@@ -78,7 +78,7 @@ class Run:
 
 
 def timed_run(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> Run:
-    before = dict(engine.speculation.as_dict())
+    before = engine.speculation.as_dict()
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{time.monotonic_ns()}-{i}", prompt, params)
     while engine.num_waiting or any(s.num_output_tokens == 0 for s in engine.scheduler.running):
@@ -92,11 +92,10 @@ def timed_run(engine: Engine, prompts: list[list[int]], params: SamplingParams) 
     after = engine.speculation.as_dict()
     stats = None
     if engine.proposer is not None:
-        proposed = after["proposed_tokens"] - before["proposed_tokens"]
-        accepted = after["accepted_tokens"] - before["accepted_tokens"]
-        verify_steps = after["verify_steps"] - before["verify_steps"]
-        stats = {"acceptance_rate": accepted / proposed if proposed else 0.0,
-                 "mean_accepted_length": (accepted + verify_steps) / verify_steps if verify_steps else 0.0}
+        run = {key: after[key] - before[key] for key in ("proposed_tokens", "accepted_tokens", "emitted_tokens",
+                                                         "verify_steps")}
+        stats = {"acceptance_rate": run["accepted_tokens"] / max(1, run["proposed_tokens"]),
+                 "mean_accepted_length": run["emitted_tokens"] / max(1, run["verify_steps"])}
     return Run(tokens / elapsed, steps, tokens, stats)
 
 

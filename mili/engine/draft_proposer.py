@@ -23,7 +23,7 @@ import numpy as np
 
 from mili.engine.batch import Batch, LogitRows, SequenceChunk
 from mili.engine.block_pool import BlockPool
-from mili.engine.sampler import finite_logits, kept_distribution
+from mili.engine.sampler import draw_index, finite_logits, kept_distribution
 from mili.engine.sequence import Sequence
 from mili.engine.speculative import Proposal, SpeculativeConfig
 
@@ -63,7 +63,6 @@ class DraftProposer:
         self.k = num_speculative_tokens
         self.pool = BlockPool(runner.num_blocks)
         self.states: dict[int, DraftState] = {}
-        self.steps = 0  # draft model steps run (benchmarks)
 
     @classmethod
     def from_pretrained(cls, config: SpeculativeConfig, target, *, dtype: str | None = None,
@@ -141,7 +140,6 @@ class DraftProposer:
                   for _, seq, state, _ in active]
         for step in range(max((limit for *_, limit in active), default=0)):
             logits = self.runner.run(Batch.from_chunks(chunks, self.runner.block_size))
-            self.steps += 1
             if not np.isfinite(logits).all():
                 logits = finite_logits(logits)
             chunks, still = [], []
@@ -169,5 +167,4 @@ class DraftProposer:
             return int(np.argmax(row))
         ids, q = kept_distribution(row, params)
         probs.append((ids, q))
-        choice = int(np.searchsorted(np.cumsum(q), state.generator.random(), side="right"))
-        return int(ids[min(choice, len(ids) - 1)])
+        return int(ids[draw_index(q, state.generator)])

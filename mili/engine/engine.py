@@ -8,9 +8,10 @@
 One step: with speculative decoding on, a proposer guesses the next tokens of the decoding sequences
 (mili/engine/speculative.py); the scheduler picks a batch (plan), the model runner computes it, the sampler
 picks one token for every sequence whose chunk reached its end (the verifier, for a chunk with guesses: the
-kept guesses and one token more), and each such sequence takes its tokens (text, stop checks). Outputs are deltas (mili/engine/outputs.py). Every step with work to do computes something or
-finishes something (see scheduler.py). A failure anywhere in a step fails the requests of that step,
-with the error in their output, and the engine goes on with the rest.
+kept guesses and one token more), and each such sequence takes its tokens (text, stop checks). Outputs are
+deltas (mili/engine/outputs.py). Every step with work to do computes something or finishes something (see
+scheduler.py). A failure anywhere in a step fails the requests of that step, with the error in their output,
+and the engine goes on with the rest.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from mili.engine.sampler import SampledToken, Sampler
 from mili.engine.sampling_params import SamplingParams
 from mili.engine.scheduler import ScheduledChunk, Scheduler, StepPlan
 from mili.engine.sequence import FinishReason, Sequence, SequenceStatus
-from mili.engine.speculative import Proposal, Proposer, SpeculationStats, SpeculativeConfig
+from mili.engine.speculative import NgramLookup, Proposal, Proposer, SpeculationStats, SpeculativeConfig
 from mili.engine.verifier import verify
 from mili.tokenizer import Tokenizer
 
@@ -313,7 +314,6 @@ def make_proposer(config: SpeculativeConfig | None) -> Proposer | None:
     if config is None:
         return None
     if config.method == "ngram":
-        from mili.engine.speculative import NgramLookup
         return NgramLookup(config)
     raise ValueError(f"speculative method {config.method!r} needs its proposer built with its model "
                      f"(Engine.from_pretrained builds a draft model's)")

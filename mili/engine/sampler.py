@@ -115,8 +115,13 @@ def sample_row(row: np.ndarray, params: SamplingParams, generator: np.random.Gen
     if params.is_greedy:
         return int(np.argmax(row))
     ids, probs = kept_distribution(row, params)
+    return int(ids[draw_index(probs, generator)])
+
+
+def draw_index(probs: np.ndarray, generator: np.random.Generator) -> int:
+    """Where one draw from `probs` (summing to 1) lands: one uniform from `generator`, inverted through the CDF."""
     choice = int(np.searchsorted(np.cumsum(probs), generator.random(), side="right"))
-    return int(ids[min(choice, len(ids) - 1)])
+    return min(choice, len(probs) - 1)
 
 
 def finite_logits(logits: np.ndarray) -> np.ndarray:

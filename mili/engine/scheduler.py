@@ -70,10 +70,11 @@ class StepPlan:
     _scheduled: set[int] = field(default_factory=set)  # ids of the chunks' sequences: `in` is O(1)
 
     def add(self, seq: Sequence, num_tokens: int, proposal: Proposal | None = None) -> None:
-        guesses = len(proposal.tokens) if proposal else 0
-        self.chunks.append(ScheduledChunk(seq, num_tokens + guesses, num_tokens == seq.num_uncomputed, proposal))
+        chunk = ScheduledChunk(seq, num_tokens + (len(proposal.tokens) if proposal else 0),
+                               num_tokens == seq.num_uncomputed, proposal)
+        self.chunks.append(chunk)
         self._scheduled.add(seq.seq_id)
-        self.budget -= num_tokens + guesses
+        self.budget -= chunk.num_tokens
 
     def __contains__(self, seq: Sequence) -> bool:
         return seq.seq_id in self._scheduled

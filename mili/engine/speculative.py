@@ -13,7 +13,7 @@ weights once for many tokens, and the extra rows would then cost real compute.
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -128,16 +128,12 @@ class SpeculationStats:
     emitted: int = 0          # tokens those sequence-steps produced (accepted + the target's own)
     skipped_busy_steps: int = 0  # steps in which speculation was off because too many sequences ran
     proposer_failures: int = 0   # steps whose proposer raised (they ran without guesses; the log has why)
-    accepted_histogram: list[int] = field(default_factory=list)  # [n] = verify steps that accepted n tokens
 
     def record(self, proposed: int, accepted: int, emitted: int) -> None:
         self.verify_steps += 1
         self.proposed += proposed
         self.accepted += accepted
         self.emitted += emitted
-        if len(self.accepted_histogram) <= accepted:
-            self.accepted_histogram.extend([0] * (accepted + 1 - len(self.accepted_histogram)))
-        self.accepted_histogram[accepted] += 1
 
     @property
     def acceptance_rate(self) -> float:
@@ -150,6 +146,6 @@ class SpeculationStats:
 
     def as_dict(self) -> dict[str, float | int]:
         return {"verify_steps": self.verify_steps, "proposed_tokens": self.proposed,
-                "accepted_tokens": self.accepted, "acceptance_rate": round(self.acceptance_rate, 4),
+                "accepted_tokens": self.accepted, "emitted_tokens": self.emitted, "acceptance_rate": round(self.acceptance_rate, 4),
                 "mean_accepted_length": round(self.mean_accepted_length, 4),
                 "skipped_busy_steps": self.skipped_busy_steps, "proposer_failures": self.proposer_failures}

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mili.engine.sampler import (SampledToken, SamplingRow, finite_logits, kept_distribution, log_softmax_rows,
-                                 penalised_row, sample_row, with_logprobs)
+from mili.engine.sampler import (SampledToken, SamplingRow, draw_index, finite_logits, kept_distribution,
+                                 log_softmax_rows, penalised_row, sample_row, with_logprobs)
 from mili.engine.sampling_params import SamplingParams
 from mili.engine.speculative import Proposal
 
@@ -47,11 +47,6 @@ def _dense(ids: np.ndarray, probs: np.ndarray, vocab: int) -> np.ndarray:
     dense = np.zeros(vocab, np.float64)
     dense[ids] = probs
     return dense
-
-
-def _draw(probs: np.ndarray, generator: np.random.Generator) -> int:
-    cumulative = np.cumsum(probs)
-    return int(min(np.searchsorted(cumulative, generator.random() * cumulative[-1], side="right"), len(probs) - 1))
 
 
 def verify(logits: np.ndarray, seq: SamplingRow, proposal: Proposal) -> Verified:
@@ -91,4 +86,4 @@ def _verify_drafted(row: np.ndarray, params: SamplingParams, guess: int, draft: 
     if generator.random() * q_guess < p_guess:
         return guess
     vocab = len(row)
-    return _draw(residual_distribution(_dense(ids, probs, vocab), _dense(q_ids, q_probs, vocab)), generator)
+    return draw_index(residual_distribution(_dense(ids, probs, vocab), _dense(q_ids, q_probs, vocab)), generator)
