@@ -122,7 +122,11 @@ def test_greedy_tokens_are_identical_with_speculation(proposer, small_pool, rng)
             assert engine.scheduler.num_preemptions > 0
     print(f"{proposer}: compared {compared} tokens; accepted {accepted} of {proposed} guesses")
     assert compared > 150 * len(ks) and proposed > 0
-    assert accepted > 0 and (proposer == "draft-self" or accepted < proposed)
+    assert accepted > 0
+    if proposer == "draft-2-layers":
+        # the rejection path on the real model; n-gram guesses may all be right when the random model loops (the
+        # fake-model tests in tests/unit/test_speculative.py reject n-gram-style guesses on purpose)
+        assert accepted < proposed
 
 
 @pytest.mark.slow
