@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 SERVE_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install install-test build test serve bench-kernels bench-linear bench-model bench-step bench-throughput bench-speculative bench checkpoint-0.6b clean
+.PHONY: install install-test build test serve bench-kernels bench-linear bench-model bench-step bench-throughput bench-speculative bench bench-peers-setup bench-latency bench-offline bench-serving bench-prefix bench-plots checkpoint-0.6b clean
 
 $(BIN)/python:
 	@echo "make: creating the virtual environment $(VENV) with $(PYTHON)"
@@ -70,6 +70,28 @@ bench-speculative: install-test build
 
 bench: install-test build
 	$(BIN)/python -m benchmarks
+
+# The peer engines (vLLM CPU, llama.cpp, transformers, MAX's own pipeline), each in a folder of its own under
+# ~/.cache/mili/peers, never in .venv; cached (a ready peer is skipped). ~15 min the first time.
+bench-peers-setup: install
+	$(BIN)/python -m benchmarks.peers.setup $(BENCH_ARGS)
+
+# MILI against its peers on one checkpoint, in one run each (see benchmarks/<name>.py): batch-1 latency,
+# offline throughput, serving at fixed concurrency and Poisson rates, prefix-cache TTFT; then the plots.
+bench-latency: install-test build
+	$(BIN)/python -m benchmarks.latency $(BENCH_ARGS)
+
+bench-offline: install-test build
+	$(BIN)/python -m benchmarks.offline $(BENCH_ARGS)
+
+bench-serving: install-test build
+	$(BIN)/python -m benchmarks.serving $(BENCH_ARGS)
+
+bench-prefix: install-test build
+	$(BIN)/python -m benchmarks.prefix $(BENCH_ARGS)
+
+bench-plots: install-test
+	$(BIN)/python -m benchmarks.plots $(BENCH_ARGS)
 
 # A random-weight checkpoint of Qwen3-0.6B's shape (bf16, ~1.2 GB) in the shared cache, for benchmarks.
 checkpoint-0.6b: install-test

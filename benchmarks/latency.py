@@ -1,0 +1,196 @@
+"""Batch-1 latency of MILI and its peers on one checkpoint, per engine and weight format, in one run: prefill of
+a 512-token prompt and greedy decode of 128 tokens after it.
+
+    python -m benchmarks.latency [--model DIR] [--prompt 512] [--decode 128] [--rounds 3]
+                                 [--engines mili,vllm,transformers,llama.cpp]
+    make bench-latency        (after `make bench-peers-setup`)
+
+Engines and formats: MILI float32 / bfloat16 / int8, transformers bf16 / fp32, vLLM bf16, llama.cpp BF16 / Q8_0 /
+Q4_K_M. Every engine is loaded once, warmed up with one untimed measurement, then timed in interleaved rounds
+(A B C A B C); the table shows medians. Decode tokens/s comes with the weight bytes one token reads, the achieved
+GB/s and its share of the machine's read bandwidth measured in the same run (the batch-1 decode roofline).
+Without --model it uses the random-weight Qwen3-0.6B-shaped checkpoint (`make checkpoint-0.6b`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.machine import measure
+from benchmarks.peers import llama_cpp
+from benchmarks.peers.engines import (
+    MILI_CONFIGS,
+    checkpoint_weight_bytes,
+    mili_worker,
+    transformers_worker,
+    vllm_worker,
+)
+from benchmarks.peers.home import PeerHome
+from benchmarks.peers.workers import WorkerFailed, WorkerProcess, start_all
+from benchmarks.report import RunRecord, markdown_table
+
+ENGINES = ("mili", "vllm", "transformers", "llama.cpp")
+EQUAL_BITS = {"MILI bfloat16": "llama.cpp BF16", "MILI int8": "llama.cpp Q8_0"}  # the decode targets
+
+
+@dataclass
+class Contender:
+    """One engine in one weight format: how to take one measurement, and the weight bytes a token reads."""
+    name: str
+    weight_bytes: int
+    measure: Callable[[], tuple[float, float]]  # -> (prefill seconds, decode seconds per token)
+    startup_s: float | None = None
+
+
+@dataclass
+class LatencyRow:
+    engine: str
+    weight_gb: float
+    startup_s: float | None
+    prefill_tok_s: float
+    decode_tok_s: float
+    decode_gb_s: float
+    roofline_share: float  # decode GB/s over the machine's read bandwidth
+    prefill_ms_samples: list[float]
+    decode_ms_samples: list[float]
+
+
+def worker_contender(worker: WorkerProcess, prompt: list[int], decode: int, weight_bytes: int) -> Contender:
+    def once() -> tuple[float, float]:
+        reply = worker.call("latency", prompt=prompt, decode=decode)
+        return reply["prefill_s"], reply["decode_s"]
+    return Contender(worker.spec.name, weight_bytes, once, worker.facts["startup_s"])
+
+
+def llama_contenders(model: Path, prompt: int, decode: int, skipped: dict[str, str]) -> list[Contender]:
+    contenders = []
+    for fmt in llama_cpp.FORMATS:
+        name = f"llama.cpp {fmt}"
+        try:
+            path = llama_cpp.gguf(model, fmt)
+        except RuntimeError as error:
+            skipped[name] = str(error).splitlines()[0]
+            print(f"  {name}: skipped: {error}", file=sys.stderr)
+            continue
+
+        def once(path: Path = path) -> tuple[float, float]:
+            result = llama_cpp.bench(path, prompt, decode)
+            return result.prefill_s, result.decode_s
+        # a GGUF's tensors are what a token reads (a tied embedding is the output head); metadata is ~10 MB
+        contenders.append(Contender(name, path.stat().st_size, once))
+    return contenders
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a Qwen3 checkpoint folder (default: the random Qwen3-0.6B-shaped one)")
+    parser.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
+    parser.add_argument("--decode", type=int, default=128, help="greedy tokens decoded after it (default 128)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (default 3)")
+    parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {', '.join(ENGINES)}")
+    parser.add_argument("--out", default="latency", help="results name: benchmarks/results/NAME.json")
+    args = parser.parse_args(argv)
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if unknown := [e for e in engines if e not in ENGINES]:
+        parser.error(f"--engines: unknown {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
+    for name in ("prompt", "decode", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+
+    if args.model is None:
+        from mili.checkpoints import cached_checkpoint  # writes the checkpoint on first use (needs transformers)
+        model = cached_checkpoint("qwen3-0.6b")
+    else:
+        model = Path(args.model).resolve()
+    record = RunRecord("batch-1 latency", str(model), measure(), method=(
+        f"prefill of {args.prompt} tokens, then {args.decode} greedy tokens (EOS ignored) at batch 1; one untimed "
+        f"warm-up each, then {args.rounds} interleaved rounds, medians; no prefix cache"))
+    prompt = np.random.default_rng(0).integers(0, 151_000, args.prompt).tolist()
+    kv_bytes = 256 << 20
+
+    specs = []
+    for config in MILI_CONFIGS if "mili" in engines else ():
+        specs.append(mili_worker(model, config, kv_bytes))
+    peers = {"vllm": [vllm_worker(model, kv_cache_gib=1)],
+             "transformers": [transformers_worker(model, "bfloat16"), transformers_worker(model, "float32")]}
+    for peer, peer_specs in peers.items():
+        if peer not in engines:
+            continue
+        if reason := PeerHome(peer).unavailable_reason():
+            record.skipped.update({s.name: reason for s in peer_specs})
+            continue
+        specs += peer_specs
+    workers = start_all(specs, record.skipped)
+    contenders = []
+    for name, worker in workers.items():
+        nbytes = worker.facts.get("weight_bytes") or checkpoint_weight_bytes(model, 2)  # vLLM: bf16 weights
+        contenders.append(worker_contender(worker, prompt, args.decode, nbytes))
+    if "llama.cpp" in engines:
+        if reason := PeerHome("llama.cpp").unavailable_reason():
+            record.skipped.update({f"llama.cpp {fmt}": reason for fmt in llama_cpp.FORMATS})
+        else:
+            contenders += llama_contenders(model, args.prompt, args.decode, record.skipped)
+
+    samples: dict[str, list[tuple[float, float]]] = {c.name: [] for c in contenders}
+    try:
+        for round_index in range(args.rounds + 1):  # round 0 is the warm-up
+            for contender in list(contenders):
+                try:
+                    result = contender.measure()
+                except (WorkerFailed, RuntimeError) as error:
+                    record.skipped[contender.name] = str(error).splitlines()[0]
+                    print(f"  {contender.name}: dropped: {error}", file=sys.stderr)
+                    contenders.remove(contender)
+                    continue
+                if round_index > 0:
+                    samples[contender.name].append(result)
+                time.sleep(0.5)  # OpenMP pools spin for a while after work: let them settle before the next engine
+            print(f"{'warm-up' if round_index == 0 else f'round {round_index}/{args.rounds}'} done", flush=True)
+    finally:
+        for worker in workers.values():
+            worker.close()
+
+    limits = record.machine.best_of(measure())
+    record.machine = limits
+    record.finish()
+    rows = []
+    for c in contenders:
+        prefill_s = statistics.median(s[0] for s in samples[c.name])
+        decode_s = statistics.median(s[1] for s in samples[c.name])
+        rows.append(LatencyRow(
+            engine=c.name, weight_gb=c.weight_bytes / 1e9, startup_s=c.startup_s,
+            prefill_tok_s=args.prompt / prefill_s, decode_tok_s=1 / decode_s,
+            decode_gb_s=c.weight_bytes / decode_s / 1e9, roofline_share=c.weight_bytes / decode_s / 1e9 / limits.read_gb_s,
+            prefill_ms_samples=[s[0] * 1e3 for s in samples[c.name]],
+            decode_ms_samples=[s[1] * 1e3 for s in samples[c.name]]))
+    print("\n" + record.header() + "\n")
+    print(table(rows, record.skipped))
+    path = record.write([asdict(r) for r in rows], args.out, {"prompt": args.prompt, "decode": args.decode})
+    print(f"\nwrote {path}")
+
+
+def table(rows: list[LatencyRow], skipped: dict[str, str]) -> str:
+    by_name = {r.engine: r for r in rows}
+    lines = []
+    for r in rows:
+        peer = by_name.get(EQUAL_BITS.get(r.engine, ""))
+        versus = f"{r.decode_tok_s / peer.decode_tok_s:.2f}x {peer.engine}" if peer else ""
+        lines.append([r.engine, f"{r.weight_gb:.2f}", f"{r.prefill_tok_s:.0f}", f"{r.decode_tok_s:.1f}",
+                      f"{r.decode_gb_s:.1f}", f"{r.roofline_share:.0%}", versus])
+    text = markdown_table(["engine", "weights GB/token", "prefill tok/s", "decode tok/s", "decode GB/s",
+                           "% of read bw", "decode vs equal bits"], lines)
+    for name, reason in skipped.items():
+        text += f"\n- {name}: not measured: {reason}"
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Offline throughput of MILI and its peers: one seeded batch of requests in the style of nano-vllm's bench, scaled
+to this CPU (64 requests, prompts of 64-512 random tokens, 32-256 greedy output tokens each, EOS ignored),
+submitted at once; output tokens/s and requests/s.
+
+    python -m benchmarks.offline [--model DIR] [--requests 64] [--rounds 2]
+                                 [--engines mili,vllm,transformers,max]
+    make bench-offline        (after `make bench-peers-setup`)
+
+MILI (bfloat16 and int8 weights) and vLLM run through their offline APIs (LLM.generate); transformers through
+batched `generate` (16 prompts a call, sorted by length, left-padded: it cannot stop rows at different lengths,
+so a batch runs to its longest request and only the tokens asked for are counted); MAX, whose CPU pipeline has
+no documented offline API, through `max serve` with every request sent at once (prompts of the same lengths,
+as text). Each engine is loaded once, runs one untimed warm-up batch (8 requests), then the timed rounds
+interleave the engines; medians. Same KV-cache budget (4 GiB) and thread count for all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.machine import measure
+from benchmarks.peers.engines import mili_worker, transformers_worker, vllm_worker
+from benchmarks.peers.home import PeerHome
+from benchmarks.peers.servers import SERVED_NAME, server_spec, start
+from benchmarks.peers.workers import WorkerFailed, start_all
+from benchmarks.report import RunRecord, markdown_table
+from benchmarks.serving_client import Request, WordVocabulary, run_load, summarize
+
+ENGINES = ("mili", "vllm", "transformers", "max")
+KV_GIB = 4
+
+
+def workload(count: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"prompt": rng.integers(0, 151_000, int(rng.integers(64, 513))).tolist(),
+             "max_tokens": int(rng.integers(32, 257))} for _ in range(count)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a Qwen3 checkpoint folder (default: the random Qwen3-0.6B-shaped one)")
+    parser.add_argument("--requests", type=int, default=64, help="requests per round (default 64)")
+    parser.add_argument("--rounds", type=int, default=2, help="timed rounds (default 2)")
+    parser.add_argument("--engines", default=",".join(ENGINES), help=f"of {', '.join(ENGINES)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="offline", help="results name: benchmarks/results/NAME.json")
+    args = parser.parse_args(argv)
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if unknown := [e for e in engines if e not in ENGINES]:
+        parser.error(f"--engines: unknown {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
+    if args.requests < 1 or args.rounds < 1:
+        parser.error("--requests and --rounds must be at least 1")
+    if args.model is None:
+        from mili.checkpoints import cached_checkpoint
+        model = cached_checkpoint("qwen3-0.6b")
+    else:
+        model = Path(args.model).resolve()
+    record = RunRecord("offline throughput", str(model), measure(), method=(
+        f"{args.requests} requests (seed {args.seed}), prompts 64-512 tokens, outputs 32-256 greedy tokens, EOS "
+        f"ignored, all submitted at once; one untimed warm-up batch per engine, {args.rounds} interleaved rounds, "
+        f"medians"))
+    requests = workload(args.requests, args.seed)
+    warm_up = workload(8, args.seed + 1)
+
+    specs = []
+    if "mili" in engines:
+        specs += [mili_worker(model, "bfloat16", KV_GIB << 30), mili_worker(model, "int8", KV_GIB << 30)]
+    for peer, spec in (("vllm", lambda: vllm_worker(model, KV_GIB)),
+                       ("transformers", lambda: transformers_worker(model, "bfloat16"))):
+        if peer in engines:
+            if reason := PeerHome(peer).unavailable_reason():
+                record.skipped[peer] = reason
+            else:
+                specs.append(spec())
+    workers = start_all(specs, record.skipped)
+    runs: dict[str, object] = dict(workers)
+    server = None
+    if "max" in engines and (server := start(server_spec("max", model, 8199, 64, KV_GIB), record.skipped)):
+        runs[server.spec.name] = server
+        vocab = WordVocabulary(model)
+        rng = random.Random(args.seed)
+        as_text = [Request(vocab.text(rng, len(r["prompt"])), len(r["prompt"]), r["max_tokens"]) for r in requests]
+
+    samples: dict[str, list[dict]] = {name: [] for name in runs}
+    try:
+        for round_index in range(args.rounds + 1):  # round 0: the warm-up batch
+            for name, runner in list(runs.items()):
+                try:
+                    if runner is server:
+                        batch = as_text if round_index else as_text[:8]
+                        outcomes, seconds = asyncio.run(run_load(server.spec.base_url, SERVED_NAME, batch,
+                                                                 len(batch), None))
+                        summary = summarize(outcomes, seconds)
+                        if summary["failed"]:
+                            raise WorkerFailed(f"{summary['failed']} requests failed: {summary['errors']}")
+                        result = {"seconds": seconds, "output_tokens": summary["output_tokens"]}
+                    else:
+                        result = runner.call("offline", requests=requests if round_index else warm_up)
+                except WorkerFailed as error:
+                    record.skipped[name] = str(error).splitlines()[0]
+                    print(f"  {name}: dropped: {error}", file=sys.stderr)
+                    del runs[name]
+                    continue
+                if round_index:
+                    samples[name].append(result)
+                    print(f"  {name}: {result['output_tokens'] / result['seconds']:.1f} output tok/s", flush=True)
+                time.sleep(0.5)
+            print(f"{'warm-up' if round_index == 0 else f'round {round_index}/{args.rounds}'} done", flush=True)
+    finally:
+        for worker in workers.values():
+            worker.close()
+        if server is not None:
+            server.stop()
+
+    record.machine = record.machine.best_of(measure())
+    record.finish()
+    wanted = sum(r["max_tokens"] for r in requests)
+    rows = []
+    for name in runs:
+        seconds = statistics.median(s["seconds"] for s in samples[name])
+        produced = samples[name][0]["output_tokens"]
+        rows.append({"engine": name, "seconds": seconds, "output_tokens": produced, "asked_tokens": wanted,
+                     "output_tok_s": produced / seconds, "requests_s": args.requests / seconds,
+                     "seconds_samples": [s["seconds"] for s in samples[name]]})
+    print("\n" + record.header() + "\n")
+    print(table(rows, record.skipped))
+    path = record.write(rows, args.out, {"requests": args.requests})
+    print(f"\nwrote {path}")
+
+
+def table(rows: list[dict], skipped: dict[str, str]) -> str:
+    best_peer = {r["engine"]: r["output_tok_s"] for r in rows}
+    lines = []
+    for r in rows:
+        vs = [f"{r['output_tok_s'] / tok_s:.2f}x {peer}" for peer, tok_s in best_peer.items()
+              if r["engine"].startswith("MILI") and not peer.startswith("MILI")]
+        lines.append([r["engine"], f"{r['output_tok_s']:.1f}", f"{r['requests_s']:.2f}", f"{r['seconds']:.1f}",
+                      f"{r['output_tokens']}/{r['asked_tokens']}", ", ".join(vs)])
+    text = markdown_table(["engine", "output tok/s", "req/s", "seconds", "tokens", "MILI vs peer"], lines)
+    for name, reason in skipped.items():
+        text += f"\n- {name}: not measured: {reason}"
+    return text
+
+
+if __name__ == "__main__":
+    main()

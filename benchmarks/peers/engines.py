@@ -1,0 +1,66 @@
+"""How each engine is started for a benchmark, in its best documented CPU configuration, with the same number of
+threads for all (every core of the machine):
+- MILI: mili.LLM in MILI's own environment (float32 / bfloat16 / int8 weights);
+- vLLM CPU: vllm.LLM, bfloat16, its CPU threads bound to every core (VLLM_CPU_OMP_THREADS_BIND; the default
+  keeps one core of two for itself), tcmalloc and Intel OpenMP preloaded as its docs advise;
+- transformers: AutoModelForCausalLM.generate, bfloat16 (its fastest dtype on these CPUs) or float32;
+- llama.cpp: llama-bench / llama-server (benchmarks/peers/llama_cpp.py).
+A peer that is not set up is skipped with the reason (PeerHome.unavailable_reason)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import sys
+from pathlib import Path
+
+from benchmarks.peers.home import PeerHome
+from benchmarks.peers.workers import WorkerSpec
+
+THREADS = os.cpu_count() or 1
+MILI_CONFIGS = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"), "int8": ("bfloat16", "int8")}
+
+
+def mili_worker(model: Path, config: str, kv_cache_bytes: int, prefix_cache: bool = False) -> WorkerSpec:
+    dtype, quantization = MILI_CONFIGS[config]
+    return WorkerSpec(f"MILI {config}", Path(sys.executable), "mili_worker.py",
+                      [str(model), dtype, quantization, str(kv_cache_bytes), "1" if prefix_cache else "0"])
+
+
+def vllm_env(kv_cache_gib: int) -> dict[str, str]:
+    home = PeerHome("vllm")
+    preload = [str(p) for p in (tcmalloc(), *home.venv.glob("lib/libiomp5.so")) if p]
+    return {"VLLM_CPU_OMP_THREADS_BIND": f"0-{THREADS - 1}", "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+            "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING", "LD_PRELOAD": ":".join(preload)}
+
+
+def tcmalloc() -> Path | None:
+    return next(iter(Path("/usr/lib").glob("*/libtcmalloc_minimal.so.4")), None)
+
+
+def vllm_worker(model: Path, kv_cache_gib: int, prefix_cache: bool = False) -> WorkerSpec:
+    return WorkerSpec("vLLM bf16", PeerHome("vllm").python, "vllm_worker.py",
+                      [str(model), "bfloat16", "1" if prefix_cache else "0"], env=vllm_env(kv_cache_gib))
+
+
+def transformers_worker(model: Path, dtype: str, batch: int = 16) -> WorkerSpec:
+    short = {"bfloat16": "bf16", "float32": "fp32"}[dtype]
+    return WorkerSpec(f"transformers {short}", PeerHome("transformers").python, "transformers_worker.py",
+                      [str(model), dtype, str(THREADS), str(batch)])
+
+
+def checkpoint_weight_bytes(model: Path, bytes_per_param: float) -> int:
+    """Bytes of weights a decode step reads at `bytes_per_param`: every tensor of the checkpoint but an untied
+    embedding table (the step gathers one row of it; a tied one is read in full as the LM head)."""
+    counts: dict[str, int] = {}
+    for path in sorted(model.glob("*.safetensors")):
+        with path.open("rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        for name, info in header.items():
+            if name != "__metadata__":
+                counts[name] = math.prod(info["shape"])
+    has_head = any(name.startswith("lm_head") for name in counts)
+    return int(sum(n for name, n in counts.items() if not (has_head and "embed_tokens" in name)) * bytes_per_param)
+
