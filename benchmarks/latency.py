@@ -34,6 +34,7 @@ from benchmarks.peers.engines import (
     vllm_worker,
 )
 from benchmarks.peers.home import PeerHome
+from benchmarks.peers.servers import unwind_on_sigterm
 from benchmarks.peers.workers import WorkerFailed, WorkerProcess, start_all
 from benchmarks.report import RunRecord, markdown_table
 
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {', '.join(ENGINES)}")
     parser.add_argument("--out", default="latency", help="results name: benchmarks/results/NAME.json")
     args = parser.parse_args(argv)
+    unwind_on_sigterm()  # and workers: the `finally` closes them
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if unknown := [e for e in engines if e not in ENGINES]:
         parser.error(f"--engines: unknown {', '.join(unknown)}; choose from {', '.join(ENGINES)}")

@@ -29,7 +29,7 @@ import numpy as np
 from benchmarks.machine import measure
 from benchmarks.peers.engines import mili_worker, transformers_worker, vllm_worker
 from benchmarks.peers.home import PeerHome
-from benchmarks.peers.servers import SERVED_NAME, server_spec, start
+from benchmarks.peers.servers import SERVED_NAME, server_spec, start, unwind_on_sigterm
 from benchmarks.peers.workers import WorkerFailed, start_all
 from benchmarks.report import RunRecord, markdown_table
 from benchmarks.serving_client import Request, WordVocabulary, run_load, summarize
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="offline", help="results name: benchmarks/results/NAME.json")
     args = parser.parse_args(argv)
+    unwind_on_sigterm()
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if unknown := [e for e in engines if e not in ENGINES]:
         parser.error(f"--engines: unknown {', '.join(unknown)}; choose from {', '.join(ENGINES)}")

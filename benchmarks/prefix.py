@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 
 from benchmarks.machine import measure
-from benchmarks.peers.servers import SERVED_NAME, RunningServer, server_spec, start
+from benchmarks.peers.servers import SERVED_NAME, RunningServer, server_spec, start, unwind_on_sigterm
 from benchmarks.report import RunRecord, markdown_table
 from benchmarks.serving_client import Request, WordVocabulary, run_load
 
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="prefix", help="results name: benchmarks/results/NAME.json")
     args = parser.parse_args(argv)
+    unwind_on_sigterm()
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if unknown := [e for e in engines if e not in ENGINES]:
         parser.error(f"--engines: unknown {', '.join(unknown)}; choose from {', '.join(ENGINES)}")

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.machine import measure
-from benchmarks.peers.servers import SERVED_NAME, SERVERS, RunningServer, server_spec, start
+from benchmarks.peers.servers import SERVED_NAME, SERVERS, RunningServer, server_spec, start, unwind_on_sigterm
 from benchmarks.report import RunRecord, markdown_table
 from benchmarks.serving_client import (
     Request,
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="serving", help="results name: benchmarks/results/NAME.json")
     args = parser.parse_args(argv)
+    unwind_on_sigterm()
     engines = parse_list(args.engines, str)
     if unknown := [e for e in engines if e not in SERVERS]:
         parser.error(f"--engines: unknown {', '.join(unknown)}; choose from {', '.join(SERVERS)}")

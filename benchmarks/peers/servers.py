@@ -80,6 +80,13 @@ def kv_bytes_per_token_f16(model: Path) -> int:
     return 2 * 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim
 
 
+def unwind_on_sigterm() -> None:
+    """A SIGTERM to a benchmark driver unwinds through its `finally` blocks, which stop its servers (they run in
+    sessions of their own, so no signal to the driver reaches them) and close its workers, instead of leaving
+    them running."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 class ServerFailed(RuntimeError):
     pass
 
