@@ -146,11 +146,12 @@ async def send(client: httpx.AsyncClient, base_url: str, model: str, request: Re
 
 
 async def run_load(base_url: str, model: str, requests: list[Request], concurrency: int | None,
-                   request_rate: float | None, seed: int = 0) -> tuple[list[Outcome], float]:
+                   request_rate: float | None, seed: int = 0,
+                   transport: httpx.AsyncBaseTransport | None = None) -> tuple[list[Outcome], float]:
     """Sends every request, either `concurrency` at a time, or arriving as a Poisson process of `request_rate`
-    requests a second (exponential gaps, seeded) with no cap on how many are in flight."""
+    requests a second (exponential gaps, seeded) with no cap on how many are in flight. (`transport`: tests.)"""
     limits = httpx.Limits(max_connections=concurrency or len(requests), max_keepalive_connections=concurrency or 64)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits, transport=transport) as client:
         start = time.perf_counter()
         if concurrency is not None:
             queue = list(reversed(requests))

@@ -1,0 +1,117 @@
+"""The peer benchmarks' own tools, checked without any peer: the serving client's statistics (against numpy), its
+datasets (exact token counts with the real Qwen3 tokenizer), its accounting of streamed responses and failures
+(against a scripted server), and the worker line protocol (a worker that prints to stdout and fails on purpose)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from benchmarks.peers.workers import WorkerFailed, WorkerProcess, WorkerSpec
+from benchmarks.serving_client import (Request, WordVocabulary, percentiles, random_dataset, run_load,
+                                       shared_prefix_dataset, summarize)
+
+
+def test_percentiles_match_numpy(rng):
+    values = rng.exponential(0.05, int(rng.integers(1, 300))).tolist()
+    got = percentiles(values)
+    for name, q in (("p50", 50), ("p90", 90), ("p99", 99)):
+        assert got[name] == pytest.approx(np.percentile(values, q) * 1e3, rel=1e-12)
+    assert got["mean"] == pytest.approx(np.mean(values) * 1e3, rel=1e-12)
+    assert percentiles([])["p50"] is None
+
+
+@pytest.fixture(scope="module")
+def vocab(tokenizer_dir: Path) -> WordVocabulary:
+    return WordVocabulary(tokenizer_dir)
+
+
+def test_prompts_have_exactly_the_tokens_asked_for(vocab, seed):
+    requests = random_dataset(vocab, 12, (1, 300), (5, 9), seed)
+    lengths = [r.prompt_tokens for r in requests]
+    assert all(1 <= n <= 300 for n in lengths) and all(5 <= r.max_tokens <= 9 for r in requests)
+    assert lengths == [len(r.prompt.split(" ")) - 1 for r in requests]  # one token a word, as counted
+    shared = shared_prefix_dataset(vocab, 10, num_prefixes=3, prefix_tokens=200, question_tokens=7,
+                                   output_tokens=4, seed=seed)
+    assert [r.prompt_tokens for r in shared] == [207] * 10
+    assert len({" ".join(r.prompt.split(" ")[:201]) for r in shared}) == 3
+
+
+def scripted_server(replies: list[tuple[int, list[str]]]) -> httpx.MockTransport:
+    """Answers each request with the next (status, SSE data lines)."""
+    queue = list(replies)
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        status, lines = queue.pop(0)
+        assert json.loads(request.content)["ignore_eos"] is True
+        return httpx.Response(status, content="".join(f"data: {line}\n\n" for line in lines).encode())
+    return httpx.MockTransport(handle)
+
+
+def chunk(text: str) -> str:
+    return json.dumps({"choices": [{"index": 0, "text": text}]})
+
+
+def test_streamed_responses_and_failures_are_counted():
+    usage = json.dumps({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 3}})
+    replies = [
+        (200, [chunk("a"), chunk(""), chunk("b"), chunk("c"), usage, "[DONE]"]),  # ok: 3 tokens, 2 gaps
+        (200, [chunk("a"), chunk("b"), chunk("c"), "[DONE]"]),  # ok without usage: chunks counted
+        (200, [chunk("a"), json.dumps({"usage": {"completion_tokens": 1}}), "[DONE]"]),  # short: failed
+        (200, [chunk("a"), json.dumps({"error": {"message": "engine died"}})]),  # error event: failed
+        (400, [json.dumps({"error": {"message": "bad"}})]),  # client error: failed
+    ]
+    requests = [Request("x y z", 3, 3)] * len(replies)
+    outcomes, duration = asyncio.run(run_load("http://server", "m", requests, 1, None,
+                                              transport=scripted_server(replies)))
+    assert [o.ok for o in outcomes] == [True, True, False, False, False]
+    assert [o.output_tokens for o in outcomes[:2]] == [3, 3] and len(outcomes[0].itl_s) == 2
+    assert "1 of 3 tokens" in outcomes[2].error and "engine died" in outcomes[3].error
+    assert outcomes[4].error.startswith("HTTP 400")
+    summary = summarize(outcomes, duration)
+    assert (summary["requests"], summary["failed"], summary["output_tokens"]) == (5, 3, 6)
+    assert len(summary["ttft_samples_ms"]) == 2 and len(summary["tpot_samples_ms"]) == 2
+
+
+FAKE_WORKER = textwrap.dedent('''
+    import sys, time
+    from protocol import serve
+
+    class Fake:
+        def facts(self):
+            print("noise on stdout that must not reach the driver")
+            return {"weight_bytes": 123}
+
+        def generate(self, prompts, max_tokens):
+            print("more noise")
+            if max_tokens[0] < 0:
+                raise ValueError("negative")
+            return sum(max_tokens)
+
+    serve(Fake)
+''')
+
+
+def test_worker_protocol(tmp_path):
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    worker = WorkerProcess(WorkerSpec("fake", Path(sys.executable), str(script), [], startup_timeout_s=60))
+    try:
+        assert worker.facts["weight_bytes"] == 123 and worker.facts["load_s"] >= 0
+        reply = worker.call("latency", prompt=[1, 2, 3], decode=4)
+        assert reply["prefill_s"] >= 0 and reply["decode_s"] >= 0
+        reply = worker.call("offline", requests=[{"prompt": [1], "max_tokens": 5}, {"prompt": [2], "max_tokens": 6}])
+        assert reply["output_tokens"] == 11
+        with pytest.raises(WorkerFailed, match="negative"):
+            worker.call("offline", requests=[{"prompt": [1], "max_tokens": -1}])
+        assert worker.call("offline", requests=[{"prompt": [1], "max_tokens": 2}])["output_tokens"] == 2
+    finally:
+        worker.close()
+    assert worker.process.returncode == 0
