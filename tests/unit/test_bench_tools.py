@@ -15,8 +15,15 @@ import numpy as np
 import pytest
 
 from benchmarks.peers.workers import WorkerFailed, WorkerProcess, WorkerSpec
-from benchmarks.serving_client import (Request, WordVocabulary, percentiles, random_dataset, run_load,
-                                       shared_prefix_dataset, summarize)
+from benchmarks.serving_client import (
+    Request,
+    WordVocabulary,
+    percentiles,
+    random_dataset,
+    run_load,
+    shared_prefix_dataset,
+    summarize,
+)
 
 
 def test_percentiles_match_numpy(rng):
