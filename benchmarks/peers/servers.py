@@ -58,12 +58,12 @@ def server_spec(engine: str, model: Path, port: int, max_seqs: int, kv_gib: int,
             *([] if prefix_cache else ["--no-enable-prefix-caching"])], env=vllm_env(kv_gib), port=port)
     if engine == "llama.cpp":
         # one slot per concurrent request, all sharing one KV cache of kv_gib (--kv-unified); prompt caching
-        # across requests is llama-server's own (--cache-reuse) and on by default for a slot's previous prompt
+        # across requests is its --cache-prompt (on by default: a slot reuses the longest common prefix it holds)
         tokens_per_gib = (1 << 30) // kv_bytes_per_token_f16(model)
         return ServerSpec(f"llama.cpp {gguf_format}", "llama.cpp", [
             str(llama_cpp.tool("llama-server")), "-m", str(llama_cpp.gguf(model, gguf_format)), "--port", str(port),
             "-t", str(THREADS), "-c", str(kv_gib * tokens_per_gib), "-np", str(max_seqs), "--kv-unified",
-            "--alias", SERVED_NAME, *([] if prefix_cache else ["--cache-reuse", "0"])], port=port)
+            "--alias", SERVED_NAME, *([] if prefix_cache else ["--no-cache-prompt"])], port=port)
     if engine == "max":
         home = PeerHome("max")
         return ServerSpec("MAX fp32", "max", [
