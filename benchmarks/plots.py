@@ -48,7 +48,8 @@ def latency_roofline(result: dict) -> Path:
     ax.set_ylabel("batch-1 decode tokens/s")
     ax.set_title(f"Decode speed against the bandwidth roofline\n{subtitle(result)}", fontsize=10)
     ax.tick_params(axis="x", rotation=30)
-    ax.legend(fontsize=8)
+    ax.set_ylim(top=max(roofline + measured) * 1.3)  # room for the legend above every bar and marker
+    ax.legend(fontsize=8, loc="upper left", markerscale=0.3)
     fig.tight_layout()
     path = RESULTS / "latency-roofline.png"
     fig.savefig(path, dpi=110)
