@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.machine import measure
-from benchmarks.peers import llama_cpp
+from benchmarks.peers import arguments, llama_cpp
 from benchmarks.peers.engines import (
     MILI_CONFIGS,
     checkpoint_weight_bytes,
@@ -92,26 +92,15 @@ def llama_contenders(model: Path, prompt: int, decode: int, skipped: dict[str, s
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a Qwen3 checkpoint folder (default: the random Qwen3-0.6B-shaped one)")
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
     parser.add_argument("--decode", type=int, default=128, help="greedy tokens decoded after it (default 128)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (default 3)")
-    parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {', '.join(ENGINES)}")
-    parser.add_argument("--out", default="latency", help="results name: benchmarks/results/NAME.json")
+    arguments.add_common(parser, ENGINES, "latency")
     args = parser.parse_args(argv)
     unwind_on_sigterm()  # and workers: the `finally` closes them
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    if unknown := [e for e in engines if e not in ENGINES]:
-        parser.error(f"--engines: unknown {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
-    for name in ("prompt", "decode", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
-
-    if args.model is None:
-        from mili.checkpoints import cached_checkpoint  # writes the checkpoint on first use (needs transformers)
-        model = cached_checkpoint("qwen3-0.6b")
-    else:
-        model = Path(args.model).resolve()
+    engines = arguments.chosen_engines(parser, args, ENGINES)
+    arguments.at_least_one(parser, args, "prompt", "decode", "rounds")
+    model = arguments.checkpoint(args)
     record = RunRecord("batch-1 latency", str(model), measure(), method=(
         f"prefill of {args.prompt} tokens, then {args.decode} greedy tokens (EOS ignored) at batch 1; one untimed "
         f"warm-up each, then {args.rounds} interleaved rounds, medians; no prefix cache"))
@@ -132,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         specs += peer_specs
     workers = start_all(specs, record.skipped)
     contenders = []
-    for name, worker in workers.items():
+    for worker in workers.values():
         nbytes = worker.facts.get("weight_bytes") or checkpoint_weight_bytes(model, 2)  # vLLM: bf16 weights
         contenders.append(worker_contender(worker, prompt, args.decode, nbytes))
     if "llama.cpp" in engines:

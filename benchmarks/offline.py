@@ -22,11 +22,11 @@ import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
 from benchmarks.machine import measure
+from benchmarks.peers import arguments
 from benchmarks.peers.engines import mili_worker, transformers_worker, vllm_worker
 from benchmarks.peers.home import PeerHome
 from benchmarks.peers.servers import SERVED_NAME, server_spec, start, unwind_on_sigterm
@@ -46,24 +46,15 @@ def workload(count: int, seed: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a Qwen3 checkpoint folder (default: the random Qwen3-0.6B-shaped one)")
     parser.add_argument("--requests", type=int, default=64, help="requests per round (default 64)")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds (default 2)")
-    parser.add_argument("--engines", default=",".join(ENGINES), help=f"of {', '.join(ENGINES)}")
+    arguments.add_common(parser, ENGINES, "offline")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="offline", help="results name: benchmarks/results/NAME.json")
     args = parser.parse_args(argv)
     unwind_on_sigterm()
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    if unknown := [e for e in engines if e not in ENGINES]:
-        parser.error(f"--engines: unknown {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
-    if args.requests < 1 or args.rounds < 1:
-        parser.error("--requests and --rounds must be at least 1")
-    if args.model is None:
-        from mili.checkpoints import cached_checkpoint
-        model = cached_checkpoint("qwen3-0.6b")
-    else:
-        model = Path(args.model).resolve()
+    engines = arguments.chosen_engines(parser, args, ENGINES)
+    arguments.at_least_one(parser, args, "requests", "rounds")
+    model = arguments.checkpoint(args)
     record = RunRecord("offline throughput", str(model), measure(), method=(
         f"{args.requests} requests (seed {args.seed}), prompts 64-512 tokens, outputs 32-256 greedy tokens, EOS "
         f"ignored, all submitted at once; one untimed warm-up batch per engine, {args.rounds} interleaved rounds, "

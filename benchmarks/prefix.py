@@ -16,9 +16,9 @@ import argparse
 import asyncio
 import random
 import statistics
-from pathlib import Path
 
 from benchmarks.machine import measure
+from benchmarks.peers import arguments
 from benchmarks.peers.servers import SERVED_NAME, RunningServer, server_spec, start, unwind_on_sigterm
 from benchmarks.report import RunRecord, markdown_table
 from benchmarks.serving_client import Request, WordVocabulary, run_load
@@ -35,23 +35,15 @@ def ttft_ms(server: RunningServer, request: Request) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a Qwen3 checkpoint folder (default: the random Qwen3-0.6B-shaped one)")
-    parser.add_argument("--engines", default=",".join(ENGINES), help=f"of {', '.join(ENGINES)}")
+    arguments.add_common(parser, ENGINES, "prefix")
     parser.add_argument("--prefix", type=int, default=1000, help="shared prefix tokens (default 1000)")
     parser.add_argument("--question", type=int, default=24, help="tokens after the prefix (default 24)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default 5)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="prefix", help="results name: benchmarks/results/NAME.json")
     args = parser.parse_args(argv)
     unwind_on_sigterm()
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    if unknown := [e for e in engines if e not in ENGINES]:
-        parser.error(f"--engines: unknown {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
-    if args.model is None:
-        from mili.checkpoints import cached_checkpoint
-        model = cached_checkpoint("qwen3-0.6b")
-    else:
-        model = Path(args.model).resolve()
+    engines = arguments.chosen_engines(parser, args, ENGINES)
+    model = arguments.checkpoint(args)
     record = RunRecord("prefix cache", str(model), measure(), method=(
         f"TTFT of prefix ({args.prefix} tokens) + question ({args.question} tokens), cold then warm, a fresh "
         f"prefix each round; 1 warm-up round + {args.rounds} timed, medians; engines interleaved"))

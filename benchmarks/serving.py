@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from pathlib import Path
 
 from benchmarks.machine import measure
+from benchmarks.peers import arguments
 from benchmarks.peers.servers import SERVED_NAME, SERVERS, RunningServer, server_spec, start, unwind_on_sigterm
 from benchmarks.report import RunRecord, markdown_table
 from benchmarks.serving_client import (
@@ -46,8 +46,7 @@ def dataset(name: str, vocab: WordVocabulary, count: int, seed: int) -> list[Req
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a Qwen3 checkpoint folder (default: the random Qwen3-0.6B-shaped one)")
-    parser.add_argument("--engines", default="mili,vllm,llama.cpp,max", help=f"of {', '.join(SERVERS)}")
+    arguments.add_common(parser, SERVERS, "serving")
     parser.add_argument("--concurrency", default="1,4,16,64", help="fixed-concurrency points (default 1,4,16,64)")
     parser.add_argument("--request-rates", default="2", help="Poisson points, requests/s (default 2; '' for none)")
     parser.add_argument("--datasets", default="random,shared-prefix")
@@ -55,12 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate-prompts", type=int, default=32, help="requests a rate point sends (default 32)")
     parser.add_argument("--kv-gib", type=int, default=3, help="KV-cache budget of every server, GiB (default 3)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="serving", help="results name: benchmarks/results/NAME.json")
     args = parser.parse_args(argv)
     unwind_on_sigterm()
-    engines = parse_list(args.engines, str)
-    if unknown := [e for e in engines if e not in SERVERS]:
-        parser.error(f"--engines: unknown {', '.join(unknown)}; choose from {', '.join(SERVERS)}")
+    engines = arguments.chosen_engines(parser, args, SERVERS)
     datasets = parse_list(args.datasets, str)
     if unknown := [d for d in datasets if d not in ("random", "shared-prefix")]:
         parser.error(f"--datasets: unknown {', '.join(unknown)}; choose from random, shared-prefix")
@@ -68,11 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     rates = parse_list(args.request_rates, float)
     max_seqs = max(64, *concurrencies)
 
-    if args.model is None:
-        from mili.checkpoints import cached_checkpoint
-        model = cached_checkpoint("qwen3-0.6b")
-    else:
-        model = Path(args.model).resolve()
+    model = arguments.checkpoint(args)
     record = RunRecord("serving", str(model), measure(), method=(
         f"streamed /v1/completions, greedy, EOS ignored; concurrency points send max({args.min_prompts}, "
         f"2 x concurrency) requests, rate points {args.rate_prompts} (Poisson, seed {args.seed}); engines "
