@@ -3,7 +3,8 @@
 It holds its tokens (prompt then output, one list), how many of them have K/V in the cache, its KV block
 table (a leading part owned by the prefix cache and locked through `cache_node`, the rest its own), its
 sampling state (random generator, token counts for penalties, logprobs, how well its speculative guesses
-fare), its text (decoded, cut at stop strings, streamed in deltas) and its timings. A Request with n > 1 has n sequences sharing the prompt.
+fare), its text (decoded, cut at stop strings, streamed in deltas) and its timings. A Request with n > 1 has
+n sequences sharing the prompt.
 The scheduler moves sequences between states; nothing here knows about HTTP.
 """
 

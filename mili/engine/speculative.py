@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
 
@@ -60,14 +60,14 @@ class GuessDepth:
     a row doubles the pause (up to 128 steps), a kept guess resets it. Bad guesses cost a verify step ~1.1-1.7x a
     decode step (and a draft model its own steps), so they must not go on for long."""
 
+    DECAY: ClassVar[float] = 0.5
+    GIVE_UP_BELOW: ClassVar[float] = 0.15
+    FIRST_PAUSE: ClassVar[int] = 8
+    LONGEST_PAUSE: ClassVar[int] = 128
+
     acceptance: float = 1.0  # start optimistic: the first guesses are how we learn
     paused_steps: int = 0
-    next_pause: int = 8
-
-    DECAY = 0.5
-    GIVE_UP_BELOW = 0.15
-    FIRST_PAUSE = 8
-    LONGEST_PAUSE = 128
+    next_pause: int = FIRST_PAUSE
 
     def limit(self, k: int) -> int:
         """Tokens to guess this step (0 while paused)."""
@@ -146,6 +146,7 @@ class SpeculationStats:
 
     def as_dict(self) -> dict[str, float | int]:
         return {"verify_steps": self.verify_steps, "proposed_tokens": self.proposed,
-                "accepted_tokens": self.accepted, "emitted_tokens": self.emitted, "acceptance_rate": round(self.acceptance_rate, 4),
+                "accepted_tokens": self.accepted, "emitted_tokens": self.emitted,
+                "acceptance_rate": round(self.acceptance_rate, 4),
                 "mean_accepted_length": round(self.mean_accepted_length, 4),
                 "skipped_busy_steps": self.skipped_busy_steps, "proposer_failures": self.proposer_failures}

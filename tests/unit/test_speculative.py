@@ -28,7 +28,7 @@ from mili.engine.draft_proposer import DraftProposer
 from mili.engine.engine import Engine
 from mili.engine.sampler import kept_distribution, penalised_row
 from mili.engine.sampling_params import SamplingParams
-from mili.engine.speculative import NgramLookup, Proposal, SpeculativeConfig
+from mili.engine.speculative import GuessDepth, NgramLookup, Proposal, SpeculativeConfig
 from tests.engine_fakes import VOCAB, FakeRunner, FakeTokenizer, context_logits, reference_next_token
 from tests.unit.test_engine_properties import Planned, random_workload, run_workload
 
@@ -276,8 +276,6 @@ def test_the_chi_square_test_rejects_a_wrong_residual(monkeypatch):
 
 
 def test_guess_depth_follows_acceptance_and_backs_off():
-    from mili.engine.speculative import GuessDepth
-
     depth = GuessDepth()
     assert depth.limit(8) == 8  # optimistic start
     for _ in range(3):
