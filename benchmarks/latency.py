@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,16 +25,12 @@ import numpy as np
 
 from benchmarks.machine import measure
 from benchmarks.peers import arguments, llama_cpp
-from benchmarks.peers.engines import (
-    MILI_CONFIGS,
-    checkpoint_weight_bytes,
-    mili_worker,
-    transformers_worker,
-    vllm_worker,
-)
+from benchmarks.peers.engines import (MILI_CONFIGS, checkpoint_weight_bytes, mili_worker, runnable,
+                                      transformers_worker, vllm_worker)
 from benchmarks.peers.home import PeerHome
+from benchmarks.peers.rounds import interleaved
 from benchmarks.peers.servers import unwind_on_sigterm
-from benchmarks.peers.workers import WorkerFailed, WorkerProcess, start_all
+from benchmarks.peers.workers import WorkerProcess, start_all
 from benchmarks.report import RunRecord, markdown_table
 
 ENGINES = ("mili", "vllm", "transformers", "llama.cpp")
@@ -110,15 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     specs = []
     for config in MILI_CONFIGS if "mili" in engines else ():
         specs.append(mili_worker(model, config, kv_bytes))
-    peers = {"vllm": [vllm_worker(model, kv_cache_gib=1)],
-             "transformers": [transformers_worker(model, "bfloat16"), transformers_worker(model, "float32")]}
-    for peer, peer_specs in peers.items():
-        if peer not in engines:
-            continue
-        if reason := PeerHome(peer).unavailable_reason():
-            record.skipped.update({s.name: reason for s in peer_specs})
-            continue
-        specs += peer_specs
+    if "vllm" in engines:
+        specs += runnable("vllm", [vllm_worker(model, kv_cache_gib=1)], record.skipped)
+    if "transformers" in engines:
+        specs += runnable("transformers", [transformers_worker(model, "bfloat16"),
+                                           transformers_worker(model, "float32")], record.skipped)
     workers = start_all(specs, record.skipped)
     contenders = []
     for worker in workers.values():
@@ -130,21 +121,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             contenders += llama_contenders(model, args.prompt, args.decode, record.skipped)
 
-    samples: dict[str, list[tuple[float, float]]] = {c.name: [] for c in contenders}
     try:
-        for round_index in range(args.rounds + 1):  # round 0 is the warm-up
-            for contender in list(contenders):
-                try:
-                    result = contender.measure()
-                except (WorkerFailed, RuntimeError) as error:
-                    record.skipped[contender.name] = str(error).splitlines()[0]
-                    print(f"  {contender.name}: dropped: {error}", file=sys.stderr)
-                    contenders.remove(contender)
-                    continue
-                if round_index > 0:
-                    samples[contender.name].append(result)
-                time.sleep(0.5)  # OpenMP pools spin for a while after work: let them settle before the next engine
-            print(f"{'warm-up' if round_index == 0 else f'round {round_index}/{args.rounds}'} done", flush=True)
+        samples = interleaved({c.name: lambda _warm_up, c=c: c.measure() for c in contenders}, args.rounds,
+                              record.skipped)
     finally:
         for worker in workers.values():
             worker.close()
@@ -153,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     record.machine = limits
     record.finish()
     rows = []
-    for c in contenders:
+    for c in (c for c in contenders if c.name in samples):
         prefill_s = statistics.median(s[0] for s in samples[c.name])
         decode_s = statistics.median(s[1] for s in samples[c.name])
         rows.append(LatencyRow(

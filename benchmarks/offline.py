@@ -20,17 +20,17 @@ import argparse
 import asyncio
 import random
 import statistics
-import sys
-import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 from benchmarks.machine import measure
 from benchmarks.peers import arguments
-from benchmarks.peers.engines import mili_worker, transformers_worker, vllm_worker
-from benchmarks.peers.home import PeerHome
-from benchmarks.peers.servers import SERVED_NAME, server_spec, start, unwind_on_sigterm
-from benchmarks.peers.workers import WorkerFailed, start_all
+from benchmarks.peers.engines import mili_worker, runnable, transformers_worker, vllm_worker
+from benchmarks.peers.rounds import interleaved
+from benchmarks.peers.servers import SERVED_NAME, RunningServer, server_spec, start, unwind_on_sigterm
+from benchmarks.peers.workers import start_all
 from benchmarks.report import RunRecord, markdown_table
 from benchmarks.serving_client import Request, WordVocabulary, run_load, summarize
 
@@ -42,6 +42,25 @@ def workload(count: int, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     return [{"prompt": rng.integers(0, 151_000, int(rng.integers(64, 513))).tolist(),
              "max_tokens": int(rng.integers(32, 257))} for _ in range(count)]
+
+
+def served_batches(server: RunningServer, model: Path, requests: list[dict], warm_up_requests: list[dict],
+                   seed: int) -> Callable[[bool], dict]:
+    """The batch (or the warm-up batch) sent to a server all at once, as text prompts of the same token lengths."""
+    vocab, rng = WordVocabulary(model), random.Random(seed)
+
+    def as_text(batch: list[dict]) -> list[Request]:
+        return [Request(vocab.text(rng, len(r["prompt"])), len(r["prompt"]), r["max_tokens"]) for r in batch]
+    texts, warm_up_texts = as_text(requests), as_text(warm_up_requests)
+
+    def run(warm_up: bool) -> dict:
+        batch = warm_up_texts if warm_up else texts
+        outcomes, seconds = asyncio.run(run_load(server.spec.base_url, SERVED_NAME, batch, len(batch), None))
+        summary = summarize(outcomes, seconds)
+        if summary["failed"]:
+            raise RuntimeError(f"{summary['failed']} requests failed: {summary['errors']}")
+        return {"seconds": seconds, "output_tokens": summary["output_tokens"]}
+    return run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,52 +79,25 @@ def main(argv: list[str] | None = None) -> None:
         f"ignored, all submitted at once; one untimed warm-up batch per engine, {args.rounds} interleaved rounds, "
         f"medians"))
     requests = workload(args.requests, args.seed)
-    warm_up = workload(8, args.seed + 1)
+    warm_up_requests = workload(8, args.seed + 1)
 
     specs = []
     if "mili" in engines:
         specs += [mili_worker(model, "bfloat16", KV_GIB << 30), mili_worker(model, "int8", KV_GIB << 30)]
-    for peer, spec in (("vllm", lambda: vllm_worker(model, KV_GIB)),
-                       ("transformers", lambda: transformers_worker(model, "bfloat16"))):
-        if peer in engines:
-            if reason := PeerHome(peer).unavailable_reason():
-                record.skipped[peer] = reason
-            else:
-                specs.append(spec())
+    if "vllm" in engines:
+        specs += runnable("vllm", [vllm_worker(model, KV_GIB)], record.skipped)
+    if "transformers" in engines:
+        specs += runnable("transformers", [transformers_worker(model, "bfloat16")], record.skipped)
     workers = start_all(specs, record.skipped)
-    runs: dict[str, object] = dict(workers)
+    batches: dict[str, Callable[[bool], dict]] = {
+        name: lambda warm_up, worker=worker: worker.call("offline", requests=warm_up_requests if warm_up else requests)
+        for name, worker in workers.items()}
     server = None
     if "max" in engines and (server := start(server_spec("max", model, 8199, 64, KV_GIB), record.skipped)):
-        runs[server.spec.name] = server
-        vocab = WordVocabulary(model)
-        rng = random.Random(args.seed)
-        as_text = [Request(vocab.text(rng, len(r["prompt"])), len(r["prompt"]), r["max_tokens"]) for r in requests]
-
-    samples: dict[str, list[dict]] = {name: [] for name in runs}
+        batches[server.spec.name] = served_batches(server, model, requests, warm_up_requests, args.seed)
     try:
-        for round_index in range(args.rounds + 1):  # round 0: the warm-up batch
-            for name, runner in list(runs.items()):
-                try:
-                    if runner is server:
-                        batch = as_text if round_index else as_text[:8]
-                        outcomes, seconds = asyncio.run(run_load(server.spec.base_url, SERVED_NAME, batch,
-                                                                 len(batch), None))
-                        summary = summarize(outcomes, seconds)
-                        if summary["failed"]:
-                            raise WorkerFailed(f"{summary['failed']} requests failed: {summary['errors']}")
-                        result = {"seconds": seconds, "output_tokens": summary["output_tokens"]}
-                    else:
-                        result = runner.call("offline", requests=requests if round_index else warm_up)
-                except WorkerFailed as error:
-                    record.skipped[name] = str(error).splitlines()[0]
-                    print(f"  {name}: dropped: {error}", file=sys.stderr)
-                    del runs[name]
-                    continue
-                if round_index:
-                    samples[name].append(result)
-                    print(f"  {name}: {result['output_tokens'] / result['seconds']:.1f} output tok/s", flush=True)
-                time.sleep(0.5)
-            print(f"{'warm-up' if round_index == 0 else f'round {round_index}/{args.rounds}'} done", flush=True)
+        samples = interleaved(batches, args.rounds, record.skipped,
+                              describe=lambda r: f"{r['output_tokens'] / r['seconds']:.1f} output tok/s")
     finally:
         for worker in workers.values():
             worker.close()
@@ -116,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     record.finish()
     wanted = sum(r["max_tokens"] for r in requests)
     rows = []
-    for name in runs:
+    for name in samples:
         seconds = statistics.median(s["seconds"] for s in samples[name])
         produced = samples[name][0]["output_tokens"]
         rows.append({"engine": name, "seconds": seconds, "output_tokens": produced, "asked_tokens": wanted,
@@ -129,10 +121,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def table(rows: list[dict], skipped: dict[str, str]) -> str:
-    best_peer = {r["engine"]: r["output_tok_s"] for r in rows}
+    tok_s_of = {r["engine"]: r["output_tok_s"] for r in rows}
     lines = []
     for r in rows:
-        vs = [f"{r['output_tok_s'] / tok_s:.2f}x {peer}" for peer, tok_s in best_peer.items()
+        vs = [f"{r['output_tok_s'] / tok_s:.2f}x {peer}" for peer, tok_s in tok_s_of.items()
               if r["engine"].startswith("MILI") and not peer.startswith("MILI")]
         lines.append([r["engine"], f"{r['output_tok_s']:.1f}", f"{r['requests_s']:.2f}", f"{r['seconds']:.1f}",
                       f"{r['output_tokens']}/{r['asked_tokens']}", ", ".join(vs)])

@@ -9,15 +9,16 @@ A peer that is not set up is skipped with the reason (PeerHome.unavailable_reaso
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 import sys
 from pathlib import Path
 
+from safetensors import safe_open
+
 from benchmarks.peers.home import PeerHome
 from benchmarks.peers.workers import WorkerSpec
+from mili.weights import checkpoint_files
 
 THREADS = os.cpu_count() or 1
 MILI_CONFIGS = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"), "int8": ("bfloat16", "int8")}
@@ -51,16 +52,21 @@ def transformers_worker(model: Path, dtype: str, batch: int = 16) -> WorkerSpec:
                       [str(model), dtype, str(THREADS), str(batch)])
 
 
+def runnable(peer: str, specs: list[WorkerSpec], skipped: dict[str, str]) -> list[WorkerSpec]:
+    """`specs` when `peer` is set up; otherwise none, each recorded in `skipped` with the reason."""
+    if reason := PeerHome(peer).unavailable_reason():
+        skipped.update({spec.name: reason for spec in specs})
+        return []
+    return specs
+
+
 def checkpoint_weight_bytes(model: Path, bytes_per_param: float) -> int:
     """Bytes of weights a decode step reads at `bytes_per_param`: every tensor of the checkpoint but an untied
     embedding table (the step gathers one row of it; a tied one is read in full as the LM head)."""
     counts: dict[str, int] = {}
-    for path in sorted(model.glob("*.safetensors")):
-        with path.open("rb") as f:
-            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-        for name, info in header.items():
-            if name != "__metadata__":
-                counts[name] = math.prod(info["shape"])
+    for path in checkpoint_files(model):
+        with safe_open(path, "numpy") as f:  # reads the header only
+            counts.update({name: math.prod(f.get_slice(name).get_shape()) for name in f.keys()})  # noqa: SIM118 (not a dict)
     has_head = any(name.startswith("lm_head") for name in counts)
     return int(sum(n for name, n in counts.items() if not (has_head and "embed_tokens" in name)) * bytes_per_param)
 

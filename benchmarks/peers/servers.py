@@ -22,6 +22,7 @@ from benchmarks.peers import llama_cpp
 from benchmarks.peers.engines import THREADS, vllm_env
 from benchmarks.peers.home import PeerHome
 from benchmarks.peers.workers import LOGS, ROOT, RUNNERS
+from mili.config import ModelConfig
 
 SERVED_NAME = "qwen3"
 SERVERS = ("mili", "vllm", "llama.cpp", "max")
@@ -74,10 +75,8 @@ def server_spec(engine: str, model: Path, port: int, max_seqs: int, kv_gib: int,
 
 
 def kv_bytes_per_token_f16(model: Path) -> int:
-    import json
-    config = json.loads((model / "config.json").read_text())
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    return 2 * 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim
+    config = ModelConfig.from_pretrained(model)
+    return 2 * 2 * config.num_hidden_layers * config.kv_size  # K and V, 2 bytes each
 
 
 def unwind_on_sigterm() -> None:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks.peers.engines import tcmalloc
 from benchmarks.peers.home import PEERS, PeerHome
 
 VLLM_VERSION = "0.32.0"
@@ -82,7 +83,7 @@ def setup_vllm(step: Step) -> None:
     dist_info.mkdir(exist_ok=True)
     (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {VLLM_VERSION}+cpu\n")
     (dist_info / "RECORD").write_text("")
-    if shutil.which("apt-get") and not tcmalloc_path():
+    if shutil.which("apt-get") and not tcmalloc():
         try:  # optional: vLLM warns without tcmalloc; a machine without apt simply runs without it
             step.run("installing tcmalloc (Debian libtcmalloc-minimal4)",
                      ["apt-get", "install", "-y", "-q", "libtcmalloc-minimal4"])
@@ -91,12 +92,6 @@ def setup_vllm(step: Step) -> None:
     step.run("checking that vLLM imports and sees the CPU platform", [
         str(step.home.python), "-c",
         "from vllm.platforms import current_platform as p; assert p.is_cpu(), p; import vllm; print(vllm.__version__)"])
-
-
-def tcmalloc_path() -> str | None:
-    for candidate in Path("/usr/lib").glob("*/libtcmalloc_minimal.so.4"):
-        return str(candidate)
-    return None
 
 
 def setup_llama_cpp(step: Step) -> None:
