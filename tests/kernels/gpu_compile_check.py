@@ -31,7 +31,7 @@ def main(arch: str) -> None:
     from mili.config import ModelConfig
     from mili.model.packed_linear import WeightFormat
     from mili.model.qwen3 import Qwen3GraphSpec, build_qwen3_graph
-    from tests.kernels.graphs import GPU_ATTENTION_CASES, build_all_graphs
+    from tests.kernels.graphs import build_all_graphs
 
     gpu = Accelerator()
     session = InferenceSession(devices=[CPU(), gpu])
@@ -45,7 +45,7 @@ def main(arch: str) -> None:
     # With int8 weights every projection and the tied embedding go through MILI's packed ops on the GPU: compiled.
     int8_graph = build_qwen3_graph(Qwen3GraphSpec(model_config, dtype=DType.bfloat16, device=DeviceRef.from_device(gpu),
                                                   weights=WeightFormat.INT8), name="qwen3_gpu_int8")
-    for graph in [*build_all_graphs(DeviceRef.from_device(gpu), GPU_ATTENTION_CASES), int8_graph]:
+    for graph in [*build_all_graphs(DeviceRef.from_device(gpu)), int8_graph]:
         start = time.monotonic()
         model = session.load(graph)
         print(f"compiled {graph.name} for virtual {arch} in {time.monotonic() - start:.1f}s: {type(model).__name__}",

@@ -7,14 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.kernels.graphs import GPU_ATTENTION_CASES
-
 SCRIPT = Path(__file__).with_name("gpu_compile_check.py")
 
 
 def test_kernel_and_model_graphs_compile_for_virtual_sm90():
     result = subprocess.run([sys.executable, str(SCRIPT), "sm_90"], capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, f"GPU compile failed:\n{result.stdout}\n{result.stderr[-4000:]}"
-    # the elementwise graph, each GPU attention case, the linear-op graph and the int8 model, compiled
-    assert result.stdout.count("CompileOnlyModel") == 1 + len(GPU_ATTENTION_CASES) + 1 + 1, result.stdout
+    # the elementwise graph, the attention graph (every case), the linear-op graph and the int8 model, compiled
+    assert result.stdout.count("CompileOnlyModel") == 4, result.stdout
     assert "built qwen3_gpu (dense bfloat16)" in result.stdout and "compiled qwen3_gpu_int8 " in result.stdout
