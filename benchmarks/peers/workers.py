@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -13,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from benchmarks.peers.spotlight import Spotlight
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNERS = Path(__file__).resolve().parent / "runners"
@@ -43,13 +46,20 @@ class WorkerProcess:
         self.log = self.log_path.open("w")
         self.process = subprocess.Popen([str(spec.python), str(RUNNERS / spec.script), *spec.args],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                        env=env, cwd=ROOT)
+                                        env=env, cwd=ROOT, start_new_session=True)  # a group to stop and continue
         started = time.monotonic()
         self.facts = self._read(spec.startup_timeout_s, "start")
         self.facts["startup_s"] = time.monotonic() - started
 
+    def pause(self) -> None:
+        """Stops the worker's process group until it is next called (see Spotlight for why)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGSTOP)
+
     def call(self, op: str, timeout_s: float = 1800.0, **args: Any) -> dict[str, Any]:
         assert self.process.stdin is not None
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGCONT)  # it may be paused
         try:
             self.process.stdin.write(json.dumps({"op": op, **args}) + "\n")
             self.process.stdin.flush()
@@ -80,20 +90,27 @@ class WorkerProcess:
 
     def close(self) -> None:
         if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGCONT)  # a stopped worker could not read "quit"
             try:
                 assert self.process.stdin is not None
                 self.process.stdin.write(json.dumps({"op": "quit"}) + "\n")
                 self.process.stdin.flush()
                 self.process.wait(timeout=60)
             except (BrokenPipeError, subprocess.TimeoutExpired):
-                self.process.kill()
+                os.killpg(self.process.pid, signal.SIGKILL)  # its own children (vLLM's engine core) too
                 self.process.wait()
         self.log.close()
 
 
+def spotlight(workers: dict[str, WorkerProcess]) -> Spotlight:
+    """A Spotlight over these workers (each leads its own process group)."""
+    return Spotlight({name: worker.process.pid for name, worker in workers.items()})
+
+
 def start_all(specs: list[WorkerSpec], skipped: dict[str, str]) -> dict[str, WorkerProcess]:
-    """Starts each worker in turn (loading two engines at once would skew both start-up times); one that fails
-    to start is recorded in `skipped` with the reason and the rest go on."""
+    """Starts each worker in turn (loading two engines at once would skew both start-up times) and pauses it until
+    it is called, so it takes no CPU from the next one's start; one that fails to start is recorded in `skipped`
+    with the reason and the rest go on."""
     workers: dict[str, WorkerProcess] = {}
     for spec in specs:
         print(f"starting {spec.name} ...", flush=True)
@@ -104,4 +121,5 @@ def start_all(specs: list[WorkerSpec], skipped: dict[str, str]) -> dict[str, Wor
             print(f"  {spec.name}: could not start: {error}", file=sys.stderr, flush=True)
             continue
         print(f"  {spec.name}: ready in {workers[spec.name].facts['startup_s']:.0f} s", flush=True)
+        workers[spec.name].pause()
     return workers
