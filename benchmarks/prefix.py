@@ -7,7 +7,8 @@ same request on a cold cache, for MILI and vLLM (and llama.cpp, whose server reu
 Each round makes a fresh random prefix (never seen by any server), then for each engine in turn: request A =
 prefix + question A (cold: nothing cached), then request B = prefix + question B (warm: the prefix is cached);
 both stream one token, so TTFT is the prompt's cost. Medians over the rounds; the first round is a warm-up and
-not counted. The servers run with their prefix caches on (the default of all three).
+not counted. The servers run with their prefix caches on (the default of all three); only the one being asked
+runs, the others are paused (benchmarks/peers/spotlight.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import statistics
 
 from benchmarks.machine import measure
 from benchmarks.peers import arguments
-from benchmarks.peers.servers import SERVED_NAME, RunningServer, server_spec, start, unwind_on_sigterm
+from benchmarks.peers.servers import SERVED_NAME, RunningServer, server_spec, spotlight, start, unwind_on_sigterm
 from benchmarks.report import RunRecord, markdown_table
 from benchmarks.serving_client import Request, WordVocabulary, run_load
 
@@ -56,11 +57,13 @@ def main(argv: list[str] | None = None) -> None:
             if server := start(server_spec(engine, model, 8150 + i, 16, 2), record.skipped):
                 servers[server.spec.name] = server
                 samples[server.spec.name] = {"cold": [], "warm": []}
+        only = spotlight(servers)
         for round_index in range(args.rounds + 1):
             prefix = vocab.text(rng, args.prefix)
             cold = Request(prefix + vocab.text(rng, args.question), args.prefix + args.question, 1)
             warm = Request(prefix + vocab.text(rng, args.question), args.prefix + args.question, 1)
             for name, server in servers.items():
+                only.on(name)
                 cold_ms, warm_ms = ttft_ms(server, cold), ttft_ms(server, warm)
                 if round_index:
                     samples[name]["cold"].append(cold_ms)

@@ -5,9 +5,10 @@ fixed concurrencies and at Poisson request rates, on a random dataset and a shar
                                  [--request-rates 2] [--datasets random,shared-prefix]
     make bench-serving        (after `make bench-peers-setup`)
 
-All servers are started first (one after another, so start-up times are not mixed up) and stay up; each is
-warmed up with a few untimed requests; then every load point runs on every engine in turn (interleaved), so a
-noisy minute of the shared machine hits all engines alike. Each load point sends 2 x its concurrency requests
+All servers are started first (one after another, so start-up times are not mixed up) and stay up, but only the
+one being driven runs: the others are paused (SIGSTOP, benchmarks/peers/spotlight.py). Each is warmed up with a
+few untimed requests; then every load point runs on every engine in turn (interleaved), so a noisy minute of the
+shared machine hits all engines alike. Each load point sends 2 x its concurrency requests
 (at least --min-prompts); a rate point sends --rate-prompts. Same KV-cache budget, batch limit (64 sequences)
 and tokenizer for all. Results: a table per dataset, benchmarks/results/serving.json, and the plots of
 benchmarks/plots.py.
@@ -21,7 +22,15 @@ import sys
 
 from benchmarks.machine import measure
 from benchmarks.peers import arguments
-from benchmarks.peers.servers import SERVED_NAME, SERVERS, RunningServer, server_spec, start, unwind_on_sigterm
+from benchmarks.peers.servers import (
+    SERVED_NAME,
+    SERVERS,
+    RunningServer,
+    server_spec,
+    spotlight,
+    start,
+    unwind_on_sigterm,
+)
 from benchmarks.report import RunRecord, markdown_table
 from benchmarks.serving_client import (
     Request,
@@ -81,7 +90,9 @@ def main(argv: list[str] | None = None) -> None:
             if (server := start(spec, record.skipped)) is not None:
                 servers[spec.name] = server
         warm_up = random_dataset(vocab, 4, (64, 128), (8, 8), seed=10_000 + args.seed)
+        only = spotlight(servers)
         for name, server in servers.items():
+            only.on(name)
             asyncio.run(run_load(server.spec.base_url, SERVED_NAME, warm_up, 4, None))
         rows = []
         points = [("concurrency", c) for c in concurrencies] + [("rate", r) for r in rates]
@@ -90,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                 count = max(args.min_prompts, 2 * int(value)) if kind == "concurrency" else args.rate_prompts
                 requests = dataset(dataset_name, vocab, count, args.seed)
                 for name, server in servers.items():
+                    only.on(name)
                     outcomes, duration = asyncio.run(run_load(
                         server.spec.base_url, SERVED_NAME, requests, int(value) if kind == "concurrency" else None,
                         value if kind == "rate" else None, args.seed))

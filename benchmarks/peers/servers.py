@@ -21,6 +21,7 @@ import httpx
 from benchmarks.peers import llama_cpp
 from benchmarks.peers.engines import THREADS, vllm_env
 from benchmarks.peers.home import PeerHome
+from benchmarks.peers.spotlight import Spotlight
 from benchmarks.peers.workers import LOGS, ROOT, RUNNERS
 from mili.config import ModelConfig
 
@@ -121,8 +122,14 @@ class RunningServer:
     def tail(self, lines: int = 20) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
+    def pause(self) -> None:
+        """Stops the server's process group until a Spotlight turns to it (see benchmarks/peers/spotlight.py)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGSTOP)
+
     def stop(self) -> None:
         if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGCONT)  # a paused server would not see the SIGTERM
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=60)
@@ -133,7 +140,8 @@ class RunningServer:
 
 
 def start(spec: ServerSpec, skipped: dict[str, str]) -> RunningServer | None:
-    """Starts one server; one that cannot start is recorded in `skipped` with the reason."""
+    """Starts one server and pauses it, so it takes no CPU from the next one's start or anyone's measurement
+    until a Spotlight turns to it; one that cannot start is recorded in `skipped` with the reason."""
     if spec.peer is not None and (reason := PeerHome(spec.peer).unavailable_reason()):
         skipped[spec.name] = reason
         return None
@@ -145,4 +153,10 @@ def start(spec: ServerSpec, skipped: dict[str, str]) -> RunningServer | None:
         print(f"  {spec.name}: could not start: {error}", file=sys.stderr, flush=True)
         return None
     print(f"  {spec.name}: ready in {server.startup_s:.0f} s", flush=True)
+    server.pause()
     return server
+
+
+def spotlight(servers: dict[str, RunningServer]) -> Spotlight:
+    """A Spotlight over these servers (each leads its own process group)."""
+    return Spotlight({name: server.process.pid for name, server in servers.items()})
