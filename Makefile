@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 SERVE_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install install-test build test serve bench-kernels bench-linear bench-model bench-step bench-throughput bench-speculative bench bench-peers-setup bench-latency bench-offline bench-serving bench-prefix bench-plots checkpoint-0.6b clean
+.PHONY: install install-test build test serve bench-kernels bench-linear bench-model bench-step bench-throughput bench-speculative bench bench-peers-setup bench-latency bench-offline bench-serving bench-prefix bench-startup bench-plots checkpoint-0.6b clean
 
 $(BIN)/python:
 	@echo "make: creating the virtual environment $(VENV) with $(PYTHON)"
@@ -77,7 +77,8 @@ bench-peers-setup: install
 	$(BIN)/python -m benchmarks.peers.setup $(BENCH_ARGS)
 
 # MILI against its peers on one checkpoint, in one run each (see benchmarks/<name>.py): batch-1 latency,
-# offline throughput, serving at fixed concurrency and Poisson rates, prefix-cache TTFT; then the plots.
+# offline throughput, serving at fixed concurrency and Poisson rates, prefix-cache TTFT, cold/warm start-up
+# against MAX; then the plots.
 bench-latency: install-test build
 	$(BIN)/python -m benchmarks.latency $(BENCH_ARGS)
 
@@ -89,6 +90,9 @@ bench-serving: install-test build
 
 bench-prefix: install-test build
 	$(BIN)/python -m benchmarks.prefix $(BENCH_ARGS)
+
+bench-startup: install-test build
+	$(BIN)/python -m benchmarks.startup $(BENCH_ARGS)
 
 bench-plots: install-test
 	$(BIN)/python -m benchmarks.plots $(BENCH_ARGS)

@@ -127,9 +127,13 @@ class RunningServer:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGSTOP)
 
+    def resume(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGCONT)
+
     def stop(self) -> None:
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGCONT)  # a paused server would not see the SIGTERM
+            self.resume()  # a paused server would not see the SIGTERM
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=60)

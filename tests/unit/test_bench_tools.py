@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
+from benchmarks.peers.spotlight import Spotlight
 from benchmarks.peers.workers import WorkerFailed, WorkerProcess, WorkerSpec
 from benchmarks.serving_client import (
     Request,
@@ -119,6 +124,53 @@ def test_worker_protocol(tmp_path):
         with pytest.raises(WorkerFailed, match="negative"):
             worker.call("offline", requests=[{"prompt": [1], "max_tokens": -1}])
         assert worker.call("offline", requests=[{"prompt": [1], "max_tokens": 2}])["output_tokens"] == 2
+        worker.pause()
+        assert settled_states([worker.process.pid]) == {"T"}
+        assert worker.call("offline", requests=[{"prompt": [1], "max_tokens": 3}])["output_tokens"] == 3  # continued
+        worker.pause()  # close() must continue it to be heard
     finally:
         worker.close()
     assert worker.process.returncode == 0
+
+
+def process_state(pid: int) -> str:
+    """The one-letter state in /proc/PID/stat: R running, S sleeping, T stopped, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def settled_states(pids: list[int], timeout_s: float = 10.0) -> set[str]:
+    """The processes' states once each is stopped or each is not (signals land asynchronously), or as they are
+    after `timeout_s`. Running and sleeping both count as not stopped ("S")."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = {"T" if process_state(p) == "T" else "S" for p in pids}
+        if len(states) == 1 or time.monotonic() > deadline:
+            return states
+        time.sleep(0.05)
+
+
+def test_spotlight_lets_only_the_measured_engine_run():
+    """Each engine leads a process group with a child of its own (as vLLM's engine core is); only the group in the
+    spotlight runs, a name with no group stops them all, and release() continues them all."""
+    engines = {name: subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                                       "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+                                       "time.sleep(60)"], start_new_session=True)
+               for name in ("a", "b")}
+    try:
+        time.sleep(1.0)  # the children are up
+        members = {name: [int(p) for p in subprocess.run(["pgrep", "-g", str(e.pid)], capture_output=True,
+                                                           text=True, check=True).stdout.split()]
+                   for name, e in engines.items()}
+        assert all(len(pids) == 2 for pids in members.values()), members
+        spotlight = Spotlight({name: e.pid for name, e in engines.items()})
+        spotlight.on("a")
+        assert settled_states(members["b"]) == {"T"}
+        assert settled_states(members["a"]) == {"S"}
+        spotlight.on("llama-bench")  # not a group of its own: everyone stops
+        assert settled_states(members["a"] + members["b"]) == {"T"}
+        spotlight.release()
+        assert settled_states(members["a"] + members["b"]) == {"S"}
+    finally:
+        for e in engines.values():
+            os.killpg(e.pid, signal.SIGKILL)
+            e.wait()
