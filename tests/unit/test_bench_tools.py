@@ -152,10 +152,9 @@ def settled_states(pids: list[int], timeout_s: float = 10.0) -> set[str]:
 def test_spotlight_lets_only_the_measured_engine_run():
     """Each engine leads a process group with a child of its own (as vLLM's engine core is); only the group in the
     spotlight runs, a name with no group stops them all, and release() continues them all."""
-    engines = {name: subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
-                                       "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-                                       "time.sleep(60)"], start_new_session=True)
-               for name in ("a", "b")}
+    engine = ("import subprocess, sys, time; "
+              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)")
+    engines = {name: subprocess.Popen([sys.executable, "-c", engine], start_new_session=True) for name in ("a", "b")}
     try:
         time.sleep(1.0)  # the children are up
         members = {name: [int(p) for p in subprocess.run(["pgrep", "-g", str(e.pid)], capture_output=True,
