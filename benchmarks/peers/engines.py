@@ -63,10 +63,16 @@ def runnable(peer: str, specs: list[WorkerSpec], skipped: dict[str, str]) -> lis
 def checkpoint_weight_bytes(model: Path, bytes_per_param: float) -> int:
     """Bytes of weights a decode step reads at `bytes_per_param`: every tensor of the checkpoint but an untied
     embedding table (the step gathers one row of it; a tied one is read in full as the LM head)."""
+    counts = checkpoint_parameter_counts(model)
+    has_head = any(name.startswith("lm_head") for name in counts)
+    return int(sum(n for name, n in counts.items() if not (has_head and "embed_tokens" in name)) * bytes_per_param)
+
+
+
+def checkpoint_parameter_counts(model: Path) -> dict[str, int]:
+    """Each tensor's element count, from the safetensors headers alone."""
     counts: dict[str, int] = {}
     for path in checkpoint_files(model):
         with safe_open(path, "numpy") as f:  # reads the header only
             counts.update({name: math.prod(f.get_slice(name).get_shape()) for name in f.keys()})  # noqa: SIM118 (not a dict)
-    has_head = any(name.startswith("lm_head") for name in counts)
-    return int(sum(n for name, n in counts.items() if not (has_head and "embed_tokens" in name)) * bytes_per_param)
-
+    return counts

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.peers import llama_cpp
-from benchmarks.peers.engines import THREADS, vllm_env
+from benchmarks.peers.engines import THREADS, checkpoint_parameter_counts, vllm_env
 from benchmarks.peers.home import PeerHome
 from benchmarks.peers.spotlight import Spotlight
 from benchmarks.peers.workers import LOGS, ROOT, RUNNERS
@@ -71,8 +71,19 @@ def server_spec(engine: str, model: Path, port: int, max_seqs: int, kv_gib: int,
         return ServerSpec("MAX fp32", "max", [
             str(home.python), str(RUNNERS / "max_cpu.py"), "serve", "--model-path", str(model), "--devices", "cpu",
             "--quantization-encoding", "float32", "--port", str(port), "--served-model-name", SERVED_NAME,
-            "--max-batch-size", str(max_seqs)], port=port)
+            "--max-batch-size", str(max_seqs), "--max-length", "2048",
+            "--device-memory-utilization", f"{max_memory_utilization(model, kv_gib):.3f}"], port=port)
     raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(SERVERS)}")
+
+
+def max_memory_utilization(model: Path, kv_gib: int) -> float:
+    """MAX sizes its KV cache as a share of the device's free memory (--device-memory-utilization, default 0.9: on a
+    CPU that is ~20 GiB of host RAM here, which with the weights got it OOM-killed). The share that leaves it the
+    weights (float32) and about `kv_gib` of KV cache, like the other servers."""
+    available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                     if line.startswith("MemAvailable:"))
+    weights = 4 * sum(checkpoint_parameter_counts(model).values())
+    return min(0.9, (weights + (kv_gib << 30) + (512 << 20)) / available)
 
 
 def kv_bytes_per_token_f16(model: Path) -> int:

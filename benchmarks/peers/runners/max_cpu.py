@@ -13,6 +13,9 @@ from max.nn.comm import allreduce
 if accelerator_count() == 0:
     allreduce.Accelerator = lambda id=0: CPU()
 
-from max._entrypoints.pipelines import main  # after the patch: this imports the models
+# MAX starts its model worker with multiprocessing's spawn, which imports this file again as __mp_main__: the
+# patch above applies there too (the worker builds the graph), and only the real main starts the CLI.
+if __name__ == "__main__":
+    from max._entrypoints.pipelines import main  # after the patch: this imports the models
 
-sys.exit(main())
+    sys.exit(main())
