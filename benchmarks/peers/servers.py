@@ -77,13 +77,14 @@ def server_spec(engine: str, model: Path, port: int, max_seqs: int, kv_gib: int,
 
 
 def max_memory_utilization(model: Path, kv_gib: int) -> float:
-    """MAX sizes its KV cache as a share of the device's free memory (--device-memory-utilization, default 0.9: on a
-    CPU that is ~20 GiB of host RAM here, which with the weights got it OOM-killed). The share that leaves it the
-    weights (float32) and about `kv_gib` of KV cache, like the other servers."""
-    available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-                     if line.startswith("MemAvailable:"))
+    """MAX sizes its KV cache as a share of the device's memory (--device-memory-utilization, default 0.9: on a CPU
+    that took ~20 GiB of host RAM here and got it OOM-killed). The share is of the whole memory, not of what is
+    free (a share of MemAvailable taken beside the other engines' workers gave it 10.5 GiB and the same end): the
+    share that holds the weights (float32) and about `kv_gib` of KV cache, like the other servers."""
+    total = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                 if line.startswith("MemTotal:"))
     weights = 4 * sum(checkpoint_parameter_counts(model).values())
-    return min(0.9, (weights + (kv_gib << 30) + (512 << 20)) / available)
+    return min(0.9, (weights + (kv_gib << 30) + (512 << 20)) / total)
 
 
 def kv_bytes_per_token_f16(model: Path) -> int:
