@@ -33,7 +33,10 @@ def mili_worker(model: Path, config: str, kv_cache_bytes: int, prefix_cache: boo
 def vllm_env(kv_cache_gib: int) -> dict[str, str]:
     home = PeerHome("vllm")
     preload = [str(p) for p in (tcmalloc(), *home.venv.glob("lib/libiomp5.so")) if p]
+    # VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS: the engine core gives a model step 300 s of wall time by default; a step
+    # in flight while the Spotlight pauses vLLM for another engine's turn outlived that (EngineDeadError on resume).
     return {"VLLM_CPU_OMP_THREADS_BIND": f"0-{THREADS - 1}", "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+            "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": str(7 * 24 * 3600),
             "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING", "LD_PRELOAD": ":".join(preload)}
 
 
