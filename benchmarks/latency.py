@@ -25,8 +25,14 @@ import numpy as np
 
 from benchmarks.machine import measure
 from benchmarks.peers import arguments, llama_cpp
-from benchmarks.peers.engines import (MILI_CONFIGS, checkpoint_weight_bytes, mili_worker, runnable,
-                                      transformers_worker, vllm_worker)
+from benchmarks.peers.engines import (
+    MILI_CONFIGS,
+    checkpoint_weight_bytes,
+    mili_worker,
+    runnable,
+    transformers_worker,
+    vllm_worker,
+)
 from benchmarks.peers.home import PeerHome
 from benchmarks.peers.rounds import interleaved
 from benchmarks.peers.servers import unwind_on_sigterm
