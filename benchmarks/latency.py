@@ -36,7 +36,8 @@ from benchmarks.peers.engines import (
 from benchmarks.peers.home import PeerHome
 from benchmarks.peers.rounds import interleaved
 from benchmarks.peers.servers import unwind_on_sigterm
-from benchmarks.peers.workers import WorkerProcess, spotlight, start_all
+from benchmarks.peers.spotlight import Spotlight
+from benchmarks.peers.workers import WorkerProcess, start_all
 from benchmarks.report import RunRecord, markdown_table
 
 ENGINES = ("mili", "vllm", "transformers", "llama.cpp")
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         samples = interleaved({c.name: lambda _warm_up, c=c: c.measure() for c in contenders}, args.rounds,
-                              record.skipped, spotlight=spotlight(workers))
+                              record.skipped, spotlight=Spotlight(workers))
     finally:
         for worker in workers.values():
             worker.close()

@@ -30,7 +30,8 @@ from benchmarks.peers import arguments
 from benchmarks.peers.engines import mili_worker, runnable, transformers_worker, vllm_worker
 from benchmarks.peers.rounds import interleaved
 from benchmarks.peers.servers import SERVED_NAME, RunningServer, server_spec, start, unwind_on_sigterm
-from benchmarks.peers.workers import spotlight, start_all
+from benchmarks.peers.spotlight import Spotlight
+from benchmarks.peers.workers import WorkerProcess, start_all
 from benchmarks.report import RunRecord, markdown_table
 from benchmarks.serving_client import Request, WordVocabulary, run_load, summarize
 
@@ -92,15 +93,15 @@ def main(argv: list[str] | None = None) -> None:
     batches: dict[str, Callable[[bool], dict]] = {
         name: lambda warm_up, worker=worker: worker.call("offline", requests=warm_up_requests if warm_up else requests)
         for name, worker in workers.items()}
+    engines_by_name: dict[str, WorkerProcess | RunningServer] = dict(workers)
     server = None
-    groups = spotlight(workers)
     if "max" in engines and (server := start(server_spec("max", model, 8199, 64, KV_GIB), record.skipped)):
         batches[server.spec.name] = served_batches(server, model, requests, warm_up_requests, args.seed)
-        groups.add(server.spec.name, server.process.pid)  # the server leads its own process group too
+        engines_by_name[server.spec.name] = server
     try:
         samples = interleaved(batches, args.rounds, record.skipped,
                               describe=lambda r: f"{r['output_tokens'] / r['seconds']:.1f} output tok/s",
-                              spotlight=groups)
+                              spotlight=Spotlight(engines_by_name))
     finally:
         for worker in workers.values():
             worker.close()

@@ -20,7 +20,8 @@ import statistics
 
 from benchmarks.machine import measure
 from benchmarks.peers import arguments
-from benchmarks.peers.servers import SERVED_NAME, RunningServer, server_spec, spotlight, start, unwind_on_sigterm
+from benchmarks.peers.servers import SERVED_NAME, RunningServer, server_spec, start, unwind_on_sigterm
+from benchmarks.peers.spotlight import Spotlight
 from benchmarks.report import RunRecord, markdown_table
 from benchmarks.serving_client import Request, WordVocabulary, run_load
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
             if server := start(server_spec(engine, model, 8150 + i, 16, 2), record.skipped):
                 servers[server.spec.name] = server
                 samples[server.spec.name] = {"cold": [], "warm": []}
-        only = spotlight(servers)
+        only = Spotlight(servers)
         for round_index in range(args.rounds + 1):
             prefix = vocab.text(rng, args.prefix)
             cold = Request(prefix + vocab.text(rng, args.question), args.prefix + args.question, 1)

@@ -27,10 +27,10 @@ from benchmarks.peers.servers import (
     SERVERS,
     RunningServer,
     server_spec,
-    spotlight,
     start,
     unwind_on_sigterm,
 )
+from benchmarks.peers.spotlight import Spotlight
 from benchmarks.report import RunRecord, markdown_table
 from benchmarks.serving_client import (
     Request,
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
             if (server := start(spec, record.skipped)) is not None:
                 servers[spec.name] = server
         warm_up = random_dataset(vocab, 4, (64, 128), (8, 8), seed=10_000 + args.seed)
-        only = spotlight(servers)
+        only = Spotlight(servers)
         for name, server in servers.items():
             only.on(name)
             asyncio.run(run_load(server.spec.base_url, SERVED_NAME, warm_up, 4, None))

@@ -71,7 +71,6 @@ def checkpoint_weight_bytes(model: Path, bytes_per_param: float) -> int:
     return int(sum(n for name, n in counts.items() if not (has_head and "embed_tokens" in name)) * bytes_per_param)
 
 
-
 def checkpoint_parameter_counts(model: Path) -> dict[str, int]:
     """Each tensor's element count, from the safetensors headers alone."""
     counts: dict[str, int] = {}

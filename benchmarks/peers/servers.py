@@ -21,7 +21,7 @@ import httpx
 from benchmarks.peers import llama_cpp
 from benchmarks.peers.engines import THREADS, checkpoint_parameter_counts, vllm_env
 from benchmarks.peers.home import PeerHome
-from benchmarks.peers.spotlight import Spotlight
+from benchmarks.peers.spotlight import signal_group
 from benchmarks.peers.workers import LOGS, ROOT, RUNNERS
 from mili.config import ModelConfig
 
@@ -136,12 +136,10 @@ class RunningServer:
 
     def pause(self) -> None:
         """Stops the server's process group until a Spotlight turns to it (see benchmarks/peers/spotlight.py)."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGSTOP)
+        signal_group(self.process, signal.SIGSTOP)
 
     def resume(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGCONT)
+        signal_group(self.process, signal.SIGCONT)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -172,7 +170,3 @@ def start(spec: ServerSpec, skipped: dict[str, str]) -> RunningServer | None:
     server.pause()
     return server
 
-
-def spotlight(servers: dict[str, RunningServer]) -> Spotlight:
-    """A Spotlight over these servers (each leads its own process group)."""
-    return Spotlight({name: server.process.pid for name, server in servers.items()})

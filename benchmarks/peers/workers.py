@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.peers.spotlight import Spotlight
+from benchmarks.peers.spotlight import signal_group
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNERS = Path(__file__).resolve().parent / "runners"
@@ -53,13 +53,11 @@ class WorkerProcess:
 
     def pause(self) -> None:
         """Stops the worker's process group until it is next called (see Spotlight for why)."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGSTOP)
+        signal_group(self.process, signal.SIGSTOP)
 
     def call(self, op: str, timeout_s: float = 1800.0, **args: Any) -> dict[str, Any]:
         assert self.process.stdin is not None
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGCONT)  # it may be paused
+        signal_group(self.process, signal.SIGCONT)  # it may be paused
         try:
             self.process.stdin.write(json.dumps({"op": op, **args}) + "\n")
             self.process.stdin.flush()
@@ -90,21 +88,16 @@ class WorkerProcess:
 
     def close(self) -> None:
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGCONT)  # a stopped worker could not read "quit"
+            signal_group(self.process, signal.SIGCONT)  # a stopped worker could not read "quit"
             try:
                 assert self.process.stdin is not None
                 self.process.stdin.write(json.dumps({"op": "quit"}) + "\n")
                 self.process.stdin.flush()
                 self.process.wait(timeout=60)
             except (BrokenPipeError, subprocess.TimeoutExpired):
-                os.killpg(self.process.pid, signal.SIGKILL)  # its own children (vLLM's engine core) too
+                signal_group(self.process, signal.SIGKILL)  # its own children (vLLM's engine core) too
                 self.process.wait()
         self.log.close()
-
-
-def spotlight(workers: dict[str, WorkerProcess]) -> Spotlight:
-    """A Spotlight over these workers (each leads its own process group)."""
-    return Spotlight({name: worker.process.pid for name, worker in workers.items()})
 
 
 def start_all(specs: list[WorkerSpec], skipped: dict[str, str]) -> dict[str, WorkerProcess]:

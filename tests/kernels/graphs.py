@@ -88,17 +88,18 @@ def attention_input_types(device: DeviceRef, case: AttentionCase) -> list[Buffer
     ]
 
 
-def build_attention_graph(device: DeviceRef, cases: tuple[AttentionCase, ...] = ATTENTION_CASES) -> Graph:
-    """Per case: kv_store(new k, v at slots), then paged_attention(q) over the same cache. All cases share one
+def build_attention_graph(device: DeviceRef) -> Graph:
+    """Per ATTENTION_CASES case, in order: kv_store(new k, v at slots), then paged_attention(q) over the same cache.
+    All cases share one
     graph because each graph costs ~18 s of fixed compile time on two cores and a case only ~2 s more.
 
     Inputs: attention_input_types of each case in turn (dims named per case). Outputs: the attention
     [tokens, heads, d] of each case.
     """
-    types = [t for case in cases for t in attention_input_types(device, case)]
+    types = [t for case in ATTENTION_CASES for t in attention_input_types(device, case)]
     with Graph("mili_attention_tests", input_types=types, custom_extensions=[kernel_package()]) as graph:
         outputs = []
-        for i, case in enumerate(cases):
+        for i, case in enumerate(ATTENTION_CASES):
             cache, k, v, slots, q, layer, query_start, context_lens, block_tables = graph.inputs[
                 i * ATTENTION_INPUTS_PER_CASE:(i + 1) * ATTENTION_INPUTS_PER_CASE]
             mili_ops.kv_store(cache.buffer, k.tensor, v.tensor, slots.tensor, layer.tensor, case.block_size)

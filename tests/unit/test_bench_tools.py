@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -161,7 +162,7 @@ def test_spotlight_lets_only_the_measured_engine_run():
                                                            text=True, check=True).stdout.split()]
                    for name, e in engines.items()}
         assert all(len(pids) == 2 for pids in members.values()), members
-        spotlight = Spotlight({name: e.pid for name, e in engines.items()})
+        spotlight = Spotlight({name: SimpleNamespace(process=e) for name, e in engines.items()})  # owners of processes
         spotlight.on("a")
         assert settled_states(members["b"]) == {"T"}
         assert settled_states(members["a"]) == {"S"}
