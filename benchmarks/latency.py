@@ -5,7 +5,7 @@ a 512-token prompt and greedy decode of 128 tokens after it.
                                  [--engines mili,vllm,transformers,llama.cpp]
     make bench-latency        (after `make bench-peers-setup`)
 
-Engines and formats: MILI float32 / bfloat16 / int8, transformers bf16 / fp32, vLLM bf16, llama.cpp BF16 / Q8_0 /
+Engines and formats: MILI float32 / bfloat16 / int8, transformers and vLLM bf16 / fp32, llama.cpp BF16 / Q8_0 /
 Q4_K_M. Every engine is loaded once, warmed up with one untimed measurement, then timed in interleaved rounds
 (A B C A B C); the table shows medians. Decode tokens/s comes with the weight bytes one token reads, the achieved
 GB/s and its share of the machine's read bandwidth measured in the same run (the batch-1 decode roofline).
@@ -113,14 +113,16 @@ def main(argv: list[str] | None = None) -> None:
     for config in MILI_CONFIGS if "mili" in engines else ():
         specs.append(mili_worker(model, config, kv_bytes))
     if "vllm" in engines:
-        specs += runnable("vllm", [vllm_worker(model, kv_cache_gib=1)], record.skipped)
+        specs += runnable("vllm", [vllm_worker(model, 1, "bfloat16"), vllm_worker(model, 1, "float32")],
+                          record.skipped)
     if "transformers" in engines:
         specs += runnable("transformers", [transformers_worker(model, "bfloat16"),
                                            transformers_worker(model, "float32")], record.skipped)
     workers = start_all(specs, record.skipped)
     contenders = []
     for worker in workers.values():
-        nbytes = worker.facts.get("weight_bytes") or checkpoint_weight_bytes(model, 2)  # vLLM: bf16 weights
+        # vLLM reports no weight bytes: its checkpoint's parameters at the row's dtype
+        nbytes = worker.facts.get("weight_bytes") or checkpoint_weight_bytes(model, 4 if "fp32" in worker.spec.name else 2)
         contenders.append(worker_contender(worker, prompt, args.decode, nbytes))
     if "llama.cpp" in engines:
         if reason := PeerHome("llama.cpp").unavailable_reason():

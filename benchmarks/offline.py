@@ -11,7 +11,8 @@ batched `generate` (16 prompts a call, sorted by length, left-padded: it cannot 
 so a batch runs to its longest request and only the tokens asked for are counted); MAX, whose CPU pipeline has
 no documented offline API, through `max serve` with every request sent at once (prompts of the same lengths,
 as text). Each engine is loaded once, runs one untimed warm-up batch (8 requests), then the timed rounds
-interleave the engines; medians. Same KV-cache budget (4 GiB) and thread count for all.
+interleave the engines; medians. Same KV-cache budget (4 GiB) and thread count for all. vLLM and transformers
+run in their faster dtype on this CPU (engines.batched_peer_dtype: float32 where the CPU has no bf16 dot products).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 
 from benchmarks.machine import measure
 from benchmarks.peers import arguments
-from benchmarks.peers.engines import mili_worker, runnable, transformers_worker, vllm_worker
+from benchmarks.peers.engines import batched_peer_dtype, mili_worker, runnable, transformers_worker, vllm_worker
 from benchmarks.peers.rounds import interleaved
 from benchmarks.peers.servers import SERVED_NAME, RunningServer, server_spec, start, unwind_on_sigterm
 from benchmarks.peers.spotlight import Spotlight
@@ -86,9 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     if "mili" in engines:
         specs += [mili_worker(model, "bfloat16", KV_GIB << 30), mili_worker(model, "int8", KV_GIB << 30)]
     if "vllm" in engines:
-        specs += runnable("vllm", [vllm_worker(model, KV_GIB)], record.skipped)
+        specs += runnable("vllm", [vllm_worker(model, KV_GIB, batched_peer_dtype())], record.skipped)
     if "transformers" in engines:
-        specs += runnable("transformers", [transformers_worker(model, "bfloat16")], record.skipped)
+        specs += runnable("transformers", [transformers_worker(model, batched_peer_dtype())], record.skipped)
     workers = start_all(specs, record.skipped)
     batches: dict[str, Callable[[bool], dict]] = {
         name: lambda warm_up, worker=worker: worker.call("offline", requests=warm_up_requests if warm_up else requests)

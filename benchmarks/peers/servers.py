@@ -1,7 +1,7 @@
 """OpenAI-compatible servers of MILI and its peers, started on 127.0.0.1 for the serving benchmarks, each in its
 best documented CPU configuration with the same KV-cache budget, batch size limit and served model name:
 - MILI: `mili serve` (bfloat16 weights packed for MILI's linear op, or int8);
-- vLLM: `vllm serve`, bfloat16, threads bound to every core (benchmarks/peers/engines.py: vllm_env);
+- vLLM: `vllm serve` in batched_peer_dtype() (bfloat16 where the CPU has bf16 dot products, else float32), threads bound to every core (benchmarks/peers/engines.py: vllm_env);
 - llama.cpp: `llama-server`, a GGUF (BF16 by default), one slot per concurrent request, continuous batching;
 - MAX: `max serve` through benchmarks/peers/runners/max_cpu.py (CPU, float32: the only dtype its CPU path runs).
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.peers import llama_cpp
-from benchmarks.peers.engines import THREADS, checkpoint_parameter_counts, vllm_env
+from benchmarks.peers.engines import SHORT_DTYPE, THREADS, batched_peer_dtype, checkpoint_parameter_counts, vllm_env
 from benchmarks.peers.home import PeerHome
 from benchmarks.peers.spotlight import signal_group
 from benchmarks.peers.workers import LOGS, ROOT, RUNNERS
@@ -53,9 +53,9 @@ def server_spec(engine: str, model: Path, port: int, max_seqs: int, kv_gib: int,
             "--dtype", dtype, *quantization, "--kv-cache-memory", f"{kv_gib}GiB", "--max-num-seqs", str(max_seqs),
             "--served-model-name", SERVED_NAME, *([] if prefix_cache else ["--no-prefix-cache"])], port=port)
     if engine == "vllm":
-        home = PeerHome("vllm")
-        return ServerSpec("vLLM bf16", "vllm", [
-            str(home.bin("vllm")), "serve", str(model), "--port", str(port), "--dtype", "bfloat16",
+        home, dtype = PeerHome("vllm"), batched_peer_dtype()
+        return ServerSpec(f"vLLM {SHORT_DTYPE[dtype]}", "vllm", [
+            str(home.bin("vllm")), "serve", str(model), "--port", str(port), "--dtype", dtype,
             "--max-model-len", "2048", "--max-num-seqs", str(max_seqs), "--served-model-name", SERVED_NAME,
             *([] if prefix_cache else ["--no-enable-prefix-caching"])], env=vllm_env(kv_gib), port=port)
     if engine == "llama.cpp":
