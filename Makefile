@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 SERVE_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install install-test build test serve bench-kernels bench-linear bench-model bench-step bench-throughput bench-speculative bench bench-peers-setup bench-latency bench-offline bench-serving bench-prefix bench-startup bench-plots checkpoint-0.6b clean
+.PHONY: install install-test build test serve bench-kernels bench-linear bench-model bench-step bench-throughput bench-speculative bench bench-peers-setup bench-latency bench-offline bench-serving bench-prefix bench-startup bench-client-check bench-plots checkpoint-0.6b clean
 
 $(BIN)/python:
 	@echo "make: creating the virtual environment $(VENV) with $(PYTHON)"
@@ -93,6 +93,10 @@ bench-prefix: install-test build
 
 bench-startup: install-test build
 	$(BIN)/python -m benchmarks.startup $(BENCH_ARGS)
+
+# Our serving client against `vllm bench serve` on one load point of one `vllm serve`.
+bench-client-check: install-test build
+	$(BIN)/python -m benchmarks.client_check $(BENCH_ARGS)
 
 bench-plots: install-test
 	$(BIN)/python -m benchmarks.plots $(BENCH_ARGS)

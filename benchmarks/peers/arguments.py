@@ -8,7 +8,8 @@ from pathlib import Path
 
 def add_common(parser: argparse.ArgumentParser, engines: tuple[str, ...], out: str) -> None:
     parser.add_argument("--model", help="a Qwen3 checkpoint folder (default: the random Qwen3-0.6B-shaped one)")
-    parser.add_argument("--engines", default=",".join(engines), help=f"comma-separated, of {', '.join(engines)}")
+    if engines:  # a benchmark of one engine has no choice to offer
+        parser.add_argument("--engines", default=",".join(engines), help=f"comma-separated, of {', '.join(engines)}")
     parser.add_argument("--out", default=out, help=f"results name: benchmarks/results/NAME.json (default {out})")
 
 
@@ -22,7 +23,7 @@ def chosen_engines(parser: argparse.ArgumentParser, args: argparse.Namespace, en
 def at_least_one(parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
     for name in names:
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
 
 
 def checkpoint(args: argparse.Namespace) -> Path:

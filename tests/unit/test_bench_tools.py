@@ -19,6 +19,8 @@ import httpx
 import numpy as np
 import pytest
 
+from benchmarks import client_check
+from benchmarks.peers import engines
 from benchmarks.peers.spotlight import Spotlight
 from benchmarks.peers.workers import WorkerFailed, WorkerProcess, WorkerSpec
 from benchmarks.serving_client import (
@@ -174,3 +176,18 @@ def test_spotlight_lets_only_the_measured_engine_run():
         for e in engines.values():
             os.killpg(e.pid, signal.SIGKILL)
             e.wait()
+
+
+@pytest.mark.parametrize(("flags", "dtype"), [("fpu avx2 fma", "float32"), ("avx2 avx512f avx512_bf16", "bfloat16"),
+                                              ("avx2 avx512f amx_bf16 amx_tile", "bfloat16"), (None, "float32")])
+def test_torch_peers_compute_batches_in_bf16_only_where_the_cpu_has_bf16_dot_products(monkeypatch, flags, dtype):
+    monkeypatch.setattr(engines, "cpuinfo_field", lambda name: flags if name == "flags" else None)
+    assert engines.batched_peer_dtype() == dtype
+    assert engines.vllm_worker(Path("m"), 1, dtype).name == f"vLLM {engines.SHORT_DTYPE[dtype]}"
+
+
+def test_client_check_names_the_flag_that_is_out_of_range(capsys):
+    with pytest.raises(SystemExit) as exited:
+        client_check.main(["--num-prompts", "0"])
+    assert exited.value.code == 2
+    assert "--num-prompts must be at least 1" in capsys.readouterr().err
