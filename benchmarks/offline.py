@@ -6,12 +6,13 @@ submitted at once; output tokens/s and requests/s.
                                  [--engines mili,vllm,transformers,max]
     make bench-offline        (after `make bench-peers-setup`)
 
-MILI (bfloat16 and int8 weights) and vLLM run through their offline APIs (LLM.generate); transformers through
+MILI (bfloat16 weights; int8 decodes at about the same batched speed, and a second MILI process would not fit in
+memory beside the peers) and vLLM run through their offline APIs (LLM.generate); transformers through
 batched `generate` (16 prompts a call, sorted by length, left-padded: it cannot stop rows at different lengths,
 so a batch runs to its longest request and only the tokens asked for are counted); MAX, whose CPU pipeline has
 no documented offline API, through `max serve` with every request sent at once (prompts of the same lengths,
 as text). Each engine is loaded once, runs one untimed warm-up batch (8 requests), then the timed rounds
-interleave the engines; medians. Same KV-cache budget (2 GiB) and thread count for all. All engines stay
+interleave the engines; medians. Same KV-cache budget in tokens (2 GiB of bf16) and thread count for all. All engines stay
 loaded: on a 24 GiB machine MAX (float32 weights, plus its KV share) does not fit beside the other four, so run
 it on its own with MILI as the common reference (`--engines mili,max`). vLLM and transformers
 run in their faster dtype on this CPU (engines.batched_peer_dtype: float32 where the CPU has no bf16 dot products).
@@ -39,9 +40,10 @@ from benchmarks.report import RunRecord, markdown_table
 from benchmarks.serving_client import Request, WordVocabulary, run_load, summarize
 
 ENGINES = ("mili", "vllm", "transformers", "max")
-# Every engine stays loaded for the whole run, so their memory adds up: with 4 GiB each, MILI's two workers
-# (~5 GB each once the cache was used), vLLM fp32 (8.7 GB) and transformers (4.5 GB) filled 24 GiB and the
-# machine thrashed in round 2. 2 GiB holds 18,700 bf16 tokens (9,300 float32), more than 32 requests at once need.
+# GiB of bfloat16 KV cache (engines.kv_gib_for: float32 caches get the bytes that hold as many tokens): 18,700
+# tokens, more than 32 requests at once need. Every engine stays loaded for the whole run, so their memory adds
+# up: with 4 GiB each, MILI bf16 and int8 (~5 GB each once the cache was used), vLLM fp32 (8.7 GB) and
+# transformers (4.5 GB) filled 24 GiB and the machine thrashed in round 2.
 KV_GIB = 2
 
 
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
 
     specs = []
     if "mili" in engines:
-        specs += [mili_worker(model, "bfloat16", KV_GIB << 30), mili_worker(model, "int8", KV_GIB << 30)]
+        specs.append(mili_worker(model, "bfloat16", KV_GIB << 30))
     if "vllm" in engines:
         specs += runnable("vllm", [vllm_worker(model, KV_GIB, batched_peer_dtype())], record.skipped)
     if "transformers" in engines:

@@ -19,7 +19,14 @@ from pathlib import Path
 import httpx
 
 from benchmarks.peers import llama_cpp
-from benchmarks.peers.engines import SHORT_DTYPE, THREADS, batched_peer_dtype, checkpoint_parameter_counts, vllm_env
+from benchmarks.peers.engines import (
+    SHORT_DTYPE,
+    THREADS,
+    batched_peer_dtype,
+    checkpoint_parameter_counts,
+    kv_gib_for,
+    vllm_env,
+)
 from benchmarks.peers.home import PeerHome
 from benchmarks.peers.spotlight import signal_group
 from benchmarks.peers.workers import LOGS, ROOT, RUNNERS
@@ -45,19 +52,21 @@ class ServerSpec:
 
 def server_spec(engine: str, model: Path, port: int, max_seqs: int, kv_gib: int, prefix_cache: bool = True,
                 mili_config: str = "bfloat16", gguf_format: str = "BF16") -> ServerSpec:
+    """`kv_gib`: the KV-cache budget as GiB of bfloat16 (float16 for llama.cpp); a server whose cache is float32
+    gets the bytes that hold as many tokens (engines.kv_gib_for)."""
     if engine == "mili":
         quantization = ["--quantization", "int8"] if mili_config == "int8" else []
         dtype = "float32" if mili_config == "float32" else "bfloat16"
         return ServerSpec(f"MILI {mili_config}", None, [
             str(Path(sys.executable).with_name("mili")), "serve", "--model", str(model), "--port", str(port),
-            "--dtype", dtype, *quantization, "--kv-cache-memory", f"{kv_gib}GiB", "--max-num-seqs", str(max_seqs),
+            "--dtype", dtype, *quantization, "--kv-cache-memory", f"{kv_gib_for(dtype, kv_gib)}GiB", "--max-num-seqs", str(max_seqs),
             "--served-model-name", SERVED_NAME, *([] if prefix_cache else ["--no-prefix-cache"])], port=port)
     if engine == "vllm":
         home, dtype = PeerHome("vllm"), batched_peer_dtype()
         return ServerSpec(f"vLLM {SHORT_DTYPE[dtype]}", "vllm", [
             str(home.bin("vllm")), "serve", str(model), "--port", str(port), "--dtype", dtype,
             "--max-model-len", "2048", "--max-num-seqs", str(max_seqs), "--served-model-name", SERVED_NAME,
-            *([] if prefix_cache else ["--no-enable-prefix-caching"])], env=vllm_env(kv_gib), port=port)
+            *([] if prefix_cache else ["--no-enable-prefix-caching"])], env=vllm_env(kv_gib_for(dtype, kv_gib)), port=port)
     if engine == "llama.cpp":
         # one slot per concurrent request, all sharing one KV cache of kv_gib (--kv-unified); prompt caching
         # across requests is its --cache-prompt (on by default: a slot reuses the longest common prefix it holds)
@@ -72,7 +81,7 @@ def server_spec(engine: str, model: Path, port: int, max_seqs: int, kv_gib: int,
             str(home.python), str(RUNNERS / "max_cpu.py"), "serve", "--model-path", str(model), "--devices", "cpu",
             "--quantization-encoding", "float32", "--port", str(port), "--served-model-name", SERVED_NAME,
             "--max-batch-size", str(max_seqs), "--max-length", "2048",
-            "--device-memory-utilization", f"{max_memory_utilization(model, kv_gib):.3f}"], port=port)
+            "--device-memory-utilization", f"{max_memory_utilization(model, kv_gib_for('float32', kv_gib)):.3f}"], port=port)
     raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(SERVERS)}")
 
 

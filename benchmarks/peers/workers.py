@@ -47,6 +47,7 @@ class WorkerProcess:
         self.process = subprocess.Popen([str(spec.python), str(RUNNERS / spec.script), *spec.args],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                         env=env, cwd=ROOT, start_new_session=True)  # a group to stop and continue
+        self.busy = True  # between a request and its answer: it reads no "quit" then
         started = time.monotonic()
         self.facts = self._read(spec.startup_timeout_s, "start")
         self.facts["startup_s"] = time.monotonic() - started
@@ -63,6 +64,7 @@ class WorkerProcess:
             self.process.stdin.flush()
         except BrokenPipeError:
             raise WorkerFailed(self._died("before " + op)) from None
+        self.busy = True
         reply = self._read(timeout_s, op)
         if not reply.pop("ok", False):
             raise WorkerFailed(f"{self.spec.name}: {op} failed: {reply.get('error')} (log: {self.log_path})")
@@ -79,6 +81,7 @@ class WorkerProcess:
             raise WorkerFailed(f"{self.spec.name}: no answer to {what} within {timeout_s:.0f} s (log: {self.log_path})")
         if not line[0]:
             raise WorkerFailed(self._died(what))
+        self.busy = False
         return json.loads(line[0])
 
     def _died(self, what: str) -> str:
@@ -87,17 +90,25 @@ class WorkerProcess:
         return f"{self.spec.name}: exited ({self.process.returncode}) during {what}; log {self.log_path}:\n{tail}"
 
     def close(self) -> None:
+        """Asks the worker to quit; kills its process group (vLLM's engine core too) where it cannot hear that (busy
+        with a call the driver gave up on, e.g. when a SIGTERM unwinds the driver mid-round) or does not quit."""
         if self.process.poll() is None:
             signal_group(self.process, signal.SIGCONT)  # a stopped worker could not read "quit"
-            try:
-                assert self.process.stdin is not None
-                self.process.stdin.write(json.dumps({"op": "quit"}) + "\n")
-                self.process.stdin.flush()
-                self.process.wait(timeout=60)
-            except (BrokenPipeError, subprocess.TimeoutExpired):
-                signal_group(self.process, signal.SIGKILL)  # its own children (vLLM's engine core) too
+            if self.busy or not self._quit(timeout_s=60):
+                signal_group(self.process, signal.SIGKILL)
                 self.process.wait()
         self.log.close()
+
+    def _quit(self, timeout_s: float) -> bool:
+        """Whether the worker quit within `timeout_s` of being asked to."""
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write(json.dumps({"op": "quit"}) + "\n")
+            self.process.stdin.flush()
+            self.process.wait(timeout=timeout_s)
+            return True
+        except (BrokenPipeError, subprocess.TimeoutExpired):
+            return False
 
 
 def start_all(specs: list[WorkerSpec], skipped: dict[str, str]) -> dict[str, WorkerProcess]:

@@ -108,6 +108,8 @@ FAKE_WORKER = textwrap.dedent('''
             print("more noise")
             if max_tokens[0] < 0:
                 raise ValueError("negative")
+            if max_tokens[0] == 999:
+                time.sleep(600)  # a call the driver gives up on
             return sum(max_tokens)
 
     serve(Fake)
@@ -128,7 +130,7 @@ def test_worker_protocol(tmp_path):
             worker.call("offline", requests=[{"prompt": [1], "max_tokens": -1}])
         assert worker.call("offline", requests=[{"prompt": [1], "max_tokens": 2}])["output_tokens"] == 2
         worker.pause()
-        assert settled_states([worker.process.pid]) == {"T"}
+        assert states_within([worker.process.pid], "T") == {"T"}
         assert worker.call("offline", requests=[{"prompt": [1], "max_tokens": 3}])["output_tokens"] == 3  # continued
         worker.pause()  # close() must continue it to be heard
     finally:
@@ -136,18 +138,29 @@ def test_worker_protocol(tmp_path):
     assert worker.process.returncode == 0
 
 
+def test_a_worker_busy_with_an_abandoned_call_is_killed_at_once(tmp_path):
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    worker = WorkerProcess(WorkerSpec("fake", Path(sys.executable), str(script), [], startup_timeout_s=60))
+    started = time.monotonic()
+    with pytest.raises(WorkerFailed, match="no answer to offline within 1 s"):
+        worker.call("offline", timeout_s=1.0, requests=[{"prompt": [1], "max_tokens": 999}])
+    assert worker.process.returncode == -signal.SIGKILL  # not asked to quit and waited on for a minute
+    assert time.monotonic() - started < 30
+
+
 def process_state(pid: int) -> str:
     """The one-letter state in /proc/PID/stat: R running, S sleeping, T stopped, ..."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
-def settled_states(pids: list[int], timeout_s: float = 10.0) -> set[str]:
-    """The processes' states once each is stopped or each is not (signals land asynchronously), or as they are
-    after `timeout_s`. Running and sleeping both count as not stopped ("S")."""
+def states_within(pids: list[int], wanted: str, timeout_s: float = 10.0) -> set[str]:
+    """The processes' states ("T" stopped, "S" not stopped: running or sleeping) once all are `wanted`, or as they
+    are after `timeout_s` (signals land asynchronously: under load a SIGSTOP can take a while to show)."""
     deadline = time.monotonic() + timeout_s
     while True:
         states = {"T" if process_state(p) == "T" else "S" for p in pids}
-        if len(states) == 1 or time.monotonic() > deadline:
+        if states == {wanted} or time.monotonic() > deadline:
             return states
         time.sleep(0.05)
 
@@ -166,12 +179,12 @@ def test_spotlight_lets_only_the_measured_engine_run():
         assert all(len(pids) == 2 for pids in members.values()), members
         spotlight = Spotlight({name: SimpleNamespace(process=e) for name, e in engines.items()})  # owners of processes
         spotlight.on("a")
-        assert settled_states(members["b"]) == {"T"}
-        assert settled_states(members["a"]) == {"S"}
+        assert states_within(members["b"], "T") == {"T"}
+        assert states_within(members["a"], "S") == {"S"}
         spotlight.on("llama-bench")  # not a group of its own: everyone stops
-        assert settled_states(members["a"] + members["b"]) == {"T"}
+        assert states_within(members["a"] + members["b"], "T") == {"T"}
         spotlight.release()
-        assert settled_states(members["a"] + members["b"]) == {"S"}
+        assert states_within(members["a"] + members["b"], "S") == {"S"}
     finally:
         for e in engines.values():
             os.killpg(e.pid, signal.SIGKILL)
