@@ -8,7 +8,9 @@ percentiles, throughput and failed requests.
 Definitions are vLLM's (`vllm bench serve`), so the numbers compare with it: TTFT from sending the request to the
 first streamed chunk with text; ITL the gaps between successive chunks with text; TPOT per request
 (e2e - TTFT) / (output tokens - 1), output tokens from the usage the server reports at the end of the stream;
-throughput = output tokens of all successful requests / the run's wall time. Requests ask for greedy tokens with
+throughput = output tokens of all successful requests / the run's wall time. One difference from vLLM's: it
+counts every chunk that carries a choice, empty text included, so a server that ends with an empty chunk holding
+only finish_reason gets an extra near-zero gap; here such chunks are not tokens. Requests ask for greedy tokens with
 EOS ignored, so every engine generates exactly the tokens asked for. A request fails on a transport error, a
 non-200 status, an error event, or fewer output tokens than asked; failures are counted and never retried.
 
