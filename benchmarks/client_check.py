@@ -34,6 +34,7 @@ from benchmarks.serving_client import WordVocabulary, random_dataset, run_load, 
 
 # metric -> (our summary's field, vllm bench serve's JSON keys for mean / p50 / p99)
 METRICS = {"TTFT": "ttft_ms", "TPOT": "tpot_ms", "ITL": "itl_ms", "e2e": "e2e_ms"}
+STATS = ("mean", "p50", "p99")
 VLLM_KEY = {"ttft_ms": "ttft_ms", "tpot_ms": "tpot_ms", "itl_ms": "itl_ms", "e2e_ms": "e2el_ms"}
 
 
@@ -45,7 +46,7 @@ def ours(server: RunningServer, model: Path, args: argparse.Namespace, seed: int
     if summary["failed"]:
         raise RuntimeError(f"our client: {summary['failed']} requests failed: {summary['errors']}")
     return {"output_tok_s": summary["output_tok_s"],
-            **{f"{field}_{stat}": summary[field][stat] for field in METRICS.values() for stat in ("mean", "p50", "p99")}}
+            **{f"{field}_{stat}": summary[field][stat] for field in METRICS.values() for stat in STATS}}
 
 
 def theirs(server: RunningServer, model: Path, args: argparse.Namespace, seed: int) -> dict:
@@ -121,7 +122,7 @@ def describe(row: dict) -> str:
 
 def table(medians: dict[str, dict]) -> str:
     ours_row, vllm_row = medians["ours"], medians["vllm bench serve"]
-    keys = ["output_tok_s"] + [f"{field}_{stat}" for field in METRICS.values() for stat in ("mean", "p50", "p99")]
+    keys = ["output_tok_s"] + [f"{field}_{stat}" for field in METRICS.values() for stat in STATS]
     lines = [[key, f"{ours_row[key]:.1f}", f"{vllm_row[key]:.1f}", f"{ours_row[key] / vllm_row[key]:.2f}"]
              for key in keys]
     return markdown_table(["metric", "our client", "vllm bench serve", "ours / vLLM's"], lines)

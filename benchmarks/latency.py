@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     contenders = []
     for worker in workers.values():
         # vLLM reports no weight bytes: its checkpoint's parameters at the row's dtype
-        nbytes = worker.facts.get("weight_bytes") or checkpoint_weight_bytes(model, 4 if "fp32" in worker.spec.name else 2)
+        bytes_per_param = 4 if "fp32" in worker.spec.name else 2
+        nbytes = worker.facts.get("weight_bytes") or checkpoint_weight_bytes(model, bytes_per_param)
         contenders.append(worker_contender(worker, prompt, args.decode, nbytes))
     if "llama.cpp" in engines:
         if reason := PeerHome("llama.cpp").unavailable_reason():

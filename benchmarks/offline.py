@@ -12,10 +12,10 @@ batched `generate` (16 prompts a call, sorted by length, left-padded: it cannot 
 so a batch runs to its longest request and only the tokens asked for are counted); MAX, whose CPU pipeline has
 no documented offline API, through `max serve` with every request sent at once (prompts of the same lengths,
 as text). Each engine is loaded once, runs one untimed warm-up batch (8 requests), then the timed rounds
-interleave the engines; medians. Same KV-cache budget in tokens (2 GiB of bf16) and thread count for all. All engines stay
-loaded: on a 24 GiB machine MAX (float32 weights, plus its KV share) does not fit beside the other four, so run
-it on its own with MILI as the common reference (`--engines mili,max`). vLLM and transformers
-run in their faster dtype on this CPU (engines.batched_peer_dtype: float32 where the CPU has no bf16 dot products).
+interleave the engines; medians. Same KV-cache budget in tokens (2 GiB of bf16) and thread count for all.
+All engines stay loaded: on a 24 GiB machine MAX (float32 weights, plus its KV share) does not fit beside the
+others, so run it on its own with MILI as the common reference (`--engines mili,max`). vLLM and transformers run
+in their faster dtype on this CPU (engines.batched_peer_dtype: float32 where the CPU has no bf16 dot products).
 """
 
 from __future__ import annotations

@@ -69,12 +69,13 @@ def tcmalloc() -> Path | None:
 def vllm_worker(model: Path, kv_cache_gib: int, dtype: str, prefix_cache: bool = False) -> WorkerSpec:
     """vLLM's offline engine with the KV cache that holds as many tokens as `kv_cache_gib` of bfloat16."""
     return WorkerSpec(f"vLLM {SHORT_DTYPE[dtype]}", PeerHome("vllm").python, "vllm_worker.py",
-                      [str(model), dtype, "1" if prefix_cache else "0"], env=vllm_env(kv_gib_for(dtype, kv_cache_gib)))
+                      [str(model), dtype, "1" if prefix_cache else "0"],
+                      env=vllm_env(kv_gib_for(dtype, kv_cache_gib)))
 
 
 def transformers_worker(model: Path, dtype: str, batch: int = 16) -> WorkerSpec:
-    return WorkerSpec(f"transformers {SHORT_DTYPE[dtype]}", PeerHome("transformers").python, "transformers_worker.py",
-                      [str(model), dtype, str(THREADS), str(batch)])
+    return WorkerSpec(f"transformers {SHORT_DTYPE[dtype]}", PeerHome("transformers").python,
+                      "transformers_worker.py", [str(model), dtype, str(THREADS), str(batch)])
 
 
 def runnable(peer: str, specs: list[WorkerSpec], skipped: dict[str, str]) -> list[WorkerSpec]:

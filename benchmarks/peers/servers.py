@@ -1,7 +1,8 @@
 """OpenAI-compatible servers of MILI and its peers, started on 127.0.0.1 for the serving benchmarks, each in its
 best documented CPU configuration with the same KV-cache budget, batch size limit and served model name:
 - MILI: `mili serve` (bfloat16 weights packed for MILI's linear op, or int8);
-- vLLM: `vllm serve` in batched_peer_dtype() (bfloat16 where the CPU has bf16 dot products, else float32), threads bound to every core (benchmarks/peers/engines.py: vllm_env);
+- vLLM: `vllm serve` in batched_peer_dtype() (bfloat16 where the CPU has bf16 dot products, else float32),
+  threads bound to every core (benchmarks/peers/engines.py: vllm_env);
 - llama.cpp: `llama-server`, a GGUF (BF16 by default), one slot per concurrent request, continuous batching;
 - MAX: `max serve` through benchmarks/peers/runners/max_cpu.py (CPU, float32: the only dtype its CPU path runs).
 """
@@ -59,14 +60,16 @@ def server_spec(engine: str, model: Path, port: int, max_seqs: int, kv_gib: int,
         dtype = "float32" if mili_config == "float32" else "bfloat16"
         return ServerSpec(f"MILI {mili_config}", None, [
             str(Path(sys.executable).with_name("mili")), "serve", "--model", str(model), "--port", str(port),
-            "--dtype", dtype, *quantization, "--kv-cache-memory", f"{kv_gib_for(dtype, kv_gib)}GiB", "--max-num-seqs", str(max_seqs),
+            "--dtype", dtype, *quantization, "--kv-cache-memory", f"{kv_gib_for(dtype, kv_gib)}GiB",
+            "--max-num-seqs", str(max_seqs),
             "--served-model-name", SERVED_NAME, *([] if prefix_cache else ["--no-prefix-cache"])], port=port)
     if engine == "vllm":
         home, dtype = PeerHome("vllm"), batched_peer_dtype()
         return ServerSpec(f"vLLM {SHORT_DTYPE[dtype]}", "vllm", [
             str(home.bin("vllm")), "serve", str(model), "--port", str(port), "--dtype", dtype,
             "--max-model-len", "2048", "--max-num-seqs", str(max_seqs), "--served-model-name", SERVED_NAME,
-            *([] if prefix_cache else ["--no-enable-prefix-caching"])], env=vllm_env(kv_gib_for(dtype, kv_gib)), port=port)
+            *([] if prefix_cache else ["--no-enable-prefix-caching"])],
+            env=vllm_env(kv_gib_for(dtype, kv_gib)), port=port)
     if engine == "llama.cpp":
         # one slot per concurrent request, all sharing one KV cache of kv_gib (--kv-unified); prompt caching
         # across requests is its --cache-prompt (on by default: a slot reuses the longest common prefix it holds)
@@ -81,7 +84,8 @@ def server_spec(engine: str, model: Path, port: int, max_seqs: int, kv_gib: int,
             str(home.python), str(RUNNERS / "max_cpu.py"), "serve", "--model-path", str(model), "--devices", "cpu",
             "--quantization-encoding", "float32", "--port", str(port), "--served-model-name", SERVED_NAME,
             "--max-batch-size", str(max_seqs), "--max-length", "2048",
-            "--device-memory-utilization", f"{max_memory_utilization(model, kv_gib_for('float32', kv_gib)):.3f}"], port=port)
+            "--device-memory-utilization", f"{max_memory_utilization(model, kv_gib_for('float32', kv_gib)):.3f}"],
+            port=port)
     raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(SERVERS)}")
 
 
