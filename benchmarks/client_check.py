@@ -32,10 +32,10 @@ from benchmarks.peers.servers import SERVED_NAME, RunningServer, server_spec, st
 from benchmarks.report import RunRecord, markdown_table
 from benchmarks.serving_client import WordVocabulary, random_dataset, run_load, summarize
 
-# metric -> (our summary's field, vllm bench serve's JSON keys for mean / p50 / p99)
-METRICS = {"TTFT": "ttft_ms", "TPOT": "tpot_ms", "ITL": "itl_ms", "e2e": "e2e_ms"}
-STATS = ("mean", "p50", "p99")
-VLLM_KEY = {"ttft_ms": "ttft_ms", "tpot_ms": "tpot_ms", "itl_ms": "itl_ms", "e2e_ms": "e2el_ms"}
+# our summary's latency fields and statistics -> the names `vllm bench serve` saves them under
+VLLM_METRIC = {"ttft_ms": "ttft_ms", "tpot_ms": "tpot_ms", "itl_ms": "itl_ms", "e2e_ms": "e2el_ms"}
+VLLM_STAT = {"mean": "mean", "p50": "median", "p99": "p99"}
+KEYS = ["output_tok_s"] + [f"{field}_{stat}" for field in VLLM_METRIC for stat in VLLM_STAT]
 
 
 def ours(server: RunningServer, model: Path, args: argparse.Namespace, seed: int) -> dict:
@@ -46,7 +46,7 @@ def ours(server: RunningServer, model: Path, args: argparse.Namespace, seed: int
     if summary["failed"]:
         raise RuntimeError(f"our client: {summary['failed']} requests failed: {summary['errors']}")
     return {"output_tok_s": summary["output_tok_s"],
-            **{f"{field}_{stat}": summary[field][stat] for field in METRICS.values() for stat in STATS}}
+            **{f"{field}_{stat}": summary[field][stat] for field in VLLM_METRIC for stat in VLLM_STAT}}
 
 
 def theirs(server: RunningServer, model: Path, args: argparse.Namespace, seed: int) -> dict:
@@ -67,11 +67,9 @@ def theirs(server: RunningServer, model: Path, args: argparse.Namespace, seed: i
         result = json.loads((Path(folder) / "result.json").read_text())
     if result["completed"] != args.num_prompts:
         raise RuntimeError(f"vllm bench serve: {args.num_prompts - result['completed']} requests failed")
-    row = {"output_tok_s": result["output_throughput"]}
-    for field, key in VLLM_KEY.items():
-        row |= {f"{field}_mean": result[f"mean_{key}"], f"{field}_p50": result[f"median_{key}"],
-                f"{field}_p99": result[f"p99_{key}"]}
-    return row
+    return {"output_tok_s": result["output_throughput"],
+            **{f"{field}_{stat}": result[f"{their_stat}_{their_field}"] for field, their_field in VLLM_METRIC.items()
+               for stat, their_stat in VLLM_STAT.items()}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,14 +83,14 @@ def main(argv: list[str] | None = None) -> None:
     arguments.add_common(parser, (), "client-check")
     args = parser.parse_args(argv)
     arguments.at_least_one(parser, args, "concurrency", "num_prompts", "input_len", "output_len", "rounds")
+    if reason := PeerHome("vllm").unavailable_reason():
+        sys.exit(f"vLLM is not set up ({reason}); run `make bench-peers-setup` first")
     unwind_on_sigterm()
     model = arguments.checkpoint(args)
     record = RunRecord("serving client check", str(model), measure(), method=(
         f"`vllm serve` without prefix caching, driven by our client and by `vllm bench serve` in turn: "
         f"{args.num_prompts} streamed completions of {args.input_len} prompt + {args.output_len} output tokens, "
         f"greedy, EOS ignored, concurrency {args.concurrency}; {args.rounds} runs each, medians"))
-    if reason := PeerHome("vllm").unavailable_reason():
-        sys.exit(f"vLLM is not set up ({reason}); run `make bench-peers-setup` first")
     server = start(server_spec("vllm", model, 8180, args.concurrency, 2, prefix_cache=False), record.skipped)
     if server is None:
         sys.exit(f"vllm serve did not start: {record.skipped}")
@@ -122,9 +120,8 @@ def describe(row: dict) -> str:
 
 def table(medians: dict[str, dict]) -> str:
     ours_row, vllm_row = medians["ours"], medians["vllm bench serve"]
-    keys = ["output_tok_s"] + [f"{field}_{stat}" for field in METRICS.values() for stat in STATS]
     lines = [[key, f"{ours_row[key]:.1f}", f"{vllm_row[key]:.1f}", f"{ours_row[key] / vllm_row[key]:.2f}"]
-             for key in keys]
+             for key in KEYS]
     return markdown_table(["metric", "our client", "vllm bench serve", "ours / vLLM's"], lines)
 
 

@@ -61,8 +61,13 @@ def cpu_model() -> str:
     return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (empty where there is none)."""
+    return set((cpuinfo_field("flags") or "").split())
+
+
 def simd_flags() -> str:
-    flags = set((cpuinfo_field("flags") or "").split())
+    flags = cpu_flags()
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
     return " ".join(f for f in wanted if f in flags) or "no AVX2"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from benchmarks.machine import cpuinfo_field
+from benchmarks.machine import cpu_flags
 from benchmarks.peers.home import PeerHome
 from benchmarks.peers.workers import WorkerSpec
 from mili.weights import checkpoint_files
@@ -40,8 +40,7 @@ def batched_peer_dtype() -> str:
     where the CPU has bf16 dot products (AVX512_BF16 or AMX), float32 elsewhere. Without them torch's bfloat16
     linear is emulated: measured on a Zen 3 (AVX2), F.linear 256x1024 @ 1024x3072 ran 20 GFLOP/s in bfloat16
     against 140 in float32, which made vLLM bf16's prefill 18 tok/s against MILI's 120."""
-    flags = set((cpuinfo_field("flags") or "").split())
-    return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
+    return "bfloat16" if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "float32"
 
 
 def kv_gib_for(dtype: str, bf16_gib: int) -> int:

@@ -192,9 +192,9 @@ def test_spotlight_lets_only_the_measured_engine_run():
 
 
 @pytest.mark.parametrize(("flags", "dtype"), [("fpu avx2 fma", "float32"), ("avx2 avx512f avx512_bf16", "bfloat16"),
-                                              ("avx2 avx512f amx_bf16 amx_tile", "bfloat16"), (None, "float32")])
+                                              ("avx2 avx512f amx_bf16 amx_tile", "bfloat16"), ("", "float32")])
 def test_torch_peers_compute_batches_in_bf16_only_where_the_cpu_has_bf16_dot_products(monkeypatch, flags, dtype):
-    monkeypatch.setattr(engines, "cpuinfo_field", lambda name: flags if name == "flags" else None)
+    monkeypatch.setattr(engines, "cpu_flags", lambda: set(flags.split()))
     assert engines.batched_peer_dtype() == dtype
     assert engines.vllm_worker(Path("m"), 1, dtype).name == f"vLLM {engines.SHORT_DTYPE[dtype]}"
 
