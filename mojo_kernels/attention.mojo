@@ -205,10 +205,14 @@ def score_rows_per_call() -> Int:
 
 
 @always_inline
-def value_vectors_per_call[rows: Int]() -> Int:
+def value_vectors_per_call[rows: Int, head_dim: Int]() -> Int:
     """Output vectors per row that one pass over a V block keeps in registers for `rows` rows (rows x this
-    accumulators + this many V vectors + a broadcast fit the register file)."""
-    return max(1, (16 if F32_WIDTH >= 16 else 8) // rows)
+    accumulators + this many V vectors + a broadcast fit the register file), cut down to a divisor of the
+    vectors in a row: on AVX-512 a 64- or 128-wide head holds only 4 or 8 vectors of 16."""
+    var vectors = max(1, (16 if F32_WIDTH >= 16 else 8) // rows)
+    while (head_dim // F32_WIDTH) % vectors != 0:
+        vectors -= 1
+    return vectors
 
 
 @always_inline
@@ -247,7 +251,7 @@ def accumulate_values[dtype: DType, D: Int, BS: Int, RB: Int](
     """Acc[r] = acc[r] * alpha[r] + sum_t probs[r, t] * V[t] over the block's first `keys` keys, for RB rows
     from r0 (a row with fewer visible keys has probability 0 for the rest: those keys are real, stored ones).
     The output dims go in chunks that stay in registers across the keys; each V vector is widened once."""
-    comptime DC = value_vectors_per_call[RB]()
+    comptime DC = value_vectors_per_call[RB, D]()
     comptime W = F32_WIDTH
     comptime assert D % (DC * W) == 0, "head_dim must be a multiple of the value chunk"
     var out = stack_allocation[RB * DC * W, Float32]()
