@@ -53,6 +53,14 @@ def dataset(name: str, vocab: WordVocabulary, count: int, seed: int) -> list[Req
                                  output_tokens=64, seed=seed)
 
 
+def load_plan(datasets: list[str], points: list[tuple[str, float]], seed: int) -> list[tuple[str, str, float, int]]:
+    """(dataset, load kind, value, seed) for every load point. Each point draws its own prompts (seed + its
+    index): reusing one set would let later points hit the prefix cache the earlier ones filled, and the
+    random dataset would measure cached prefill. Within a point every engine gets the same prompts."""
+    plan = [(name, kind, value) for name in datasets for kind, value in points]
+    return [(name, kind, value, seed + i) for i, (name, kind, value) in enumerate(plan)]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     arguments.add_common(parser, SERVERS, "serving")
@@ -76,8 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     model = arguments.checkpoint(args)
     record = RunRecord("serving", str(model), measure(), method=(
         f"streamed /v1/completions, greedy, EOS ignored; concurrency points send max({args.min_prompts}, "
-        f"2 x concurrency) requests, rate points {args.rate_prompts} (Poisson, seed {args.seed}); engines "
-        f"interleaved per point; 4 untimed warm-up requests per server; one run per point"))
+        f"2 x concurrency) requests, rate points {args.rate_prompts} (Poisson); fresh prompts per point (seed "
+        f"{args.seed} + its index), the same for every engine; engines interleaved per point; 4 untimed "
+        f"warm-up requests per server; one run per point"))
     vocab = WordVocabulary(model)
     servers: dict[str, RunningServer] = {}
     try:
@@ -96,18 +105,17 @@ def main(argv: list[str] | None = None) -> None:
             asyncio.run(run_load(server.spec.base_url, SERVED_NAME, warm_up, 4, None))
         rows = []
         points = [("concurrency", c) for c in concurrencies] + [("rate", r) for r in rates]
-        for dataset_name in datasets:
-            for kind, value in points:
-                count = max(args.min_prompts, 2 * int(value)) if kind == "concurrency" else args.rate_prompts
-                requests = dataset(dataset_name, vocab, count, args.seed)
-                for name, server in servers.items():
-                    only.on(name)
-                    outcomes, duration = asyncio.run(run_load(
-                        server.spec.base_url, SERVED_NAME, requests, int(value) if kind == "concurrency" else None,
-                        value if kind == "rate" else None, args.seed))
-                    summary = summarize(outcomes, duration)
-                    rows.append({"engine": name, "dataset": dataset_name, "load": kind, "value": value, **summary})
-                    print(f"{dataset_name} {kind} {value:g} {name}: {describe_row(rows[-1])}", flush=True)
+        for dataset_name, kind, value, seed in load_plan(datasets, points, args.seed):
+            count = max(args.min_prompts, 2 * int(value)) if kind == "concurrency" else args.rate_prompts
+            requests = dataset(dataset_name, vocab, count, seed)
+            for name, server in servers.items():
+                only.on(name)
+                outcomes, duration = asyncio.run(run_load(
+                    server.spec.base_url, SERVED_NAME, requests, int(value) if kind == "concurrency" else None,
+                    value if kind == "rate" else None, seed))
+                summary = summarize(outcomes, duration)
+                rows.append({"engine": name, "dataset": dataset_name, "load": kind, "value": value, **summary})
+                print(f"{dataset_name} {kind} {value:g} {name}: {describe_row(rows[-1])}", flush=True)
         startup = {name: server.startup_s for name, server in servers.items()}
     finally:
         for server in servers.values():

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from benchmarks import client_check
+from benchmarks import client_check, serving
 from benchmarks.peers import engines
 from benchmarks.peers.spotlight import Spotlight
 from benchmarks.peers.workers import WorkerFailed, WorkerProcess, WorkerSpec
@@ -57,6 +57,16 @@ def test_prompts_have_exactly_the_tokens_asked_for(vocab, seed):
                                    output_tokens=4, seed=seed)
     assert [r.prompt_tokens for r in shared] == [207] * 10
     assert len({" ".join(r.prompt.split(" ")[:201]) for r in shared}) == 3
+
+
+def test_every_serving_point_sends_prompts_no_other_point_sent(vocab, seed):
+    """A point that reused another's prompts would find them in the prefix cache and time cached prefill."""
+    plan = serving.load_plan(["random", "shared-prefix"], [("concurrency", 1), ("concurrency", 4), ("rate", 0.5)],
+                             seed)
+    assert [(d, k, v) for d, k, v, _ in plan] == [(d, k, v) for d in ("random", "shared-prefix")
+                                                 for k, v in (("concurrency", 1), ("concurrency", 4), ("rate", 0.5))]
+    prompts = [{r.prompt for r in serving.dataset(d, vocab, 8, point_seed)} for d, _, _, point_seed in plan]
+    assert sum(len(p) for p in prompts) == len(set().union(*prompts)), "two load points share a prompt"
 
 
 def scripted_server(replies: list[tuple[int, list[str]]]) -> httpx.MockTransport:
