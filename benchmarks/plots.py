@@ -61,9 +61,16 @@ def serving_throughput(result: dict, dataset: str) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     rows = [r for r in result["rows"] if r["dataset"] == dataset and r["load"] == "concurrency"]
     for engine in dict.fromkeys(r["engine"] for r in rows):
-        points = sorted((r["value"], r["output_tok_s"]) for r in rows if r["engine"] == engine)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=engine,
-                linewidth=2.5 if engine.startswith("MILI") else 1.5)
+        mine = [r for r in rows if r["engine"] == engine]
+        # A point where every request failed has no throughput: marked apart, not drawn as 0 tokens/s.
+        points = sorted((r["value"], r["output_tok_s"]) for r in mine if r["failed"] < r["requests"])
+        line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=engine,
+                        linewidth=2.5 if engine.startswith("MILI") else 1.5)
+        for r in mine:
+            if r["failed"] == r["requests"]:
+                ax.scatter([r["value"]], [0], marker="x", s=80, color=line.get_color())
+                ax.annotate(f"{engine}: all {r['requests']} failed", (r["value"], 0), textcoords="offset points",
+                            xytext=(-8, 8), ha="right", fontsize=8, color=line.get_color())
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent requests")
     ax.set_ylabel("output tokens/s")
