@@ -50,6 +50,12 @@ def tile_panels[MR: Int]() -> Int:
     return 4 if fit >= 4 else (2 if fit >= 2 else 1)
 
 
+# Rows per vdpbf16ps tile: 6 rows x 4 panels keep 24 accumulators, 4 weight vectors and the broadcast pairs in
+# AVX-512's 32 registers, and load 10 vectors per 24 instructions. 12 rows x 2 panels, the FMA paths' shape,
+# needs 12 broadcasts live at once: LLVM spilled ~20 stack accesses per 24 vdpbf16ps (op at 200-500 GFLOP/s).
+comptime DOT_TILE_ROWS = 6
+
+
 @always_inline
 def decode_tile_rows() -> Int:
     """Most rows per call where the weights are decoded in registers: 6 on AVX2 (12 accumulators, see
@@ -162,26 +168,35 @@ def dot_bf16_pairs(acc: SIMD[DType.float32, 16], weights: SIMD[DType.bfloat16, 3
 
 
 @always_inline
-def bf16_tile_dot[out_dtype: DType, MR: Int, NP: Int](
+def bf16_tile_dot[out_dtype: DType, MR: Int, NP: Int, EVEN_K: Bool](
     out_ptr: MutPointer[Scalar[out_dtype], ...], x_ptr: Pointer[BFloat16, ...],
     w_ptr: Pointer[UInt32, ...], shape: LinearShape, row: Int, panel: Int,
 ):
-    """Bf16 weights x bfloat16 activations with vdpbf16ps, one 64-byte panel row (two k) per instruction."""
+    """Bf16 weights x bfloat16 activations with vdpbf16ps, one 64-byte panel row (two k) per instruction.
+    EVEN_K (K even, so every pair (x[k], x[k + 1]) is one aligned 32-bit word): the pair is broadcast straight
+    from memory, which vdpbf16ps folds into its operand. Assembling the pair from two bf16 loads instead cost
+    ~6 instructions a row per k pair (widen, narrow, permute, broadcast) and left the tile at a quarter of the
+    vdpbf16ps rate."""
     comptime assert F32_WIDTH == 16, "vdpbf16ps needs 512-bit vectors"
     var acc = stack_allocation[MR * NP * PANEL, Float32]()
     zero_tile[MR, NP](acc)
     var k_len = shape.k
     var lane_stride = bf16_panel_stride(k_len) // 2
     var x_row = row * k_len
+    var x_words = x_ptr.unsafe_bitcast[UInt32]()
     for kp in range(ceildiv(k_len, 2)):
         var k = 2 * kp
         var second = k + 1 < k_len
         comptime for m in range(MR):
             var at = x_row + m * k_len + k
-            # The pair (x[k], x[k + 1]) in one 32-bit lane, broadcast; past an odd K the pair's second half is 0
-            # (never the next row's first element, which could be inf or NaN against a zero weight).
-            var x_pair = SIMD[DType.bfloat16, 2](x_ptr.unsafe_load(at), x_ptr.unsafe_load(at + 1) if second else 0)
-            var x_lanes = SIMD[DType.uint32, 16](bitcast[DType.uint32, 1](x_pair))
+            var x_lanes: SIMD[DType.uint32, 16]
+            comptime if EVEN_K:
+                x_lanes = SIMD[DType.uint32, 16](x_words.unsafe_load(at // 2))
+            else:
+                # The pair in one 32-bit lane, broadcast; past an odd K the pair's second half is 0 (never the
+                # next row's first element, which could be inf or NaN against a zero weight).
+                var x_pair = SIMD[DType.bfloat16, 2](x_ptr.unsafe_load(at), x_ptr.unsafe_load(at + 1) if second else 0)
+                x_lanes = SIMD[DType.uint32, 16](bitcast[DType.uint32, 1](x_pair))
             comptime for p in range(NP):
                 var weights = w_ptr.unsafe_load[width=16]((panel + p) * lane_stride + kp * PANEL)
                 var i = (m * NP + p) * PANEL
@@ -423,13 +438,13 @@ def linear_bf16_cpu[x_dtype: DType, out_dtype: DType](
         var x_bf16 = rebind[Pointer[BFloat16, x_ptr.origin]](x_ptr.unsafe_bitcast[BFloat16]())
 
         def dot_tile[MR: Int, NP: Int](row: Int, panel: Int) {imm out_ptr, imm x_bf16, imm lanes, imm shape}:
-            bf16_tile_dot[out_dtype, MR, NP](out_ptr, x_bf16, lanes, shape, row, panel)
+            if shape.k % 2 == 0:
+                bf16_tile_dot[out_dtype, MR, NP, True](out_ptr, x_bf16, lanes, shape, row, panel)
+            else:
+                bf16_tile_dot[out_dtype, MR, NP, False](out_ptr, x_bf16, lanes, shape, row, panel)
 
-        # vdpbf16ps reads the packed pairs directly: the prefill path is the same tile with more rows.
-        if shape.rows < GEMM_MIN_ROWS:
-            for_each_tile[decode_tile_rows()](shape, 2, dot_tile, ctx)
-        else:
-            for_each_tile[max_tile_rows()](shape, 2, dot_tile, ctx)
+        # vdpbf16ps reads the packed pairs directly: decode and prefill run the same tile.
+        for_each_tile[DOT_TILE_ROWS](shape, 2, dot_tile, ctx)
     else:
         var k_len = shape.k
 
