@@ -121,7 +121,9 @@ def test_greedy_tokens_are_identical_with_speculation(proposer, small_pool, rng)
         if small_pool:
             assert engine.scheduler.num_preemptions > 0
     print(f"{proposer}: compared {compared} tokens; accepted {accepted} of {proposed} guesses")
-    assert compared > 150 * len(ks) and proposed > 0
+    # every request ignores EOS, so each output without a stop string runs to max_tokens
+    guaranteed = sum(params.max_tokens * params.n for _, _, params in requests if not params.stop)
+    assert compared >= guaranteed * len(ks) > 0 and proposed > 0
     assert accepted > 0
     if proposer == "draft-2-layers":
         # the rejection path on the real model; n-gram guesses may all be right when the random model loops (the
