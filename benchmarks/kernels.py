@@ -5,7 +5,7 @@ noisy, so all contenders see the same conditions); we report medians, achieved G
 attention), and ratios: other's time / MILI's time (> 1 means MILI is faster). Shapes are Qwen3-0.6B's
 (hidden 1024, 16 query / 8 KV heads, head_dim 128, intermediate 3072, KV block 16).
 
-    python -m benchmarks.kernels [--repeats 30] [--quick] [--out results/kernels.json]
+    python -m benchmarks.kernels [--repeats 30] [--quick] [--ops attention] [--dtypes bfloat16] [--out FILE]
 
 Every graph time includes MAX's per-execute overhead (~20-30 us here), the same for both sides.
 Attention and the KV store run against MAX's paged-cache ops (`flash_attention_ragged`,
@@ -48,6 +48,7 @@ PREFILL_TOKENS = (512, 2048)
 EPS, THETA, MAX_POSITIONS = 1e-6, 1_000_000.0, 40960
 CPU_REF = DeviceRef.CPU()
 MIN_SECONDS_PER_CASE, MAX_ROUNDS = 1.0, 5000
+OPS = ("norms", "swiglu", "rope", "attention")
 
 
 @dataclass
@@ -309,20 +310,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=30, help="at least this many timed rounds per case (default 30); fast cases run more, filling 1 s each")
     parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
     parser.add_argument("--out", default="results/kernels.json", help="where to write the JSON results")
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated ops to time (default all: {','.join(OPS)})")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes (default float32,bfloat16)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    ops_wanted = [op for op in args.ops.split(",") if op]
+    if not ops_wanted or any(op not in OPS for op in ops_wanted):
+        parser.error(f"--ops takes a comma-separated list of {', '.join(OPS)}; got {args.ops!r}")
+    dtypes = {"float32": DType.float32, "bfloat16": DType.bfloat16}
+    if any(name not in dtypes for name in args.dtypes.split(",")):
+        parser.error(f"--dtypes takes a comma-separated list of float32, bfloat16; got {args.dtypes!r}")
 
     bench = Bench(args.repeats, args.quick)
     print("measuring memory bandwidth...", flush=True)
     bandwidth = measure_bandwidth_gb_s(args.repeats)
     print(f"  {bandwidth:.1f} GB/s read (2 threads)", flush=True)
-    for dtype in (DType.float32, DType.bfloat16):
+    for dtype in (dtypes[name] for name in args.dtypes.split(",")):
         print(f"{dtype.name}: compiling and timing (graph compiles take tens of seconds the first time)", flush=True)
-        bench.norms(dtype)
-        bench.swiglu(dtype)
-        bench.rope(dtype)
-        bench.attention(dtype, bandwidth)
+        for op in ops_wanted:
+            if op == "attention":
+                bench.attention(dtype, bandwidth)
+            else:
+                getattr(bench, op)(dtype)
     print()
     print_table(bench.rows)
     out = Path(args.out)
