@@ -310,8 +310,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=30, help="at least this many timed rounds per case (default 30); fast cases run more, filling 1 s each")
     parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
     parser.add_argument("--out", default="results/kernels.json", help="where to write the JSON results")
-    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated ops to time (default all: {','.join(OPS)})")
-    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes (default float32,bfloat16)")
+    parser.add_argument("--ops", default=",".join(OPS),
+                        help=f"comma-separated ops to time (default all: {','.join(OPS)})")
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="comma-separated dtypes (default float32,bfloat16)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")

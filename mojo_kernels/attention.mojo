@@ -19,11 +19,16 @@
 # heads in turn, which lie side by side in the cache (one head's block is only 4 KB). Rows that share a KV head
 # share every K/V vector load and its widening to float32: scores come from broadcast FMAs over the
 # transposed K block (contiguous SIMD vectors of keys, no per-key horizontal sums), a few rows at a time; the
-# weighted V sum keeps a chunk of each row's output in registers across the block's keys. A sequence with a
-# single token tile (decode, short verification) has its key range split every SPLIT_KEYS keys into parts
-# computed in parallel, whose partial softmaxes (max, sum, unnormalised output) are merged afterwards; the
-# split depends on the sequence alone, so its result never depends on what else is in the batch. Tiles get
-# fewer KV heads when there would otherwise be fewer tiles than cores.
+# weighted V sum keeps a chunk of each row's output in registers across the keys. With a bfloat16 cache on a
+# CPU with AVX512_BF16 both products use vdpbf16ps instead (two bf16 multiply-adds per float32 lane): K rows
+# d and d + 1 (and V rows t and t + 1) are interleaved into pairs once for all rows, queries and the bf16-rounded
+# probabilities are broadcast pairs. The online softmax takes STEP_KEYS keys (several blocks) per step, so
+# its per-row work (max, rescale, sums) is paid once per step rather than per block. A sequence with a single
+# token tile (decode, short verification) has its key range split every SPLIT_KEYS keys, at fixed key
+# positions, into parts computed in parallel, whose partial softmaxes (max, sum, unnormalised output) are
+# merged afterwards. Steps and splits start at fixed key positions, so a row's arithmetic depends on its own
+# keys alone: a verification row gives the bits of a decode of it alone, in any batch. Tiles get fewer KV
+# heads when there would otherwise be fewer tiles than cores.
 # GPU: one thread block per (token, head); threads own one key each for scoring and output dims for the
 # weighted V sum; block-wide max/sum reductions in shared memory.
 import extensibility
@@ -37,12 +42,15 @@ from std.sys import simd_width_of, num_physical_cores, size_of
 from std.math import exp, sqrt, ceildiv, iota
 from .kv_cache import CacheLayout, cache_layout
 from .gpu_reduce import block_sum, block_max
-from .convert import narrow
+from .convert import narrow, widen
+from .linear_cpu import has_dot_bf16, dot_bf16_pairs
+from std.memory import bitcast
 
 comptime MutableInputTensor = ManagedTensorSlice[IOSpec.MutableInput, ...]
 comptime MAX_ROWS = 16  # query rows (tokens x heads) a CPU work item scores against each K block
 comptime MAX_PARTS = 64  # parts whose merge weights are kept on the stack (more are recomputed)
 comptime SPLIT_KEYS = 256  # keys per part of a split decode (a part's merge costs about one block)
+comptime STEP_KEYS = 128  # keys (whole blocks) per online-softmax step: one row max, rescale and sum per step
 comptime NO_SCORE: Float32 = -1.0e30  # finite "minus infinity": exp() of it is 0 and it never makes NaN
 comptime GPU_THREADS = 128
 comptime F32_WIDTH = simd_width_of[DType.float32]()
@@ -174,8 +182,11 @@ def plan_tiles(
             var rows_per_kv = min(q_len, tokens_per_tile) * heads_per_tile
             var kv_per_tile = max(1, min(kv_cap, MAX_ROWS // rows_per_kv))
             var splits = key_splits(q_len, tokens_per_tile, keys)
-            # Block-aligned split boundaries: every part starts on a block.
-            var keys_per_split = ceildiv(ceildiv(keys, splits), layout.block_size) * layout.block_size
+            # Split boundaries at fixed key positions (multiples of a whole number of softmax steps), so a row
+            # is split the same way whatever the context of the sequence's last row: a verification row gives
+            # the same bits as the decode of it alone.
+            var step = max(1, STEP_KEYS // layout.block_size) * layout.block_size
+            var keys_per_split = ceildiv(SPLIT_KEYS, step) * step if splits > 1 else keys
             splits = ceildiv(keys, keys_per_split)
             for g in range(0, layout.kv_heads, kv_per_tile):
                 for h0 in range(0, batch.group, heads_per_tile):
@@ -216,12 +227,12 @@ def value_vectors_per_call[rows: Int, head_dim: Int]() -> Int:
 
 
 @always_inline
-def score_rows[dtype: DType, D: Int, BS: Int, RB: Int](
+def score_rows[dtype: DType, D: Int, BS: Int, SK: Int, RB: Int](
     scores: MutPointer[Float32, ...], q_rows: Pointer[Float32, ...], r0: Int,
     cache_ptr: Pointer[Scalar[dtype], ...], k_block: Int,
 ):
-    """Scores[r, t] = q[r] . K[t] for RB rows from r0 and every key t of the block (keys past the context are
-    garbage here and masked by the caller). Two accumulator sets (even and odd d) per (row, key chunk) give
+    """Scores[r, t] = q[r] . K[t] for RB rows from r0 and every key t of the block, into rows SK floats apart
+    (keys past the context are garbage here and masked by the caller). Two accumulator sets (even and odd d) per (row, key chunk) give
     enough independent FMA chains for the FMA latency; each K vector is loaded and widened once."""
     comptime KC = min(BS, F32_WIDTH)
     comptime CH = BS // KC
@@ -240,17 +251,18 @@ def score_rows[dtype: DType, D: Int, BS: Int, RB: Int](
         comptime for c in range(CH):
             var even = acc.unsafe_load[width=KC]((r * CH + c) * KC)
             var odd = acc.unsafe_load[width=KC](((RB + r) * CH + c) * KC)
-            scores.unsafe_store((r0 + r) * BS + c * KC, even + odd)
+            scores.unsafe_store((r0 + r) * SK + c * KC, even + odd)
 
 
 @always_inline
-def accumulate_values[dtype: DType, D: Int, BS: Int, RB: Int](
+def accumulate_values[dtype: DType, D: Int, BS: Int, SK: Int, RB: Int](
     acc: MutPointer[Float32, ...], probs: Pointer[Float32, ...], alpha: Pointer[Float32, ...], r0: Int, keys: Int,
-    cache_ptr: Pointer[Scalar[dtype], ...], v_block: Int,
+    cache_ptr: Pointer[Scalar[dtype], ...], v_blocks: Pointer[Int, ...],
 ):
-    """Acc[r] = acc[r] * alpha[r] + sum_t probs[r, t] * V[t] over the block's first `keys` keys, for RB rows
-    from r0 (a row with fewer visible keys has probability 0 for the rest: those keys are real, stored ones).
-    The output dims go in chunks that stay in registers across the keys; each V vector is widened once."""
+    """Acc[r] = acc[r] * alpha[r] + sum_t probs[r, t] * V[t] over a step's first `keys` keys (block b of the
+    step at v_blocks[b]; probs rows SK apart), for RB rows from r0 (a row with fewer visible keys has
+    probability 0 for the rest: those keys are real, stored ones). The output dims go in chunks that stay in
+    registers across the step's keys; each V vector is widened once."""
     comptime DC = value_vectors_per_call[RB, D]()
     comptime W = F32_WIDTH
     comptime assert D % (DC * W) == 0, "head_dim must be a multiple of the value chunk"
@@ -260,13 +272,115 @@ def accumulate_values[dtype: DType, D: Int, BS: Int, RB: Int](
             comptime for j in range(DC):
                 var at = (r0 + r) * D + d0 + j * W
                 out.unsafe_store((r * DC + j) * W, acc.unsafe_load[width=W](at) * alpha.unsafe_load(r0 + r))
-        for t in range(keys):
+        for b in range(ceildiv(keys, BS)):
+            var v_block = v_blocks.unsafe_load(b)
+            for t in range(min(BS, keys - b * BS)):
+                comptime for j in range(DC):
+                    var v = cache_ptr.unsafe_load[width=W](v_block + t * D + d0 + j * W).cast[DType.float32]()
+                    comptime for r in range(RB):
+                        var i = (r * DC + j) * W
+                        var p = SIMD[DType.float32, W](probs.unsafe_load((r0 + r) * SK + b * BS + t))
+                        out.unsafe_store(i, p.fma(v, out.unsafe_load[width=W](i)))
+        comptime for r in range(RB):
             comptime for j in range(DC):
-                var v = cache_ptr.unsafe_load[width=W](v_block + t * D + d0 + j * W).cast[DType.float32]()
+                acc.unsafe_store((r0 + r) * D + d0 + j * W, out.unsafe_load[width=W]((r * DC + j) * W))
+
+
+@always_inline
+def uses_dot_bf16_attention[dtype: DType, block_size: Int]() -> Bool:
+    """Bfloat16 caches meet bfloat16 queries with vdpbf16ps where the CPU has it (twice the multiply-adds of a
+    float32 FMA per instruction, and no widening of K and V) when a block is whole 16-key vectors; every other
+    case widens to float32 FMAs. Decode,
+    verification and prefill rows all take the same path, so a row's arithmetic never depends on the batch."""
+    return dtype == DType.bfloat16 and block_size % 16 == 0 and has_dot_bf16()
+
+
+@always_inline
+def dot_score_rows_per_call[BS: Int]() -> Int:
+    """Query rows scored together by vdpbf16ps: rows x key chunks x 2 accumulator sets = 16 of AVX-512's 32
+    registers, leaving room for the interleaved key pairs."""
+    return max(1, 8 // (BS // 16))
+
+
+@always_inline
+def pair_up(first: SIMD[DType.bfloat16, 16], second: SIMD[DType.bfloat16, 16]) -> SIMD[DType.bfloat16, 32]:
+    """[first[0], second[0], first[1], second[1], ...]: the operand layout of vdpbf16ps (lane i sums two products)."""
+    return first.interleave(second)
+
+
+@always_inline
+def score_rows_dot[D: Int, BS: Int, SK: Int, RB: Int](
+    scores: MutPointer[Float32, ...], q_words: Pointer[UInt32, ...], r0: Int,
+    cache_ptr: Pointer[BFloat16, ...], k_block: Int, scale: Float32,
+):
+    """Scores[r, t] = scale * q[r] . K[t] with vdpbf16ps: the transposed K block's rows d and d + 1 are
+    interleaved into key pairs once for all RB rows, and each row's (q[d], q[d + 1]) is one broadcast 32-bit
+    word. Two accumulator sets (even and odd d pairs) give enough independent chains for a decode's two rows."""
+    comptime KC = 16
+    comptime CH = BS // KC
+    comptime assert BS % KC == 0, "vdpbf16ps attention needs a block size that is a multiple of 16"
+    var acc = stack_allocation[2 * RB * CH * KC, Float32]()
+    comptime for i in range(2 * RB * CH):
+        acc.unsafe_store(i * KC, SIMD[DType.float32, KC](0))
+    for dp in range(0, D // 2, 2):
+        comptime for half in range(2):
+            var d = 2 * (dp + half)
+            comptime for c in range(CH):
+                var keys = pair_up(cache_ptr.unsafe_load[width=KC](k_block + d * BS + c * KC),
+                                   cache_ptr.unsafe_load[width=KC](k_block + (d + 1) * BS + c * KC))
                 comptime for r in range(RB):
-                    var i = (r * DC + j) * W
-                    var p = SIMD[DType.float32, W](probs.unsafe_load((r0 + r) * BS + t))
-                    out.unsafe_store(i, p.fma(v, out.unsafe_load[width=W](i)))
+                    var i = ((half * RB + r) * CH + c) * KC
+                    var q_pair = SIMD[DType.uint32, KC](q_words.unsafe_load((r0 + r) * (D // 2) + dp + half))
+                    acc.unsafe_store(i, dot_bf16_pairs(acc.unsafe_load[width=KC](i), keys,
+                                                       bitcast[DType.bfloat16, 2 * KC](q_pair)))
+    comptime for r in range(RB):
+        comptime for c in range(CH):
+            var even = acc.unsafe_load[width=KC]((r * CH + c) * KC)
+            var odd = acc.unsafe_load[width=KC](((RB + r) * CH + c) * KC)
+            scores.unsafe_store((r0 + r) * SK + c * KC, (even + odd) * scale)
+
+
+@always_inline
+def accumulate_values_dot[D: Int, BS: Int, SK: Int, RB: Int](
+    acc: MutPointer[Float32, ...], prob_words: Pointer[UInt32, ...], alpha: Pointer[Float32, ...], r0: Int,
+    keys: Int, cache_ptr: Pointer[BFloat16, ...], v_blocks: Pointer[Int, ...],
+):
+    """Acc[r] = acc[r] * alpha[r] + sum_t probs[r, t] * V[t] with vdpbf16ps over key pairs: V rows t and t + 1
+    interleaved once for all RB rows, each row's bfloat16 (p[t], p[t + 1]) one broadcast word. With an odd
+    `keys` the last pair's second V row is zero, not the next slot (which may be unwritten: NaN * 0 is NaN).
+    Blocks and probability rows as in accumulate_values."""
+    comptime DC = value_vectors_per_call[RB, D]()
+    comptime W = 16
+    comptime assert D % (DC * W) == 0, "head_dim must be a multiple of the value chunk"
+    var out = stack_allocation[RB * DC * W, Float32]()
+    for d0 in range(0, D, DC * W):
+        comptime for r in range(RB):
+            comptime for j in range(DC):
+                var at = (r0 + r) * D + d0 + j * W
+                out.unsafe_store((r * DC + j) * W, acc.unsafe_load[width=W](at) * alpha.unsafe_load(r0 + r))
+
+        @always_inline
+        def step(word: Int, values: SIMD[DType.bfloat16, 2 * W], j: Int) {imm out, imm prob_words, imm r0}:
+            comptime for r in range(RB):
+                var i = (r * DC + j) * W
+                var p_pair = SIMD[DType.uint32, W](prob_words.unsafe_load((r0 + r) * (SK // 2) + word))
+                out.unsafe_store(i, dot_bf16_pairs(out.unsafe_load[width=W](i), values,
+                                                   bitcast[DType.bfloat16, 2 * W](p_pair)))
+
+        for b in range(ceildiv(keys, BS)):
+            var v_block = v_blocks.unsafe_load(b)
+            var block_keys = min(BS, keys - b * BS)
+            var full_pairs = block_keys // 2
+            for tp in range(full_pairs):
+                comptime for j in range(DC):
+                    var at = v_block + 2 * tp * D + d0 + j * W
+                    step(b * (BS // 2) + tp,
+                         pair_up(cache_ptr.unsafe_load[width=W](at), cache_ptr.unsafe_load[width=W](at + D)), j)
+            if block_keys % 2 == 1:
+                comptime for j in range(DC):
+                    var at = v_block + 2 * full_pairs * D + d0 + j * W
+                    step(b * (BS // 2) + full_pairs,
+                         pair_up(cache_ptr.unsafe_load[width=W](at), SIMD[DType.bfloat16, W](0)), j)
         comptime for r in range(RB):
             comptime for j in range(DC):
                 acc.unsafe_store((r0 + r) * D + d0 + j * W, out.unsafe_load[width=W]((r * DC + j) * W))
@@ -293,15 +407,23 @@ def attend_tile[dtype: DType, head_dim: Int, block_size: Int](
     comptime KC = min(BS, F32_WIDTH)  # keys scored per SIMD vector
     comptime assert BS % KC == 0, "block_size must be a multiple of the key chunk"
     comptime assert D % F32_WIDTH == 0, "head_dim must be a multiple of the SIMD width"
+    comptime SK = max(1, STEP_KEYS // BS) * BS  # keys per online-softmax step
+    comptime SB = SK // BS  # blocks per step
     var rows = tile.rows()
     var rows_per_kv = tile.rows_per_kv_head()
     var q_rows = stack_allocation[MAX_ROWS * D, Float32]()
     var acc = stack_allocation[MAX_ROWS * D, Float32]()
-    var scores = stack_allocation[MAX_ROWS * BS, Float32]()
+    var scores = stack_allocation[MAX_ROWS * SK, Float32]()
     var row_max = stack_allocation[MAX_ROWS, Float32]()
     var row_sum = stack_allocation[MAX_ROWS, Float32]()
     var row_alpha = stack_allocation[MAX_ROWS, Float32]()
     var row_limit = stack_allocation[MAX_ROWS, Int]()
+    comptime DOT = uses_dot_bf16_attention[dtype, BS]()
+    # vdpbf16ps operands: the raw bfloat16 queries (the scale is applied to the scores) and probabilities
+    var q_halves = stack_allocation[MAX_ROWS * D, BFloat16, alignment=64]()
+    var prob_halves = stack_allocation[MAX_ROWS * SK, BFloat16, alignment=64]()
+    var k_blocks = stack_allocation[SB, Int]()
+    var v_blocks = stack_allocation[SB, Int]()
     var token_base = Int(query_start.unsafe_load(tile.seq))
     var first_limit = seq_first_key_limit(query_start, context_lens, tile.seq)
 
@@ -309,8 +431,12 @@ def attend_tile[dtype: DType, head_dim: Int, block_size: Int](
     for r in range(rows):
         var i = tile.token(r)
         var q_base = ((token_base + i) * batch.num_heads + tile.head(r, batch.group)) * D
-        for d in range(D):
-            q_rows.unsafe_store(r * D + d, q_ptr.unsafe_load(q_base + d).cast[DType.float32]() * scale)
+        comptime if DOT:
+            for d in range(D):
+                q_halves.unsafe_store(r * D + d, rebind[BFloat16](q_ptr.unsafe_load(q_base + d)))
+        else:
+            for d in range(D):
+                q_rows.unsafe_store(r * D + d, q_ptr.unsafe_load(q_base + d).cast[DType.float32]() * scale)
         for d in range(D):
             acc.unsafe_store(r * D + d, 0)
         row_max.unsafe_store(r, NO_SCORE)
@@ -319,51 +445,84 @@ def attend_tile[dtype: DType, head_dim: Int, block_size: Int](
         row_limit.unsafe_store(r, limit)
         max_limit = max(max_limit, limit)
 
+    # Keys go in steps of SB blocks from key_lo (0, or a multiple of the split size): where a key falls in a step
+    # depends on its position alone, so a row's arithmetic is the same in any batch. Rows see keys up to their
+    # own limits; keys past a row's limit in a step are masked to probability 0 (adding exact zeros).
     var table_row = tile.seq * batch.max_blocks
     var block_start = tile.key_lo
     while block_start < max_limit:
-        var physical = Int(block_tables.unsafe_load(table_row + block_start // BS))
+        var step_blocks = min(SB, ceildiv(max_limit - block_start, BS))
         for kv in range(tile.kv_count):
-            var k_block = layout.k_block(physical, tile.kv_head + kv)
-            var v_block = layout.v_block(physical, tile.kv_head + kv)
+            for b in range(step_blocks):
+                var physical = Int(block_tables.unsafe_load(table_row + block_start // BS + b))
+                k_blocks.unsafe_store(b, layout.k_block(physical, tile.kv_head + kv))
+                v_blocks.unsafe_store(b, layout.v_block(physical, tile.kv_head + kv))
             var first_row = kv * rows_per_kv
             var end_row = first_row + rows_per_kv
 
-            def score[RB: Int](r0: Int) {imm scores, imm q_rows, imm cache_ptr, imm k_block}:
-                score_rows[dtype, D, BS, RB](scores, q_rows, r0, cache_ptr, k_block)
+            for b in range(step_blocks):
+                var k_block = k_blocks.unsafe_load(b)
+                var block_scores = scores.unsafe_offset(b * BS)
+                comptime if DOT:
+                    var q_words = q_halves.unsafe_bitcast[UInt32]()
+                    var k_halves = cache_ptr.unsafe_bitcast[BFloat16]()
 
-            for_row_groups[score_rows_per_call()](first_row, end_row, score)
+                    def score_dot[RB: Int](r0: Int) {imm block_scores, imm q_words, imm k_halves, imm k_block, imm scale}:
+                        score_rows_dot[D, BS, SK, RB](block_scores, q_words, r0, k_halves, k_block, scale)
+
+                    for_row_groups[dot_score_rows_per_call[BS]()](first_row, end_row, score_dot)
+                else:
+                    def score[RB: Int](r0: Int) {imm block_scores, imm q_rows, imm cache_ptr, imm k_block}:
+                        score_rows[dtype, D, BS, SK, RB](block_scores, q_rows, r0, cache_ptr, k_block)
+
+                    for_row_groups[score_rows_per_call()](first_row, end_row, score)
             # Online softmax per row: mask the keys it cannot see, rescale what it has under the new running max.
-            var block_keys = 0
+            var step_keys = 0
+            var step_width = step_blocks * BS
             for r in range(first_row, end_row):
-                var n = max(0, min(BS, row_limit.unsafe_load(r) - block_start))
-                block_keys = max(block_keys, n)
+                var n = max(0, min(step_width, row_limit.unsafe_load(r) - block_start))
+                step_keys = max(step_keys, n)
                 var best = SIMD[DType.float32, KC](NO_SCORE)
-                comptime for c in range(0, BS, KC):
+                for c in range(0, step_width, KC):
                     var valid = iota[DType.int32, KC]().lt(SIMD[DType.int32, KC](Int32(n - c)))
-                    var s = valid.select(scores.unsafe_load[width=KC](r * BS + c), SIMD[DType.float32, KC](NO_SCORE))
-                    scores.unsafe_store(r * BS + c, s)
+                    var s = valid.select(scores.unsafe_load[width=KC](r * SK + c), SIMD[DType.float32, KC](NO_SCORE))
+                    scores.unsafe_store(r * SK + c, s)
                     best = max(best, s)
                 var old_max = row_max.unsafe_load(r)
                 var new_max = max(old_max, best.reduce_max())
-                var block_sum = SIMD[DType.float32, KC](0)
-                comptime for c in range(0, BS, KC):
+                var step_sum = SIMD[DType.float32, KC](0)
+                for c in range(0, step_width, KC):
                     var valid = iota[DType.int32, KC]().lt(SIMD[DType.int32, KC](Int32(n - c)))
                     # Masked keys get probability 0 even when the row has seen no key yet (new_max = NO_SCORE).
-                    var p = valid.select(exp(scores.unsafe_load[width=KC](r * BS + c) - new_max),
+                    var p = valid.select(exp(scores.unsafe_load[width=KC](r * SK + c) - new_max),
                                          SIMD[DType.float32, KC](0))
-                    scores.unsafe_store(r * BS + c, p)
-                    block_sum += p
+                    comptime if DOT:
+                        # the sum is of the bfloat16 weights that multiply V, so the output stays normalised
+                        var p_half = narrow[DType.bfloat16](p)
+                        prob_halves.unsafe_store(r * SK + c, p_half)
+                        step_sum += widen(p_half)
+                    else:
+                        scores.unsafe_store(r * SK + c, p)
+                        step_sum += p
                 var alpha = exp(old_max - new_max)
                 row_alpha.unsafe_store(r, alpha)
-                row_sum.unsafe_store(r, row_sum.unsafe_load(r) * alpha + block_sum.reduce_add())
+                row_sum.unsafe_store(r, row_sum.unsafe_load(r) * alpha + step_sum.reduce_add())
                 row_max.unsafe_store(r, new_max)
 
-            def values[RB: Int](r0: Int) {imm acc, imm scores, imm row_alpha, imm block_keys, imm cache_ptr, imm v_block}:
-                accumulate_values[dtype, D, BS, RB](acc, scores, row_alpha, r0, block_keys, cache_ptr, v_block)
+            comptime if DOT:
+                var prob_words = prob_halves.unsafe_bitcast[UInt32]()
+                var v_halves = cache_ptr.unsafe_bitcast[BFloat16]()
 
-            for_row_groups[score_rows_per_call()](first_row, end_row, values)
-        block_start += BS
+                def values_dot[RB: Int](r0: Int) {imm acc, imm prob_words, imm row_alpha, imm step_keys, imm v_halves, imm v_blocks}:
+                    accumulate_values_dot[D, BS, SK, RB](acc, prob_words, row_alpha, r0, step_keys, v_halves, v_blocks)
+
+                for_row_groups[dot_score_rows_per_call[BS]()](first_row, end_row, values_dot)
+            else:
+                def values[RB: Int](r0: Int) {imm acc, imm scores, imm row_alpha, imm step_keys, imm cache_ptr, imm v_blocks}:
+                    accumulate_values[dtype, D, BS, SK, RB](acc, scores, row_alpha, r0, step_keys, cache_ptr, v_blocks)
+
+                for_row_groups[score_rows_per_call()](first_row, end_row, values)
+        block_start += step_blocks * BS
 
     for r in range(rows):
         if tile.partial >= 0:

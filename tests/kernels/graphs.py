@@ -68,6 +68,8 @@ ATTENTION_CASES = (
     AttentionCase(DType.float32, block_size=8, head_dim=64),
     AttentionCase(DType.float32, block_size=32, head_dim=64),
     AttentionCase(DType.bfloat16, block_size=16, head_dim=128),
+    AttentionCase(DType.bfloat16, block_size=32, head_dim=64),  # vdpbf16ps: two key vectors per block
+    AttentionCase(DType.bfloat16, block_size=8, head_dim=64),  # float32 FMAs (a block is half a key vector)
 )
 
 

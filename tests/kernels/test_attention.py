@@ -37,6 +37,7 @@ SCENARIOS = [
     Scenario("decode-batch-gqa8", 1, 8, [(1, n) for n in (1, 15, 16, 17, 250, 1200)]),
     Scenario("long-decode-split", 2, 4, [(1, 1500)]),
     Scenario("verify-gqa2", 2, 4, [(4, 300), (4, 4), (6, 1023)]),
+    Scenario("long-prefill-gqa2", 2, 4, [(301, 301), (150, 613)]),  # many softmax steps per row
 ]
 
 
@@ -137,3 +138,36 @@ def test_bad_block_table_is_rejected(attention_models):
         run([0, 1], 0)
     with pytest.raises(Exception, match="outside the KV cache"):
         run([0, 1], 3, slots=(4 * case.block_size,))
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: f"{c.dtype}-bs{c.block_size}-d{c.head_dim}")
+def test_verification_rows_are_bit_identical_to_decodes(attention_models, case, rng):
+    """Speculative decoding relies on it: each of a sequence's k + 1 verification rows gives exactly the bits of
+    a decode of that row alone (context = its own limit), at contexts long enough to split the key range
+    (decodes of 525..530 keys vs a verification whose last row sees 530), next to another sequence."""
+    bs, d, kv_heads, heads = case.block_size, case.head_dim, 2, 4
+    q_len, context = 6, 530
+    num_blocks = -(-context // bs) + 4
+    shape = KVCacheShape(NUM_LAYERS, num_blocks, kv_heads, bs, d)
+    cache = ref.as_dtype(rng.standard_normal(shape.shape), case.dtype)
+    table = rng.permutation(num_blocks).astype(np.int32)
+    q = numpy_to_buffer(ref.as_dtype(rng.standard_normal((q_len + 1, heads, d)), case.dtype), case.dtype)
+    no_new_kv = numpy_to_buffer(np.zeros((1, kv_heads, d), np.float32), case.dtype)
+
+    def attend(q_rows, query_start, context_lens, tables):
+        return to_numpy_f32(attention_models[case].execute(
+            numpy_to_buffer(cache, case.dtype), no_new_kv, no_new_kv, Buffer.from_numpy(np.array([-1], np.int32)),
+            q_rows, Buffer.from_numpy(np.array([LAYER], np.int32)),
+            Buffer.from_numpy(np.array(query_start, np.int32)), Buffer.from_numpy(np.array(context_lens, np.int32)),
+            Buffer.from_numpy(np.array(tables, np.int32)))[0])
+
+    q_all = to_numpy_f32(q)
+    # the verification: rows 0..5 of sequence 0; row 6 is a decode of sequence 1 over 37 keys, same blocks
+    verify = attend(q, [0, q_len, q_len + 1], [context, 37], [table, table])
+    compared = 0
+    for i in range(q_len):
+        alone = attend(numpy_to_buffer(q_all[i:i + 1], case.dtype), [0, 1], [context - q_len + i + 1], [table])
+        np.testing.assert_array_equal(verify[i], alone[0], err_msg=f"verification row {i}")
+        compared += alone.size
+    assert compared == q_len * heads * d
+    assert np.isfinite(verify).all()
