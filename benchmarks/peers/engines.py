@@ -5,8 +5,8 @@ threads for all (every core of the machine):
   core of two for itself), tcmalloc and Intel OpenMP preloaded as its docs advise;
 - transformers: AutoModelForCausalLM.generate;
 - vLLM and transformers compute in torch: batched work (offline, serving, prefix) runs them in
-  batched_peer_dtype(), their faster dtype on this CPU; batch-1 latency runs both bfloat16 and float32 rows where
-  it can (reading half the bytes can win where compute does not);
+  batched_peer_dtype(), their faster dtype on this CPU; batch-1 latency runs bfloat16 rows, and float32 rows too
+  (vLLM's only where bf16 is emulated: reading half the bytes can win where compute does not);
 - llama.cpp: llama-bench / llama-server (benchmarks/peers/llama_cpp.py).
 A peer that is not set up is skipped with the reason (PeerHome.unavailable_reason)."""
 
