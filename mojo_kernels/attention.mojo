@@ -290,8 +290,9 @@ def accumulate_values[dtype: DType, D: Int, BS: Int, SK: Int, RB: Int](
 def uses_dot_bf16_attention[dtype: DType, block_size: Int]() -> Bool:
     """Bfloat16 caches meet bfloat16 queries with vdpbf16ps where the CPU has it (twice the multiply-adds of a
     float32 FMA per instruction, and no widening of K and V) when a block is whole 16-key vectors; every other
-    case widens to float32 FMAs. Decode,
-    verification and prefill rows all take the same path, so a row's arithmetic never depends on the batch."""
+    case widens to float32 FMAs. Decode, verification and prefill rows all take the same path, so a row's
+    arithmetic never depends on the batch. The probabilities are rounded to bfloat16 (as in GPU flash attention);
+    their sum is taken of the rounded values, so each output stays a weighted mean of V."""
     return dtype == DType.bfloat16 and block_size % 16 == 0 and has_dot_bf16()
 
 
