@@ -107,17 +107,20 @@ def serving_latency(result: dict, dataset: str, concurrency: int) -> Path | None
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, default=16, help="the serving point whose distributions to plot")
+    parser.add_argument("--latency", default="latency", help="latency results to plot: results/NAME.json")
+    parser.add_argument("--serving", default="serving", help="serving results to plot: results/NAME.json")
     args = parser.parse_args(argv)
     written = []
-    if latency := load("latency"):
+    if latency := load(args.latency):
         written.append(latency_roofline(latency))
-    if serving := load("serving"):
+    if serving := load(args.serving):
         for dataset in dict.fromkeys(r["dataset"] for r in serving["rows"]):
             written.append(serving_throughput(serving, dataset))
             written.append(serving_latency(serving, dataset, args.concurrency))
     written = [p for p in written if p is not None]
     if not written:
-        print(f"nothing to plot: run the benchmarks first (no latency.json or serving.json in {RESULTS})")
+        print(f"nothing to plot: run the benchmarks first (no {args.latency}.json or {args.serving}.json in "
+              f"{RESULTS})")
     for path in written:
         print(f"wrote {path}")
 

@@ -1,11 +1,14 @@
-"""Where a batch-1 decode step's time goes: the whole step, then the same graph with its linear layers (every
-projection and the LM head) replaced by a broadcast of one input column, then with attention replaced by its
-input as well. The differences are what the linear layers and attention cost inside the real step (caches as
-the real step leaves them: the weight stream evicts the KV cache), and the remainder is everything else (norms,
-RoPE, KV store, SwiGLU, MAX's dispatch, the host).
+"""Where a batch-1 decode step's (or a prefill's) time goes: the whole step, then the same graph with its linear
+layers (every projection and the LM head) replaced by a broadcast of one input column, then with attention
+replaced by its input as well. The differences are what the linear layers and attention cost inside the real
+step (caches as the real step leaves them: the weight stream evicts the KV cache), and the remainder is
+everything else (norms, RoPE, KV store, SwiGLU, MAX's dispatch, the host).
 
     python -m benchmarks.step [--model DIR] [--dtype bfloat16] [--quantization int8] [--context 512]
-                              [--rounds 6] [--steps 16]
+                              [--rounds 6] [--steps 16] [--prefill TOKENS]
+
+With --prefill, each round times one prefill of that many tokens (from position 0, the last token's logits)
+per variant instead of decode steps, and the parts are reported in GFLOP/s.
 
 The ablated graphs compute garbage, only their timing is used. All three run in interleaved rounds (the
 machine is shared and noisy), medians of every step. Linear layers are reported with their weight bytes per
@@ -61,6 +64,41 @@ def kv_bytes(runner: ModelRunner, context: int) -> int:
     return c.num_hidden_layers * 2 * context * c.num_key_value_heads * c.head_dim * runner.spec.dtype.size_in_bytes
 
 
+def prefill_flops(runner: ModelRunner, tokens: int) -> tuple[float, float]:
+    """(linear, attention) floating-point operations of a causal prefill of `tokens` tokens from position 0 that
+    computes the last token's logits."""
+    c = runner.spec.config
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    per_layer = c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
+    linear = 2 * tokens * c.num_hidden_layers * per_layer + 2 * c.hidden_size * c.vocab_size
+    attention = c.num_hidden_layers * 4 * q * tokens * (tokens + 1) / 2
+    return linear, attention
+
+
+def prefill_breakdown(runners: dict[str, ModelRunner], args: argparse.Namespace, limits, blocks: list[int]) -> None:
+    prompt = np.random.default_rng(1).integers(0, runners[VARIANTS[0]].spec.config.vocab_size, args.prefill)
+    for runner in runners.values():
+        prefill_once(runner, prompt, blocks)
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for round_index in range(args.rounds):
+        for variant, runner in runners.items():
+            times[variant].append(prefill_once(runner, prompt, blocks))
+        print(f"round {round_index + 1}/{args.rounds} done", flush=True)
+    ms = {v: statistics.median(t) * 1e3 for v, t in times.items()}
+    runner = runners[VARIANTS[0]]
+    linear, attention = prefill_flops(runner, args.prefill)
+    parts = [("linear layers", ms[VARIANTS[0]] - ms[VARIANTS[1]], linear),
+             ("attention", ms[VARIANTS[1]] - ms[VARIANTS[2]], attention),
+             ("everything else", ms[VARIANTS[2]], 0.0)]
+    print(f"\n{limits.describe()}")
+    print(f"{runner.spec.dtype.name} activations, {runner.weight_format.value} weights: prefill of {args.prefill} "
+          f"tokens {ms[VARIANTS[0]]:.1f} ms ({args.prefill / ms[VARIANTS[0]] * 1e3:.0f} tok/s)")
+    print(f"{'part':16s} {'ms':>8s} {'share':>6s} {'GFLOP':>7s} {'GFLOP/s':>8s}")
+    for name, part_ms, flops in parts:
+        rate = f"{flops / 1e9:7.1f} {flops / part_ms / 1e6:8.0f}" if flops and part_ms > 0 else ""
+        print(f"{name:16s} {part_ms:8.1f} {part_ms / ms[VARIANTS[0]]:6.0%} {rate}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a Qwen3 checkpoint folder (default: the random Qwen3-0.6B-shaped one)")
@@ -69,10 +107,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", type=int, default=512, help="tokens in the cache before the timed steps")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds (default 6)")
     parser.add_argument("--steps", type=int, default=16, help="decode steps per variant per round (default 16)")
+    parser.add_argument("--prefill", type=int, default=0,
+                        help="time a prefill of this many tokens instead of decode steps")
     args = parser.parse_args(argv)
     for name in ("context", "rounds", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
+    if args.prefill < 0:
+        parser.error("--prefill must be a number of tokens (0: time decode steps)")
     if args.model is None:
         from mili.checkpoints import cached_checkpoint  # writes the checkpoint on first use (needs transformers)
         model_dir = cached_checkpoint("qwen3-0.6b")
@@ -80,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         model_dir = Path(args.model)
     quantization = None if args.quantization == "none" else args.quantization
     block_size = 16
-    num_blocks = -(-(args.context + args.rounds * args.steps + 8) // block_size) + 1
+    num_blocks = -(-(max(args.context, args.prefill) + args.rounds * args.steps + 8) // block_size) + 1
     runners: dict[str, ModelRunner] = {}
     for variant in VARIANTS:
         print(f"building the graph: {variant}...", flush=True)
@@ -93,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     for runner in runners.values():
         prefill_once(runner, prompt, blocks)
         decode_steps(runner, args.context, 2, blocks)
+    if args.prefill:
+        prefill_breakdown(runners, args, limits, blocks)
+        return
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for round_index in range(args.rounds):
         for variant, runner in runners.items():
