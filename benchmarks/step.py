@@ -64,6 +64,14 @@ def kv_bytes(runner: ModelRunner, context: int) -> int:
     return c.num_hidden_layers * 2 * context * c.num_key_value_heads * c.head_dim * runner.spec.dtype.size_in_bytes
 
 
+def split_by_ablation(ms: dict[str, float], linear_work: float,
+                      attention_work: float) -> list[tuple[str, float, float]]:
+    """(part, ms, work) for the linear layers, attention and the rest, from the median times of the variants."""
+    return [("linear layers", ms[VARIANTS[0]] - ms[VARIANTS[1]], linear_work),
+            ("attention", ms[VARIANTS[1]] - ms[VARIANTS[2]], attention_work),
+            ("everything else", ms[VARIANTS[2]], 0.0)]
+
+
 def prefill_flops(runner: ModelRunner, tokens: int) -> tuple[float, float]:
     """(linear, attention) floating-point operations of a causal prefill of `tokens` tokens from position 0 that
     computes the last token's logits."""
@@ -87,9 +95,7 @@ def prefill_breakdown(runners: dict[str, ModelRunner], args: argparse.Namespace,
     ms = {v: statistics.median(t) * 1e3 for v, t in times.items()}
     runner = runners[VARIANTS[0]]
     linear, attention = prefill_flops(runner, args.prefill)
-    parts = [("linear layers", ms[VARIANTS[0]] - ms[VARIANTS[1]], linear),
-             ("attention", ms[VARIANTS[1]] - ms[VARIANTS[2]], attention),
-             ("everything else", ms[VARIANTS[2]], 0.0)]
+    parts = split_by_ablation(ms, linear, attention)
     print(f"\n{limits.describe()}")
     print(f"{runner.spec.dtype.name} activations, {runner.weight_format.value} weights: prefill of {args.prefill} "
           f"tokens {ms[VARIANTS[0]]:.1f} ms ({args.prefill / ms[VARIANTS[0]] * 1e3:.0f} tok/s)")
@@ -148,9 +154,7 @@ def main(argv: list[str] | None = None) -> None:
 
     step = {v: statistics.median(t) * 1e3 for v, t in times.items()}
     runner = runners[VARIANTS[0]]
-    parts = [("linear layers", step[VARIANTS[0]] - step[VARIANTS[1]], weight_bytes(runner)),
-             ("attention", step[VARIANTS[1]] - step[VARIANTS[2]], kv_bytes(runner, args.context)),
-             ("everything else", step[VARIANTS[2]], 0)]
+    parts = split_by_ablation(step, weight_bytes(runner), kv_bytes(runner, args.context))
     print(f"\n{limits.describe()}")
     print(f"{runner.spec.dtype.name} activations, {runner.weight_format.value} weights, context {args.context}: "
           f"decode step {step[VARIANTS[0]]:.2f} ms ({1e3 / step[VARIANTS[0]]:.2f} tok/s)")
