@@ -214,3 +214,32 @@ def test_client_check_names_the_flag_that_is_out_of_range(capsys):
         client_check.main(["--num-prompts", "0"])
     assert exited.value.code == 2
     assert "--num-prompts must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["tiny-untied-mha-d128", "tiny-tied-gqa4-d128"])
+def test_prefill_flops_count_every_projection_of_the_checkpoint(name, rng):
+    """benchmarks.step --prefill reports GFLOP/s from prefill_flops: its linear count must be 2 x tokens x every
+    projection weight in the checkpoint (plus one LM-head row), its attention count the causal sum over tokens."""
+    from benchmarks.step import prefill_flops
+    from mili.checkpoints import cached_checkpoint
+    from mili.config import ModelConfig
+
+    model = cached_checkpoint(name)
+    config = ModelConfig.from_pretrained(model)
+    tokens = int(rng.integers(1, 600))
+    projections = sum(n for tensor, n in engines.checkpoint_parameter_counts(model).items() if "proj.weight" in tensor)
+    assert projections > 0
+    linear, attention = prefill_flops(SimpleNamespace(spec=SimpleNamespace(config=config)), tokens)
+    assert linear == 2 * tokens * projections + 2 * config.hidden_size * config.vocab_size
+    keys_seen = sum(i + 1 for i in range(tokens))  # token i attends to i + 1 keys
+    q_width = config.num_attention_heads * config.head_dim
+    assert attention == config.num_hidden_layers * 2 * 2 * q_width * keys_seen
+
+
+@pytest.mark.parametrize("argv", [["--ops", "attention,bogus"], ["--ops", ""], ["--dtypes", "float16"]])
+def test_kernel_bench_names_the_flag_it_cannot_take(argv, capsys):
+    from benchmarks import kernels
+
+    with pytest.raises(SystemExit):
+        kernels.main(argv)
+    assert argv[0] in capsys.readouterr().err
