@@ -243,3 +243,18 @@ def test_kernel_bench_names_the_flag_it_cannot_take(argv, capsys):
     with pytest.raises(SystemExit):
         kernels.main(argv)
     assert argv[0] in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_outside_graph_kernel_harness_compiles(tmp_path):
+    """benchmarks/mojo/kernels_outside_graph.mojo calls the kernels' functions directly: a signature change must
+    not leave it broken until someone next needs it."""
+    from mili.kernels import build_env
+
+    root = Path(__file__).resolve().parents[2]
+    mojo = Path(sys.executable).with_name("mojo")
+    source = root / "benchmarks" / "mojo" / "kernels_outside_graph.mojo"
+    result = subprocess.run([str(mojo), "build", "-I", str(root), str(source), "-o", str(tmp_path / "harness")],
+                            capture_output=True, text=True, cwd=root, timeout=600, env=build_env())
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (tmp_path / "harness").exists()
