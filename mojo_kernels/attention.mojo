@@ -232,8 +232,9 @@ def score_rows[dtype: DType, D: Int, BS: Int, SK: Int, RB: Int](
     cache_ptr: Pointer[Scalar[dtype], ...], k_block: Int,
 ):
     """Scores[r, t] = q[r] . K[t] for RB rows from r0 and every key t of the block, into rows SK floats apart
-    (keys past the context are garbage here and masked by the caller). Two accumulator sets (even and odd d) per (row, key chunk) give
-    enough independent FMA chains for the FMA latency; each K vector is loaded and widened once."""
+    (keys past the context are garbage here and masked by the caller). Two accumulator sets (even and odd d)
+    per (row, key chunk) give enough independent FMA chains for the FMA latency; each K vector is loaded and
+    widened once."""
     comptime KC = min(BS, F32_WIDTH)
     comptime CH = BS // KC
     var acc = stack_allocation[2 * RB * CH * KC, Float32]()
