@@ -320,15 +320,16 @@ def main(argv: list[str] | None = None) -> None:
     ops_wanted = [op for op in args.ops.split(",") if op]
     if not ops_wanted or any(op not in OPS for op in ops_wanted):
         parser.error(f"--ops takes a comma-separated list of {', '.join(OPS)}; got {args.ops!r}")
-    dtypes = {"float32": DType.float32, "bfloat16": DType.bfloat16}
-    if any(name not in dtypes for name in args.dtypes.split(",")):
+    known_dtypes = {"float32": DType.float32, "bfloat16": DType.bfloat16}
+    dtype_names = args.dtypes.split(",")
+    if any(name not in known_dtypes for name in dtype_names):
         parser.error(f"--dtypes takes a comma-separated list of float32, bfloat16; got {args.dtypes!r}")
 
     bench = Bench(args.repeats, args.quick)
     print("measuring memory bandwidth...", flush=True)
     bandwidth = measure_bandwidth_gb_s(args.repeats)
     print(f"  {bandwidth:.1f} GB/s read (2 threads)", flush=True)
-    for dtype in (dtypes[name] for name in args.dtypes.split(",")):
+    for dtype in (known_dtypes[name] for name in dtype_names):
         print(f"{dtype.name}: compiling and timing (graph compiles take tens of seconds the first time)", flush=True)
         for op in ops_wanted:
             if op == "attention":

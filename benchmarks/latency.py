@@ -6,9 +6,10 @@ a 512-token prompt and greedy decode of 128 tokens after it.
     make bench-latency        (after `make bench-peers-setup`)
 
 Engines and formats: MILI float32 / bfloat16 / int8, transformers bf16 / fp32, vLLM bf16 (and fp32 where the CPU
-has no bf16 dot products), llama.cpp BF16 / Q8_0 / Q4_K_M. Every engine is loaded once, warmed up with one untimed measurement, then timed in interleaved rounds
-(A B C A B C); the table shows medians. Decode tokens/s comes with the weight bytes one token reads, the achieved
-GB/s and its share of the machine's read bandwidth measured in the same run (the batch-1 decode roofline).
+has no bf16 dot products), llama.cpp BF16 / Q8_0 / Q4_K_M. Every engine is loaded once, warmed up with one
+untimed measurement, then timed in interleaved rounds (A B C A B C); the table shows medians. Decode tokens/s
+comes with the weight bytes one token reads, the achieved GB/s and its share of the machine's read bandwidth
+measured in the same run (the batch-1 decode roofline).
 Without --model it uses the random-weight Qwen3-0.6B-shaped checkpoint (`make checkpoint-0.6b`).
 """
 

@@ -146,6 +146,12 @@ def validate_batch(
                             layout.num_blocks - 1, ")")
 
 
+@always_inline
+def step_keys(block_size: Int) -> Int:
+    """Keys per online-softmax step: whole blocks, about STEP_KEYS of them (at least one block)."""
+    return max(1, STEP_KEYS // block_size) * block_size
+
+
 def key_splits(q_len: Int, tokens_per_tile: Int, keys: Int) -> Int:
     """Parts a sequence's key range is split into: a sequence with one token tile (decode, short
     verification) splits every SPLIT_KEYS keys so its long context is read by every core; one with many token
@@ -185,7 +191,7 @@ def plan_tiles(
             # Split boundaries at fixed key positions (multiples of a whole number of softmax steps), so a row
             # is split the same way whatever the context of the sequence's last row: a verification row gives
             # the same bits as the decode of it alone.
-            var step = max(1, STEP_KEYS // layout.block_size) * layout.block_size
+            var step = step_keys(layout.block_size)
             var keys_per_split = ceildiv(SPLIT_KEYS, step) * step if splits > 1 else keys
             splits = ceildiv(keys, keys_per_split)
             for g in range(0, layout.kv_heads, kv_per_tile):
@@ -409,7 +415,7 @@ def attend_tile[dtype: DType, head_dim: Int, block_size: Int](
     comptime KC = min(BS, F32_WIDTH)  # keys scored per SIMD vector
     comptime assert BS % KC == 0, "block_size must be a multiple of the key chunk"
     comptime assert D % F32_WIDTH == 0, "head_dim must be a multiple of the SIMD width"
-    comptime SK = max(1, STEP_KEYS // BS) * BS  # keys per online-softmax step
+    comptime SK = step_keys(BS)
     comptime SB = SK // BS  # blocks per step
     var rows = tile.rows()
     var rows_per_kv = tile.rows_per_kv_head()
@@ -424,7 +430,7 @@ def attend_tile[dtype: DType, head_dim: Int, block_size: Int](
     # vdpbf16ps operands: the raw bfloat16 queries (the scale is applied to the scores) and probabilities
     var q_halves = stack_allocation[MAX_ROWS * D, BFloat16, alignment=64]()
     var prob_halves = stack_allocation[MAX_ROWS * SK, BFloat16, alignment=64]()
-    var k_blocks = stack_allocation[SB, Int]()
+    var physical_blocks = stack_allocation[SB, Int]()
     var v_blocks = stack_allocation[SB, Int]()
     var token_base = Int(query_start.unsafe_load(tile.seq))
     var first_limit = seq_first_key_limit(query_start, context_lens, tile.seq)
@@ -454,16 +460,16 @@ def attend_tile[dtype: DType, head_dim: Int, block_size: Int](
     var block_start = tile.key_lo
     while block_start < max_limit:
         var step_blocks = min(SB, ceildiv(max_limit - block_start, BS))
+        for b in range(step_blocks):
+            physical_blocks.unsafe_store(b, Int(block_tables.unsafe_load(table_row + block_start // BS + b)))
         for kv in range(tile.kv_count):
             for b in range(step_blocks):
-                var physical = Int(block_tables.unsafe_load(table_row + block_start // BS + b))
-                k_blocks.unsafe_store(b, layout.k_block(physical, tile.kv_head + kv))
-                v_blocks.unsafe_store(b, layout.v_block(physical, tile.kv_head + kv))
+                v_blocks.unsafe_store(b, layout.v_block(physical_blocks.unsafe_load(b), tile.kv_head + kv))
             var first_row = kv * rows_per_kv
             var end_row = first_row + rows_per_kv
 
             for b in range(step_blocks):
-                var k_block = k_blocks.unsafe_load(b)
+                var k_block = layout.k_block(physical_blocks.unsafe_load(b), tile.kv_head + kv)
                 var block_scores = scores.unsafe_offset(b * BS)
                 comptime if DOT:
                     var q_words = q_halves.unsafe_bitcast[UInt32]()
