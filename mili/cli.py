@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mili.cli_environment import apply_environment_defaults
+
 log = logging.getLogger("mili")
 
 
@@ -239,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                                 description="Serves a Qwen3 model: /v1/completions, /v1/chat/completions, "
-                                "/v1/models, /generate, /health, /status, /metrics.")
+                                "/v1/models, /generate, /health, /status, /metrics. Every --flag can also be set "
+                                "as the environment variable MILI_FLAG (--kv-cache-memory: MILI_KV_CACHE_MEMORY; "
+                                "switches take 1/0); a flag on the command line wins.")
     serve.add_argument("--model", help="a Qwen3 checkpoint folder or a Hugging Face repo id (from the local HF "
                        "cache, downloaded when online); default: a small built-in demo with RANDOM weights")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine "
@@ -266,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "ended with an error event (default 30)")
     serve.add_argument("--served-model-name", help="the model name clients use (default: the folder or repo id)")
     _add_speculative_flags(serve)
+    apply_environment_defaults(serve)  # containers configure by environment: MILI_PORT, MILI_MODEL, ...
     serve.set_defaults(run=_cmd_serve)
     return parser
 
