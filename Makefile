@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 SERVE_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install install-test build test serve bench-kernels bench-linear bench-model bench-step bench-throughput bench-speculative bench bench-peers-setup bench-latency bench-offline bench-serving bench-prefix bench-startup bench-client-check bench-plots checkpoint-0.6b clean
+.PHONY: install install-test build test serve bench-kernels bench-linear bench-model bench-step bench-throughput bench-speculative bench bench-peers-setup bench-latency bench-offline bench-serving bench-prefix bench-routing bench-startup bench-client-check bench-plots checkpoint-0.6b clean
 
 $(BIN)/python:
 	@echo "make: creating the virtual environment $(VENV) with $(PYTHON)"
@@ -90,6 +90,10 @@ bench-serving: install-test build
 
 bench-prefix: install-test build
 	$(BIN)/python -m benchmarks.prefix $(BENCH_ARGS)
+
+# N MILI replicas behind sglang-router: cache-aware against round-robin routing, then a replica killed mid-run.
+bench-routing: install-test build
+	$(BIN)/python -m benchmarks.routing $(BENCH_ARGS)
 
 bench-startup: install-test build
 	$(BIN)/python -m benchmarks.startup $(BENCH_ARGS)
