@@ -233,6 +233,37 @@ def test_a_signal_drains_then_ends_open_streams_with_an_error_and_done(monkeypat
     assert not engine.has_unfinished() and not engine._requests
 
 
+def test_sigterm_lets_requests_in_flight_finish_within_the_grace_period(monkeypatch, tmp_path):
+    """What `docker stop` and a Kubernetes pod deletion rely on: SIGTERM refuses new work (/health 503, new
+    requests 503) while a stream already running finishes whole, and serve exits 0 as soon as it has."""
+    engine = fake_engine(step_delay_s=0.02)
+    events: list[str] = []
+    during_drain: dict[str, int] = {}
+
+    def client(url: str) -> None:
+        wait_healthy(url)
+        with httpx.stream("POST", f"{url}/v1/completions", json={
+                "model": MODEL, "prompt": "abc", "max_tokens": 60, "stream": True, "ignore_eos": True},
+                timeout=30) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 3:
+                        os.kill(os.getpid(), signal.SIGTERM)
+                        time.sleep(0.1)
+                        during_drain["health"] = httpx.get(f"{url}/health").status_code
+                        during_drain["new request"] = completion(url, max_tokens=2).status_code
+
+    code, seconds = serve_with_client(monkeypatch, engine, tmp_path, 20.0, client)
+    assert code == 0 and seconds < 15  # it left once the stream was done, not at the end of the grace period
+    assert during_drain == {"health": 503, "new request": 503}
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert not any("error" in c for c in chunks)
+    assert sum(len(c["choices"][0]["text"]) > 0 for c in chunks) == 60  # the fake tokenizer: a character a token
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
 def test_a_crashed_engine_loop_turns_health_503():
     engine = fake_engine()
     with running_server(engine) as (url, _):
