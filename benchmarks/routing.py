@@ -141,6 +141,7 @@ class PhaseResult:
     mean_ttft_ms: float
     median_ttft_ms: float
     wall_s: float
+    router_models: list[str]  # what the router's own /v1/models lists (it asks the replicas' /server_info)
 
     @property
     def hit_rate(self) -> float:
@@ -162,6 +163,7 @@ def run_policy(policy: str, replica_urls: list[str], router_port: int, requests:
     """One phase: a fresh router with `policy` over the replicas, every request sent through it."""
     router = RunningServer(router_spec(policy, replica_urls, router_port))
     try:
+        models = httpx.get(f"{router.spec.base_url}/v1/models", timeout=10).json().get("data", [])
         before = prompt_token_counters(replica_urls)
         started = time.perf_counter()
         sent = asyncio.run(send_all(router.spec.base_url, requests, concurrency))
@@ -172,7 +174,7 @@ def run_policy(policy: str, replica_urls: list[str], router_port: int, requests:
     ttfts = [s.outcome.ttft_s * 1e3 for s in sent if s.outcome.ok]
     return PhaseResult(policy, len(sent), sum(not s.outcome.ok for s in sent), round(after[0] - before[0]),
                        round(after[1] - before[1]), statistics.fmean(ttfts) if ttfts else float("nan"),
-                       statistics.median(ttfts) if ttfts else float("nan"), wall_s)
+                       statistics.median(ttfts) if ttfts else float("nan"), wall_s, [m["id"] for m in models])
 
 
 @dataclass

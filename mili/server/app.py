@@ -1,7 +1,7 @@
 """The HTTP API: OpenAI-compatible completions and chat completions (with SSE streaming), MILI's native
-/generate, and /health, /status, /v1/models, /metrics. Nothing a client sends yields a 500: bad input is a
-4xx with an OpenAI-style error body naming the parameter; a failure inside the engine fails that request
-(mid-stream: an error event, then [DONE]).
+/generate, and /health, /status, /v1/models, /metrics, /server_info and /model_info (for routers). Nothing a
+client sends yields a 500: bad input is a 4xx with an OpenAI-style error body naming the parameter; a failure
+inside the engine fails that request (mid-stream: an error event, then [DONE]).
 
 Each endpoint reads as: validate -> prepare (tokenize off the event loop, sampling parameters) -> run on
 the engine -> format (mili/server/openai_format.py) as one JSON body or as SSE (mili/server/streaming.py).
@@ -80,6 +80,22 @@ def create_app(state: ServerState) -> FastAPI:
             if state.prompt_tokens_seen else 0.0,
             "requests_served": state.requests_seen, "requests_in_flight": state.in_flight,
         }
+
+    # What a router asks a worker when it registers it (sglang-router reads the served name here, and answers
+    # its own /v1/models with it); SGLang's older /get_* paths too.
+    @app.get("/server_info")
+    @app.get("/get_server_info")
+    async def server_info() -> dict[str, Any]:
+        return {"served_model_name": settings.model_name, "model_path": settings.model_path,
+                "tokenizer_path": settings.model_path, "device": settings.device, "dtype": settings.dtype,
+                "max_model_len": state.engine.engine.max_model_len if state.engine is not None else None,
+                "version": app.version}
+
+    @app.get("/model_info")
+    @app.get("/get_model_info")
+    async def model_info() -> dict[str, Any]:
+        return {"served_model_name": settings.model_name, "model_path": settings.model_path,
+                "tokenizer_path": settings.model_path, "is_generation": True}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -74,8 +74,8 @@ def serve(options: ServeOptions) -> int:
         listening.close()
         raise
     # /status reports the resolved formats from the start, also while the model loads.
-    settings = ServerSettings(model_name=options.served_model_name or default_name, device=options.device,
-                              dtype=plan.spec.dtype.name, weights=plan.spec.weight_format.value,
+    settings = ServerSettings(model_name=options.served_model_name or default_name, model_path=str(model_dir),
+                              device=options.device, dtype=plan.spec.dtype.name, weights=plan.spec.weight_format.value,
                               weight_group_size=weight_group_size(plan.spec), api_key=options.api_key,
                               max_queue=options.max_queue)
     state = ServerState(settings)

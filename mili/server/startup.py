@@ -59,9 +59,19 @@ def resolve_model(model: str | None) -> tuple[Path, str]:
 
 def check_checkpoint_folder(model_dir: Path) -> None:
     """The files every later step reads, so a wrong folder fails now rather than after the weights load."""
-    missing = [name for name in ("config.json", "tokenizer.json") if not (model_dir / name).is_file()]
-    if not any(model_dir.glob("*.safetensors")):
-        missing.append("*.safetensors")
+    try:
+        missing = [name for name in ("config.json", "tokenizer.json") if not (model_dir / name).is_file()]
+        if not any(model_dir.glob("*.safetensors")):
+            missing.append("*.safetensors")
+        unreadable = [p.name for p in (model_dir / "config.json", *model_dir.glob("*.safetensors"))
+                      if p.is_file() and not os.access(p, os.R_OK)]
+    except PermissionError as exc:
+        unreadable = [Path(exc.filename).name if exc.filename else model_dir.name]
+        missing = []
+    if unreadable:
+        raise StartupError(f"--model {model_dir}: {', '.join(unreadable)} cannot be read by this user (uid "
+                           f"{os.getuid()}); make the checkpoint readable to it (in a container: mount a folder "
+                           f"whose files are world-readable, or run as their owner)")
     if missing:
         raise StartupError(f"--model {model_dir}: no {', '.join(missing)} in that folder; pass a Hugging Face "
                            f"Qwen3 checkpoint folder (config.json, *.safetensors, tokenizer.json)")

@@ -13,6 +13,7 @@ from mili.server.metrics import ServerMetrics
 @dataclass
 class ServerSettings:
     model_name: str
+    model_path: str = ""               # the checkpoint folder served (routers read it from /server_info)
     device: str = "cpu"
     dtype: str = "float32"             # the run dtype (activations and KV cache), resolved
     weights: str = "dense"             # the weight format: "dense", "bf16" (packed) or "int8" (WeightFormat values)

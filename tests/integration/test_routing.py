@@ -60,6 +60,7 @@ def test_cache_aware_routing_beats_round_robin_and_survives_a_dead_replica():
     robin, aware = phases["round_robin"], phases["cache_aware"]
     assert robin.requests == aware.requests == PREFIXES * PER_PREFIX
     assert robin.failed == aware.failed == 0
+    assert aware.router_models == [SERVED_NAME]  # the router learnt the served name from the replicas
     assert robin.prompt_tokens == aware.prompt_tokens >= PREFIXES * PER_PREFIX * PREFIX_TOKENS
     assert aware.hit_rate > robin.hit_rate + 0.15, (aware.describe(), robin.describe())
     assert aware.mean_ttft_ms < robin.mean_ttft_ms, (aware.describe(), robin.describe())

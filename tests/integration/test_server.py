@@ -19,11 +19,12 @@ from tests.servers import ROOT, mili_serve
 
 API_KEY = "test-key"
 MODEL = "tiny"
+MODEL_FOLDER = "tiny-tied-gqa2-d64"
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    with mili_serve(["--model", str(cached_checkpoint("tiny-tied-gqa2-d64")), "--api-key", API_KEY,
+    with mili_serve(["--model", str(cached_checkpoint(MODEL_FOLDER)), "--api-key", API_KEY,
                      "--served-model-name", MODEL, "--max-num-seqs", "16", "--max-queue", "48",
                      "--kv-cache-memory", "2e8", "--max-model-len", "160"], "server-test") as (url, saw_loading):
         assert saw_loading, "/health should answer 503 while the model loads"
@@ -40,6 +41,9 @@ def test_models_and_status(client: openai.OpenAI, server: str):
     status = httpx.get(f"{server}/status").json()
     assert status["model"] == MODEL and status["model_loaded"] and status["dtype"] == "float32"
     assert (status["weights"], status["weight_group_size"]) == ("dense", None)  # auto: the float32 checkpoint
+    for path in ("/server_info", "/get_server_info", "/model_info", "/get_model_info"):  # what routers read
+        info = httpx.get(f"{server}{path}").json()
+        assert (info["served_model_name"], info["model_path"]) == (MODEL, str(cached_checkpoint(MODEL_FOLDER)))
 
 
 def test_completion_with_n_stop_logprobs_and_usage(client: openai.OpenAI):
@@ -191,7 +195,7 @@ SCHEMATHESIS_SEED = int(os.environ.get("MILI_TEST_SEED", 20261123))
 def short_context_server() -> Iterator[str]:
     """The same server with a 32-token context: a fuzzed request that asks for no max_tokens generates up to the
     context, and ~800 of them at 160 tokens took two minutes of generation that tests nothing more."""
-    with mili_serve(["--model", str(cached_checkpoint("tiny-tied-gqa2-d64")), "--api-key", API_KEY,
+    with mili_serve(["--model", str(cached_checkpoint(MODEL_FOLDER)), "--api-key", API_KEY,
                      "--served-model-name", MODEL, "--max-num-seqs", "16", "--max-queue", "48",
                      "--kv-cache-memory", "2e8", "--max-model-len", "32"], "fuzz-test") as (url, _):
         yield url

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +44,24 @@ def test_a_folder_missing_a_checkpoint_file_names_it(small_checkpoint_dir, tmp_p
         path.unlink()
     with pytest.raises(StartupError, match=f"--model {folder}: no {named.replace('*', '[*]')} in that folder"):
         check_checkpoint_folder(folder)
+
+
+def test_an_unreadable_checkpoint_is_named_with_the_fix(small_checkpoint_dir, monkeypatch):
+    """A container user that cannot read a mounted checkpoint gets one line, not a traceback. (Tests run as root,
+    who can read anything, so the permission answer is forced.)"""
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: not str(path).endswith("config.json")
+                        and real_access(path, mode))
+    with pytest.raises(StartupError, match=r"config\.json cannot be read by this user \(uid \d+\); make the "):
+        check_checkpoint_folder(small_checkpoint_dir)
+
+
+def test_a_folder_that_cannot_be_searched_is_named(small_checkpoint_dir, monkeypatch):
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(small_checkpoint_dir / "config.json"))
+    monkeypatch.setattr(Path, "is_file", refuse)
+    with pytest.raises(StartupError, match=r"config\.json cannot be read by this user"):
+        check_checkpoint_folder(small_checkpoint_dir)
 
 
 def plan(folder, value: str) -> int:
