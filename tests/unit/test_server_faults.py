@@ -203,17 +203,13 @@ def serve_with_client(monkeypatch, engine: Engine, tmp_path, grace_s: float, cli
     return code, time.monotonic() - started
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_drains_then_ends_open_streams_with_an_error_and_done(monkeypatch, tmp_path, sig):
-    engine = fake_engine(step_delay_s=0.02)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell's background job starts
-    events: list[str] = []
-    health_while_draining: list[int] = []
-
+def stream_then_signal(sig: signal.Signals, max_tokens: int, events: list[str], during_drain: dict[str, int]):
+    """A client for serve_with_client: streams a completion, sends `sig` to this process at its third event, then
+    records what /health and a new request answer while the server drains."""
     def client(url: str) -> None:
         wait_healthy(url)
         with httpx.stream("POST", f"{url}/v1/completions", json={
-                "model": MODEL, "prompt": "abc", "max_tokens": 250, "stream": True, "ignore_eos": True},
+                "model": MODEL, "prompt": "abc", "max_tokens": max_tokens, "stream": True, "ignore_eos": True},
                 timeout=30) as response:
             for line in response.iter_lines():
                 if line.startswith("data: "):
@@ -221,14 +217,24 @@ def test_a_signal_drains_then_ends_open_streams_with_an_error_and_done(monkeypat
                     if len(events) == 3:
                         os.kill(os.getpid(), sig)
                         time.sleep(0.1)
-                        health_while_draining.append(httpx.get(f"{url}/health").status_code)
+                        during_drain["health"] = httpx.get(f"{url}/health").status_code
+                        during_drain["new request"] = completion(url, max_tokens=2).status_code
+    return client
 
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_drains_then_ends_open_streams_with_an_error_and_done(monkeypatch, tmp_path, sig):
+    engine = fake_engine(step_delay_s=0.02)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell's background job starts
+    events: list[str] = []
+    during_drain: dict[str, int] = {}
     try:
-        code, seconds = serve_with_client(monkeypatch, engine, tmp_path, 0.3, client)
+        code, seconds = serve_with_client(monkeypatch, engine, tmp_path, 0.3,
+                                          stream_then_signal(sig, 250, events, during_drain))
     finally:
         signal.signal(signal.SIGINT, previous)
     assert code == 0 and seconds < 20
-    assert health_while_draining == [503]
+    assert during_drain == {"health": 503, "new request": 503}
     assert events[-1] == "[DONE]" and "shut down" in json.loads(events[-2])["error"]["message"]
     assert not engine.has_unfinished() and not engine._requests
 
@@ -239,22 +245,8 @@ def test_sigterm_lets_requests_in_flight_finish_within_the_grace_period(monkeypa
     engine = fake_engine(step_delay_s=0.02)
     events: list[str] = []
     during_drain: dict[str, int] = {}
-
-    def client(url: str) -> None:
-        wait_healthy(url)
-        with httpx.stream("POST", f"{url}/v1/completions", json={
-                "model": MODEL, "prompt": "abc", "max_tokens": 60, "stream": True, "ignore_eos": True},
-                timeout=30) as response:
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line[6:])
-                    if len(events) == 3:
-                        os.kill(os.getpid(), signal.SIGTERM)
-                        time.sleep(0.1)
-                        during_drain["health"] = httpx.get(f"{url}/health").status_code
-                        during_drain["new request"] = completion(url, max_tokens=2).status_code
-
-    code, seconds = serve_with_client(monkeypatch, engine, tmp_path, 20.0, client)
+    code, seconds = serve_with_client(monkeypatch, engine, tmp_path, 20.0,
+                                      stream_then_signal(signal.SIGTERM, 60, events, during_drain))
     assert code == 0 and seconds < 15  # it left once the stream was done, not at the end of the grace period
     assert during_drain == {"health": 503, "new request": 503}
     assert events[-1] == "[DONE]"
