@@ -1,7 +1,8 @@
-"""The container image (deploy/docker/Dockerfile), built and run for real where a Docker daemon answers: it serves
-a mounted checkpoint as a non-root user on a read-only root filesystem, configured by MILI_* variables alone; its
-HEALTHCHECK turns healthy; the official openai client gets a completion; `docker stop` (SIGTERM) lets a stream in
-flight finish whole and the container exits 0; MAX's compile cache lands on the /cache volume.
+"""The container images (deploy/docker), built and run for real where a Docker daemon answers: MILI's serves a
+mounted checkpoint as a non-root user on a read-only root filesystem, configured by MILI_* variables alone; its
+HEALTHCHECK turns healthy; the official openai client gets a completion, directly and through the router image;
+`docker stop` (SIGTERM) lets a stream in flight finish whole and the container exits 0; MAX's compile cache lands
+on the /cache volume.
 
 No registry can be reached from this project's machines, so the base image is made here by
 deploy/docker/local-base-image.sh (debootstrap) unless the default python:3.11-slim-bookworm is already present.
@@ -31,6 +32,7 @@ from tests.servers import ROOT, free_port
 DEFAULT_BASE = "python:3.11-slim-bookworm"
 LOCAL_BASE = "mili-local/python:3.11-bookworm"
 IMAGE = "mili-test:latest"
+ROUTER_IMAGE = "mili-router-test:latest"
 UID = "10001"
 
 
@@ -76,6 +78,17 @@ def image() -> str:
     assert build.returncode == 0, f"docker build failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
     print(f"built {IMAGE} on {base} in {time.monotonic() - started:.0f} s")
     return IMAGE
+
+
+@pytest.fixture(scope="module")
+def router_image(image: str) -> str:
+    """deploy/docker/router.Dockerfile on the same base (after `image`, so the daemon and base are known good)."""
+    base = base_image()
+    build = subprocess.run(["docker", "build", "--network", "host", "-f", "deploy/docker/router.Dockerfile",
+                            "--build-arg", f"BASE_IMAGE={base}", "-t", ROUTER_IMAGE, "deploy/docker"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=900, env={**os.environ, "DOCKER_BUILDKIT": "0"})
+    assert build.returncode == 0, f"docker build of the router failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
+    return ROUTER_IMAGE
 
 
 @pytest.fixture
@@ -124,8 +137,32 @@ def wait_serving(name: str, url: str, timeout_s: float) -> None:
         time.sleep(1)
 
 
+def assert_the_router_image_routes_to(router_image: str, replica_url: str) -> None:
+    """The router image in front of the running MILI container: ready once it sees the replica, and a completion
+    through it comes back from MILI under the served name."""
+    port, metrics_port = free_port(), free_port()
+    name = f"mili-router-test-{uuid.uuid4().hex[:8]}"
+    docker("run", "--detach", "--name", name, "--network", "host", router_image, "--host", "127.0.0.1",
+           "--port", str(port), "--prometheus-port", str(metrics_port), "--worker-urls", replica_url)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readiness", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, docker("logs", "--tail", "20", name, check=False).stderr
+            time.sleep(1)
+        through = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        out = through.completions.create(model="tiny", prompt="Routed", max_tokens=4, extra_body={"ignore_eos": True})
+        assert out.model == "tiny" and out.usage.completion_tokens == 4
+    finally:
+        docker("rm", "--force", name, check=False)
+
+
 @pytest.mark.slow
-def test_the_image_serves_drains_on_sigterm_and_keeps_its_compile_cache(container):
+def test_the_image_serves_drains_on_sigterm_and_keeps_its_compile_cache(container, router_image):
     name, url, cache = container
     wait_serving(name, url, timeout_s=900)
     config = inspect(name)["Config"]
@@ -140,6 +177,7 @@ def test_the_image_serves_drains_on_sigterm_and_keeps_its_compile_cache(containe
     out = client.completions.create(model="tiny", prompt="Hello from a container", max_tokens=8,
                                     extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 8 and out.choices[0].text
+    assert_the_router_image_routes_to(router_image, url)
 
     # docker stop sends SIGTERM: the stream in flight must finish whole, then the container exits 0.
     stream = client.completions.create(model="tiny", prompt="A long answer", max_tokens=200, stream=True,
