@@ -47,6 +47,7 @@ from benchmarks.serving_client import Outcome, Request, WordVocabulary, send, sh
 
 ROUTER_VERSION = "0.3.2"  # sglang-router, PyPI
 POLICIES = ("round_robin", "cache_aware")
+ROUTER_PORTS = (8160, 8161)  # the router and its metrics; the replicas take 8170 and up
 QUESTION_TOKENS = 24
 OUTPUT_TOKENS = 8
 
@@ -59,16 +60,17 @@ def router_command() -> list[str]:
     return [sys.executable, "-m", "sglang_router.launch_router"]
 
 
-def router_spec(policy: str, worker_urls: list[str], port: int) -> ServerSpec:
-    """sglang-router over `worker_urls`, its own metrics on port + 1. Health checks every second, a worker dropped
-    after one failed check, a circuit opened after two failed requests: a dead replica leaves the rotation within
-    about a second, and the requests sent to it meanwhile are retried on another (refused connections, 5xx)."""
+def router_spec(policy: str, worker_urls: list[str], ports: tuple[int, int]) -> ServerSpec:
+    """sglang-router over `worker_urls`, serving on ports[0], its own metrics on ports[1]. Health checks every
+    second, a worker dropped after one failed check, a circuit opened after two failed requests: a dead replica
+    leaves the rotation within about a second, and the requests sent to it meanwhile are retried on another
+    (refused connections, 5xx)."""
     return ServerSpec(f"sglang-router {policy}", None, [
-        *router_command(), "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
+        *router_command(), "--host", "127.0.0.1", "--port", str(ports[0]), "--policy", policy,
         "--worker-urls", *worker_urls, "--health-check-endpoint", "/health", "--health-check-interval-secs", "1",
         "--health-failure-threshold", "1", "--cb-failure-threshold", "2", "--log-level", "warn",
-        "--prometheus-host", "127.0.0.1", "--prometheus-port", str(port + 1)],
-        port=port, startup_timeout_s=120)
+        "--prometheus-host", "127.0.0.1", "--prometheus-port", str(ports[1])],
+        port=ports[0], startup_timeout_s=120)
 
 
 def start_replicas(specs: list[ServerSpec]) -> list[RunningServer]:
@@ -158,10 +160,10 @@ def workload(vocab: WordVocabulary, prefixes: int, per_prefix: int, prefix_token
                                  OUTPUT_TOKENS, seed)
 
 
-def run_policy(policy: str, replica_urls: list[str], router_port: int, requests: list[Request],
+def run_policy(policy: str, replica_urls: list[str], router_ports: tuple[int, int], requests: list[Request],
                concurrency: int) -> PhaseResult:
     """One phase: a fresh router with `policy` over the replicas, every request sent through it."""
-    router = RunningServer(router_spec(policy, replica_urls, router_port))
+    router = RunningServer(router_spec(policy, replica_urls, router_ports))
     try:
         models = httpx.get(f"{router.spec.base_url}/v1/models", timeout=10).json().get("data", [])
         before = prompt_token_counters(replica_urls)
@@ -194,7 +196,8 @@ class FailoverResult:
                 f"{self.failed_after_kill} sent after it; then {self.served_after_ok} of {self.served_after} served")
 
 
-def run_failover(replicas: list[RunningServer], router_port: int, requests: list[Request], after: list[Request],
+def run_failover(replicas: list[RunningServer], router_ports: tuple[int, int], requests: list[Request],
+                 after: list[Request],
                  concurrency: int) -> FailoverResult:
     """Cache-aware routing; the last replica is SIGKILLed once a third of the requests have finished."""
     urls = [r.spec.base_url for r in replicas]
@@ -208,7 +211,7 @@ def run_failover(replicas: list[RunningServer], router_port: int, requests: list
             killed_at.append(time.perf_counter())
             print(f"  killed {victim.spec.name} after {finished} requests", flush=True)
 
-    router = RunningServer(router_spec("cache_aware", urls, router_port))
+    router = RunningServer(router_spec("cache_aware", urls, router_ports))
     try:
         sent = asyncio.run(send_all(router.spec.base_url, requests, concurrency, maybe_kill))
         later = asyncio.run(send_all(router.spec.base_url, after, concurrency))
@@ -261,9 +264,9 @@ def main(argv: list[str] | None = None) -> None:
             for policy in POLICIES if round_index % 2 == 0 else reversed(POLICIES):
                 requests = workload(vocab, args.prefixes, args.requests_per_prefix, args.prefix_tokens,
                                     seeds.randrange(1 << 30))
-                results.append(run_policy(policy, urls, 8169, requests, args.concurrency))
+                results.append(run_policy(policy, urls, ROUTER_PORTS, requests, args.concurrency))
                 print(f"  round {round_index + 1}: {results[-1].describe()}", flush=True)
-        failover = run_failover(replicas, 8169, workload(vocab, args.prefixes, args.requests_per_prefix,
+        failover = run_failover(replicas, ROUTER_PORTS, workload(vocab, args.prefixes, args.requests_per_prefix,
                                                          args.prefix_tokens, seeds.randrange(1 << 30)),
                                 workload(vocab, 2, 2, args.prefix_tokens, seeds.randrange(1 << 30)), args.concurrency)
         print(f"  {failover.describe()}", flush=True)

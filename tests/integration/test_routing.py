@@ -45,12 +45,13 @@ def test_cache_aware_routing_beats_round_robin_and_survives_a_dead_replica():
         urls = [r.spec.base_url for r in replicas]
         for url in urls:  # the first request of a process pays one-off costs; not the policies' business
             asyncio.run(send_all(url, workload(vocab, 1, 1, 16, rng.randrange(1 << 30)), 1))
-        phases = {policy: run_policy(policy, urls, free_port(), workload(vocab, PREFIXES, PER_PREFIX, PREFIX_TOKENS,
-                                                                         rng.randrange(1 << 30)), CONCURRENCY)
-                  for policy in ("round_robin", "cache_aware")}
+        phases = {}
+        for policy in ("round_robin", "cache_aware"):
+            requests = workload(vocab, PREFIXES, PER_PREFIX, PREFIX_TOKENS, rng.randrange(1 << 30))
+            phases[policy] = run_policy(policy, urls, (free_port(), free_port()), requests, CONCURRENCY)
         for phase in phases.values():
             print(phase.describe())
-        failover = run_failover(replicas, free_port(),
+        failover = run_failover(replicas, (free_port(), free_port()),
                                 workload(vocab, PREFIXES, PER_PREFIX, PREFIX_TOKENS, rng.randrange(1 << 30)),
                                 workload(vocab, 2, 3, PREFIX_TOKENS, rng.randrange(1 << 30)), CONCURRENCY)
         print(failover.describe(), failover.errors)
