@@ -29,12 +29,12 @@ class FakeModelConfig:
     max_position_embeddings: int = 4096
 
 
-def context_logits(context: np.ndarray) -> np.ndarray:
+def context_logits(context: np.ndarray, vocab: int = VOCAB) -> np.ndarray:
     """Logits after `context`: peaked on a token chosen by a hash of the whole context."""
     digest = hashlib.blake2b(np.asarray(context, np.int64).tobytes(), digest_size=16).digest()
     rng = np.random.default_rng(int.from_bytes(digest, "little"))
-    logits = rng.standard_normal(VOCAB).astype(np.float32)
-    logits[rng.integers(VOCAB)] += 4.0
+    logits = rng.standard_normal(vocab).astype(np.float32)
+    logits[rng.integers(vocab)] += 4.0
     return logits
 
 
@@ -44,10 +44,11 @@ def reference_next_token(context: list[int]) -> int:
 
 class FakeRunner:
     def __init__(self, num_blocks: int, block_size: int = 4, model_dir: Path | None = None,
-                 max_positions: int = 4096) -> None:
+                 max_positions: int = 4096, vocab_size: int = VOCAB) -> None:
+        """`vocab_size`: the logits' width (Qwen3's 151,936 to run beside the real tokenizer)."""
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.config = FakeModelConfig(max_position_embeddings=max_positions)
+        self.config = FakeModelConfig(vocab_size=vocab_size, max_position_embeddings=max_positions)
         self.model_dir = model_dir or Path("/nonexistent")  # no generation_config.json: no sampling defaults
         self.kv = np.full(num_blocks * block_size, -1, np.int64)
         self.dtype = SimpleNamespace(name="fake")  # what `mili serve` logs about a runner
@@ -70,8 +71,8 @@ class FakeRunner:
             positions = np.arange(length)
             blocks = batch.block_tables[seq, positions // self.block_size]
             context = self.kv[blocks * self.block_size + positions % self.block_size]
-            rows.append(context_logits(context))
-        return np.stack(rows) if rows else np.zeros((0, VOCAB), np.float32)
+            rows.append(context_logits(context, self.config.vocab_size))
+        return np.stack(rows) if rows else np.zeros((0, self.config.vocab_size), np.float32)
 
 
 class FakeTokenizer:
@@ -87,3 +88,6 @@ class FakeTokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         return self.decode([token_id]).encode()
+
+    def token_to_id(self, token: str) -> int | None:
+        return None  # no <think> tokens

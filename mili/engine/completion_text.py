@@ -33,8 +33,13 @@ class CompletionText:
         self._unsent: list[str] = []     # the pieces the next `take_delta` returns
         self._pending = ""               # decoded but held back: it may be the start of a stop string
 
-    def add(self, token: int) -> bool:
-        """Takes one token's text; True if the completion now contains a stop string (it was cut there)."""
+    def add(self, token: int, check_stops: bool = True) -> bool:
+        """Takes one token's text; True if the completion now contains a stop string (it was cut there).
+        `check_stops` False (before min_tokens): the text is released as it is, stop strings and all."""
+        if not check_stops:
+            self._release(self._pending + self._detokenizer.add(token))
+            self._pending = ""
+            return False
         return self._take(self._detokenizer.add(token), final=False)
 
     def finish(self) -> bool:

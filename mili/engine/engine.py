@@ -19,23 +19,30 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Hashable, Iterable, Sequence as Seq
-
-import numpy as np
+from collections.abc import Hashable, Iterable
+from collections.abc import Sequence as Seq
 
 from mili.config import GenerationConfig
 from mili.engine.block_audit import audit_blocks
 from mili.engine.block_pool import BlockPool
 from mili.engine.config import EngineConfig
 from mili.engine.model_runner import ModelRunner
+from mili.engine.output_constraints import ThinkTokens, make_constraints, shape_rows
 from mili.engine.outputs import RequestOutput
 from mili.engine.radix_cache import RadixCache
 from mili.engine.request import Request
 from mili.engine.sampler import SampledToken, Sampler
-from mili.engine.sampling_params import SamplingParams
+from mili.engine.sampling_params import SamplingParams, Thinking
 from mili.engine.scheduler import ScheduledChunk, Scheduler, StepPlan
 from mili.engine.sequence import FinishReason, Sequence, SequenceStatus
-from mili.engine.speculative import NgramLookup, Proposal, Proposer, SpeculationStats, SpeculativeConfig
+from mili.engine.speculative import (
+    NgramLookup,
+    Proposal,
+    Proposer,
+    SpeculationStats,
+    SpeculativeConfig,
+)
+from mili.engine.structured_output import GrammarBackend, StructuredOutputError
 from mili.engine.verifier import verify
 from mili.tokenizer import Tokenizer
 
@@ -61,6 +68,9 @@ class Engine:
         self.cache = RadixCache(self.pool, runner.block_size, enabled=config.enable_prefix_cache)
         self.scheduler = Scheduler(config.scheduler_config(runner.block_size), self.pool, self.cache)
         self.sampler = Sampler()
+        self.grammars = GrammarBackend(tokenizer, runner.config.vocab_size)
+        think = tokenizer.token_to_id("<think>"), tokenizer.token_to_id("</think>")
+        self.think_tokens = ThinkTokens(*think) if None not in think else None
         self.max_model_len = config.context_limit(runner.config.max_position_embeddings,
                                                   self.pool.num_blocks * runner.block_size)
         # the checkpoint's suggested sampling settings (Qwen3: temperature 0.6, top_p 0.95, top_k 20), used
@@ -118,7 +128,15 @@ class Engine:
         if len(prompt_ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this engine's context is "
                                f"{self.max_model_len} tokens, and at least one must be left to generate")
-        return Request.create(request_id, prompt_ids, params, self.tokenizer, self._seq_ids, salt)
+        if any(t >= vocab for t, _ in params.logit_bias):
+            raise RequestError(f"logit_bias token ids must lie in [0, {vocab})")
+        if params.thinking is not Thinking.OFF and self.think_tokens is None:
+            raise RequestError("this model's tokenizer has no <think> and </think> tokens: thinking cannot be tracked")
+        try:
+            return Request.create(request_id, prompt_ids, params, self.tokenizer, self._seq_ids, salt,
+                                  rules=lambda stops: make_constraints(params, stops, self.think_tokens, self.grammars))
+        except StructuredOutputError as exc:
+            raise RequestError(str(exc)) from None
 
     def enqueue(self, request: Request) -> None:
         if request.request_id in self._requests:
@@ -205,12 +223,15 @@ class Engine:
             for seq in candidates:
                 limit = min(seq.guess_depth.limit(self.config.speculative.num_speculative_tokens),
                             seq.params.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens - 1)
+                if seq.constraints is not None and (rule_limit := seq.constraints.guess_limit()) is not None:
+                    limit = min(limit, rule_limit)
                 if limit > 0:
                     seqs.append(seq)
                     limits.append(limit)
             if not seqs:
                 return {}
-            return {seq.seq_id: p for seq, p in zip(seqs, self.proposer.propose(seqs, limits)) if p.tokens}
+            proposals = {seq.seq_id: usable(seq, p) for seq, p in zip(seqs, self.proposer.propose(seqs, limits))}
+            return {seq_id: p for seq_id, p in proposals.items() if p.tokens}
         except Exception:  # noqa: BLE001 - speculation is an optimisation: go on without it
             log.exception("the speculative proposer failed; this step decodes without guesses")
             self.speculation.proposer_failures += 1
@@ -220,21 +241,30 @@ class Engine:
         logits = self.runner.run(plan.batch(self.runner.block_size))
         plain: list[ScheduledChunk] = []
         plain_rows: list[int] = []
-        verifying: list[tuple[ScheduledChunk, np.ndarray]] = []
+        verifying: list[tuple[ScheduledChunk, int]] = []
+        constrained = []
         row = 0
         for chunk in plan.chunks:  # logit rows come in chunk order: k + 1 for a verify chunk, 1 for a sampling one
             if chunk.proposal:
-                verifying.append((chunk, logits[row:row + chunk.num_guesses + 1]))
-                row += chunk.num_guesses + 1
+                verifying.append((chunk, row))
             elif chunk.samples:
                 plain.append(chunk)
                 plain_rows.append(row)
-                row += 1
-        sampled = self.sampler.sample(logits if len(plain_rows) == len(logits) else logits[plain_rows],
-                                      [c.seq for c in plain])
+            else:
+                continue
+            seq = chunk.seq
+            if seq.constraints is not None:
+                guesses = chunk.proposal.tokens if chunk.proposal else []
+                constrained.append((seq.constraints, row, guesses, seq.num_output_tokens))
+            row += chunk.num_guesses + 1
+        shaped = shape_rows(logits, constrained, self.grammars)
+        every_row = len(plain_rows) == len(logits)
+        sampled = self.sampler.sample(shaped if every_row else shaped[plain_rows], [c.seq for c in plain],
+                                      raw=None if shaped is logits else logits if every_row else logits[plain_rows])
         taken = {id(chunk): [token] for chunk, token in zip(plain, sampled)}
-        for chunk, rows in verifying:
-            verified = verify(rows, chunk.seq, chunk.proposal)
+        for chunk, first in verifying:
+            rows = slice(first, first + chunk.num_guesses + 1)
+            verified = verify(shaped[rows], chunk.seq, chunk.proposal, raw=None if shaped is logits else logits[rows])
             self.speculation.record(chunk.num_guesses, verified.accepted, len(verified.tokens))
             chunk.seq.guess_depth.record(chunk.num_guesses, verified.accepted)
             taken[id(chunk)] = verified.tokens
@@ -267,6 +297,14 @@ class Engine:
         seq.append(sampled)
         if computed:
             seq.num_computed += 1
+        if seq.constraints is not None:
+            seq.constraints.take(sampled.token)
+            if seq.constraints.grammar_failed:  # only a bug of ours or the grammar engine's can get here
+                log.error("request %s: its structured output failed: %s", request.request_id,
+                          seq.constraints.grammar_failed)
+                request.error = f"structured output failed: {seq.constraints.grammar_failed}"
+                self._finish(seq, FinishReason.ABORT, cache_computed=False)
+                return
         reason = self._stop_reason(seq, sampled.token)
         if reason is not None:
             self._finish(seq, reason)
@@ -275,7 +313,10 @@ class Engine:
         if token in seq.request.stop_token_ids:
             seq.text.finish()  # the stop token counts as generated but adds no text (as in vLLM and OpenAI)
             return FinishReason.STOP
-        if seq.text.add(token):
+        if seq.text.add(token, check_stops=seq.num_output_tokens >= seq.params.min_tokens):
+            return FinishReason.STOP
+        if seq.constraints is not None and seq.constraints.grammar_done:  # complete (its stop token was ignored)
+            seq.text.finish()
             return FinishReason.STOP
         if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
             return FinishReason.STOP if seq.text.finish() else FinishReason.LENGTH
@@ -307,6 +348,16 @@ class Engine:
     def check_blocks(self) -> None:
         """Audits the block bookkeeping (AssertionError if broken): every block has one owner, nothing leaked."""
         audit_blocks(self.pool, self.cache, self.scheduler.all_sequences())
+
+
+def usable(seq: Sequence, proposal: Proposal) -> Proposal:
+    """`proposal` cut where `seq`'s output rules would change part-way through its rows (a think tag)."""
+    if seq.constraints is None:
+        return proposal
+    tokens = seq.constraints.usable_guesses(proposal.tokens)
+    if len(tokens) == len(proposal.tokens):
+        return proposal
+    return Proposal(tokens, None if proposal.draft_probs is None else proposal.draft_probs[:len(tokens)])
 
 
 def make_proposer(config: SpeculativeConfig | None) -> Proposer | None:

@@ -37,6 +37,7 @@ class CompletionOutput:
     text: str | None = None
     token_ids: list[int] | None = None
     logprobs: list[SampledToken] | None = None
+    num_reasoning_tokens: int = 0               # generated inside the think block (tags included)
 
     def merge(self, later: CompletionOutput) -> CompletionOutput:
         logprobs = None if self.delta_logprobs is None else self.delta_logprobs + (later.delta_logprobs or [])

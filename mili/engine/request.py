@@ -7,12 +7,13 @@ has its prompt in the prefix cache, so they reuse its KV blocks instead of compu
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from mili.engine.completion_text import CompletionText
+from mili.engine.output_constraints import OutputConstraints
 from mili.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from mili.engine.sampler import request_generator
 from mili.engine.sampling_params import SamplingParams
@@ -35,13 +36,16 @@ class Request:
 
     @classmethod
     def create(cls, request_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer,
-               seq_ids: Iterator[int], salt: Hashable = None) -> Request:
-        """`seq_ids` hands out the sequence ids (unique in the engine; they order siblings)."""
+               seq_ids: Iterator[int], salt: Hashable = None,
+               rules: Callable[[frozenset[int]], OutputConstraints | None] = lambda stops: None) -> Request:
+        """`seq_ids` hands out the sequence ids (unique in the engine; they order siblings); `rules(stop ids)`
+        makes each sequence's output constraints (mili/engine/output_constraints.py)."""
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tokenizer.eos_token_ids))
         request = cls(request_id, tuple(prompt_ids), params, salt, stop_token_ids=frozenset(stops))
         request.sequences = [
             Sequence(next(seq_ids), request, i, list(prompt_ids), request_generator(params.seed, i),
-                     CompletionText(tokenizer, params.stop, params.skip_special_tokens))
+                     CompletionText(tokenizer, params.stop, params.skip_special_tokens),
+                     constraints=rules(request.stop_token_ids))
             for i in range(params.n)]
         request.pending_siblings = request.sequences[1:]
         return request
@@ -92,5 +96,6 @@ def _completion(seq: Sequence) -> CompletionOutput:
     return CompletionOutput(
         index=seq.index, delta=seq.text.take_delta(), delta_token_ids=new_tokens, delta_logprobs=new_logprobs,
         finish_reason=seq.finish_reason.value if seq.finish_reason else None, num_tokens=seq.num_output_tokens,
+        num_reasoning_tokens=seq.constraints.num_thinking_tokens if seq.constraints else 0,
         text=seq.text.text if whole else None, token_ids=seq.output_ids if whole else None,
         logprobs=list(seq.logprobs) if whole and wants_logprobs else None)

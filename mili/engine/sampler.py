@@ -135,11 +135,14 @@ def finite_logits(logits: np.ndarray) -> np.ndarray:
 
 
 class Sampler:
-    def sample(self, logits: np.ndarray, rows: Sequence[SamplingRow]) -> list[SampledToken]:
+    def sample(self, logits: np.ndarray, rows: Sequence[SamplingRow], raw: np.ndarray | None = None
+               ) -> list[SampledToken]:
         """One token per row of `logits` [len(rows), vocab] (float32, not modified). Total: any logits,
-        NaN and infinities included, and any valid SamplingParams give a token."""
+        NaN and infinities included, and any valid SamplingParams give a token. `raw`: the model's own logits
+        where `logits` were shaped (bias, masks): logprobs are always the model's distribution."""
         if len(logits) != len(rows):
             raise ValueError(f"{len(logits)} logit rows for {len(rows)} requests")
+        raw = logits if raw is None else raw
         argmax = logits.argmax(axis=1)  # greedy rows without penalties need nothing else: one pass for all
         # argmax lands on any NaN or +inf, and on -inf only when the whole row is -inf: checking the chosen
         # values costs O(rows), where checking every logit cost as much as the argmax itself
@@ -147,7 +150,8 @@ class Sampler:
             logits = finite_logits(logits)
             argmax = logits.argmax(axis=1)
         wants_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-        logprobs = dict(zip(wants_logprobs, log_softmax_rows(logits[wants_logprobs]))) if wants_logprobs else {}
+        logprobs = dict(zip(wants_logprobs, log_softmax_rows(finite_logits(raw[wants_logprobs])))) \
+            if wants_logprobs else {}
         results = []
         for i, request in enumerate(rows):
             params = request.params

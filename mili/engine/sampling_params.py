@@ -5,11 +5,23 @@ naming the parameter, so servers can turn it into a 400 that says what to fix.""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
+
+from mili.engine.structured_output import StructuredOutput
 
 MAX_LOGPROBS = 20  # OpenAI's cap on top_logprobs
 # Temperatures below this sample greedily (as vLLM does): dividing logits by a tinier one only overflows,
 # and the distribution it describes is the argmax anyway.
 GREEDY_BELOW = 1e-5
+
+
+class Thinking(str, Enum):
+    """Whether the output may hold a think block (Qwen3's `<think>...</think>`), which the engine then tracks:
+    its tokens are counted, a thinking budget bounds it, and structured output applies after it."""
+
+    OFF = "off"            # not tracked: every token is answer
+    MAY_OPEN = "may_open"  # the output may open with <think>
+    OPEN = "open"          # the prompt opened the block: the output starts inside it
 
 
 @dataclass(frozen=True)
@@ -30,6 +42,11 @@ class SamplingParams:
     logprobs: int | None = None         # None: none; k: the chosen token's logprob and the top k alternatives
     skip_special_tokens: bool = True
     speculative: bool = True            # False: never speculate for this request (when the engine does)
+    min_tokens: int = 0                 # stop tokens (EOS included) are barred until this many were generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias added to its logit); a dict is accepted
+    structured_output: StructuredOutput | None = None  # the answer must match this (JSON schema, regex, ...)
+    thinking: Thinking = Thinking.OFF
+    thinking_token_budget: int | None = None  # at most this many tokens inside the think block, then </think>
 
     def __post_init__(self) -> None:
         # `stop` may be one string or any sequence of them, as in the OpenAI API; stored as tuples.
@@ -39,6 +56,11 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop))
         if isinstance(self.stop_token_ids, (list, tuple)):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if isinstance(self.logit_bias, dict):
+            bias = sorted((int(t), float(b)) for t, b in self.logit_bias.items())
+            object.__setattr__(self, "logit_bias", tuple(bias))
+        if isinstance(self.thinking, str) and not isinstance(self.thinking, Thinking):
+            object.__setattr__(self, "thinking", Thinking(self.thinking))
 
         def check(ok: bool, name: str, requirement: str) -> None:
             if not ok:
@@ -69,6 +91,18 @@ class SamplingParams:
         check(isinstance(self.stop_token_ids, tuple) and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
               "stop_token_ids", "must be non-negative token ids")
         check(isinstance(self.speculative, bool), "speculative", "must be true or false")
+        check(is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
+              "must be an integer in [0, max_tokens]")
+        check(isinstance(self.logit_bias, tuple) and all(
+            is_int(t) and t >= 0 and is_number(b) and -100 <= b <= 100 for t, b in self.logit_bias), "logit_bias",
+            "must map token ids to biases in [-100, 100]")
+        check(self.structured_output is None or isinstance(self.structured_output, StructuredOutput),
+              "structured_output", "must be a StructuredOutput or null")
+        check(self.thinking_token_budget is None or (is_int(self.thinking_token_budget)
+                                                     and self.thinking_token_budget >= 0),
+              "thinking_token_budget", "must be an integer >= 0 or null")
+        check(self.thinking_token_budget is None or self.thinking is not Thinking.OFF, "thinking_token_budget",
+              "needs a think block to bound (thinking on)")
         check(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs",
               f"must be an integer in [0, {MAX_LOGPROBS}] or null")
 

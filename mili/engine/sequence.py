@@ -24,6 +24,7 @@ from mili.engine.sampling_params import SamplingParams
 from mili.engine.speculative import GuessDepth
 
 if TYPE_CHECKING:
+    from mili.engine.output_constraints import OutputConstraints
     from mili.engine.request import Request
 
 
@@ -62,6 +63,7 @@ class Sequence:
     finish_time: float | None = None
     num_preemptions: int = 0
     guess_depth: GuessDepth = field(default_factory=GuessDepth)  # speculative decoding: how deep to guess
+    constraints: OutputConstraints | None = None  # logit bias, min tokens, think block, structured output
 
     @property
     def params(self) -> SamplingParams:

@@ -23,8 +23,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mili.engine.sampler import (SampledToken, SamplingRow, draw_index, finite_logits, kept_distribution,
-                                 log_softmax_rows, penalised_row, sample_row, with_logprobs)
+from mili.engine.sampler import (
+    SampledToken,
+    SamplingRow,
+    draw_index,
+    finite_logits,
+    kept_distribution,
+    log_softmax_rows,
+    penalised_row,
+    sample_row,
+    with_logprobs,
+)
 from mili.engine.sampling_params import SamplingParams
 from mili.engine.speculative import Proposal
 
@@ -49,16 +58,18 @@ def _dense(ids: np.ndarray, probs: np.ndarray, vocab: int) -> np.ndarray:
     return dense
 
 
-def verify(logits: np.ndarray, seq: SamplingRow, proposal: Proposal) -> Verified:
+def verify(logits: np.ndarray, seq: SamplingRow, proposal: Proposal, raw: np.ndarray | None = None) -> Verified:
     """The tokens `seq` takes from one verify step: `logits` [k + 1, vocab] are the target's rows for the last
-    real token and the k = len(proposal.tokens) guesses."""
+    real token and the k = len(proposal.tokens) guesses (shaped by the request's output rules, if any: `raw`
+    are then the model's own, for logprobs)."""
     guesses = proposal.tokens
     if len(logits) != len(guesses) + 1:
         raise ValueError(f"{len(logits)} logit rows to verify {len(guesses)} proposed tokens")
     params = seq.params
+    raw = logits if raw is None else raw
     if not np.isfinite(logits).all():
         logits = finite_logits(logits)
-    logprobs = log_softmax_rows(logits) if params.logprobs is not None else None
+    logprobs = log_softmax_rows(finite_logits(raw)) if params.logprobs is not None else None
     counts = dict(seq.output_counts) if params.has_penalties else seq.output_counts
     tokens: list[SampledToken] = []
     for j in range(len(guesses) + 1):
