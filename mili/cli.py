@@ -18,6 +18,11 @@ from pathlib import Path
 
 from mili.cli_environment import apply_environment_defaults
 
+# the parser names vLLM users pass; each means MILI's one reader of Qwen3's format (mili/server/reasoning.py,
+# mili/server/tool_calls.py)
+REASONING_PARSERS = ("qwen3", "deepseek_r1")
+TOOL_CALL_PARSERS = ("hermes", "qwen3")
+
 log = logging.getLogger("mili")
 
 
@@ -150,7 +155,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, prefix_cache=not args.no_prefix_cache,
             api_key=args.api_key, max_queue=args.max_queue, served_model_name=args.served_model_name,
             max_model_len=args.max_model_len, shutdown_grace_s=args.shutdown_grace,
-            speculative=_speculative_config(args, "serve")))
+            speculative=_speculative_config(args, "serve"), reasoning_parser=args.reasoning_parser,
+            tool_call_parser=None if args.tool_call_parser == "none" else args.tool_call_parser))
     except StartupError as exc:
         raise SystemExit(f"mili serve: {exc}") from None
 
@@ -269,6 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="on SIGTERM or Ctrl-C, how long requests in flight may take to finish before they are "
                        "ended with an error event (default 30)")
     serve.add_argument("--served-model-name", help="the model name clients use (default: the folder or repo id)")
+    serve.add_argument("--reasoning-parser", choices=REASONING_PARSERS,
+                       help="split Qwen3's <think> blocks into message.reasoning_content (as vLLM's --reasoning-parser "
+                       "qwen3); also bounds thinking by a request's thinking_token_budget and applies structured "
+                       "output after the block (default: off, think blocks stay in content)")
+    serve.add_argument("--tool-call-parser", choices=(*TOOL_CALL_PARSERS, "none"), default="hermes",
+                       help="read Qwen3's <tool_call> output into message.tool_calls (hermes and qwen3 both name "
+                       "it; default hermes; none refuses requests with tools)")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="accepted for vLLM command lines: tool_choice auto always works here")
     _add_speculative_flags(serve)
     apply_environment_defaults(serve)  # containers configure by environment: MILI_PORT, MILI_MODEL, ...
     serve.set_defaults(run=_cmd_serve)

@@ -26,9 +26,12 @@ def held_back_length(text: str, stops: Collection[str]) -> int:
 
 
 class CompletionText:
-    def __init__(self, tokenizer: Tokenizer, stops: Collection[str], skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Tokenizer, stops: Collection[str], skip_special_tokens: bool = True,
+                 include_stop: bool = False) -> None:
+        """`include_stop`: the stop string that ends the text is kept (vLLM's include_stop_str_in_output)."""
         self._detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens)
         self._stops = tuple(stops)
+        self._include_stop = include_stop
         self._released: list[str] = []  # text handed out (or ready to be), in pieces
         self._unsent: list[str] = []     # the pieces the next `take_delta` returns
         self._pending = ""               # decoded but held back: it may be the start of a stop string
@@ -49,9 +52,10 @@ class CompletionText:
 
     def _take(self, new_text: str, final: bool) -> bool:
         pending = self._pending + new_text
-        cut = min((i for i in (pending.find(stop) for stop in self._stops) if i != -1), default=-1)
-        if cut != -1:
-            self._release(pending[:cut])
+        found = [(i, stop) for stop in self._stops if (i := pending.find(stop)) != -1]
+        if found:
+            cut, stop = min(found, key=lambda hit: (hit[0], -len(hit[1])))
+            self._release(pending[:cut + (len(stop) if self._include_stop else 0)])
             self._pending = ""
             return True
         keep = 0 if final else held_back_length(pending, self._stops)

@@ -44,7 +44,7 @@ class Request:
         request = cls(request_id, tuple(prompt_ids), params, salt, stop_token_ids=frozenset(stops))
         request.sequences = [
             Sequence(next(seq_ids), request, i, list(prompt_ids), request_generator(params.seed, i),
-                     CompletionText(tokenizer, params.stop, params.skip_special_tokens),
+                     CompletionText(tokenizer, params.stop, params.skip_special_tokens, params.include_stop),
                      constraints=rules(request.stop_token_ids))
             for i in range(params.n)]
         request.pending_siblings = request.sequences[1:]

@@ -36,7 +36,8 @@ class SamplingParams:
     presence_penalty: float = 0.0       # OpenAI's rules, over output tokens
     frequency_penalty: float = 0.0
     seed: int | None = None             # same seed -> same tokens, whatever else runs in the batch
-    stop: tuple[str, ...] = ()          # strings that end the output; never part of it
+    stop: tuple[str, ...] = ()          # strings that end the output; not part of it unless include_stop
+    include_stop: bool = False          # keep the stop string that ended the output (vLLM's include_stop_str_in_output)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None         # None: none; k: the chosen token's logprob and the top k alternatives

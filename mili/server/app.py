@@ -20,11 +20,35 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mili.server import openai_format
-from mili.server.errors import APIError, error_response, install_error_handlers
-from mili.server.generation import final_outputs, first_output, merged, prepare, run, running_engine
-from mili.server.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from mili.server.chat import plan_chat, render_prompt
+from mili.server.errors import (
+    APIError,
+    bad_request,
+    error_response,
+    install_error_handlers,
+)
+from mili.server.generation import (
+    final_outputs,
+    first_output,
+    merged,
+    prepare,
+    run,
+    running_engine,
+)
+from mili.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    GenerateRequest,
+    TokenizeRequest,
+)
 from mili.server.state import ServerState
-from mili.server.streaming import ClientDisconnected, client_gone_response, event_stream, until_disconnected
+from mili.server.streaming import (
+    ClientDisconnected,
+    client_gone_response,
+    event_stream,
+    until_disconnected,
+)
 
 GENERATE_DEFAULT_MAX_TOKENS = 128
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -110,8 +134,9 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
         core = running_engine(state).engine
-        prepared = await asyncio.gather(*(prepare(core, body, p, body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS,
-                                                  body.logprobs) for p in body.prompts()))
+        prepared = await asyncio.gather(*(prepare(core, body, p, body.requested_max_tokens,
+                                                  COMPLETIONS_DEFAULT_MAX_TOKENS, body.logprobs)
+                                          for p in body.prompts()))
         outputs = merged([run(state, p, body.cache_salt) for p in prepared])
         first = await first_output(outputs)
         response = openai_format.Completions(core.tokenizer, f"cmpl-{uuid.uuid4().hex}", settings.model_name,
@@ -131,18 +156,18 @@ def create_app(state: ServerState) -> FastAPI:
         check_model(body.model)
         core = running_engine(state).engine
         try:
-            messages = [m.as_template_message() for m in body.messages]
-            prompt = await asyncio.to_thread(core.tokenizer.apply_chat_template, messages,
-                                             enable_thinking=body.thinking)
+            plan = await asyncio.to_thread(plan_chat, core.tokenizer, body, settings.reasoning_parser is not None,
+                                           settings.tool_call_parser is not None)
         except ValueError as exc:
-            raise APIError(400, str(exc), param="messages") from None
+            raise bad_request(exc, default_param="messages") from None
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        prepared = await prepare(core, body, prompt, requested, None, logprobs)
+        prepared = await prepare(core, body, plan.prompt, body.requested_max_tokens, None, logprobs,
+                                 structured_output=plan.structured_output, thinking=plan.thinking,
+                                 thinking_token_budget=body.thinking_token_budget)
         outputs = merged([run(state, prepared, body.cache_salt)])
         first = await first_output(outputs)
         response = openai_format.ChatCompletions(core.tokenizer, f"chatcmpl-{uuid.uuid4().hex}", settings.model_name,
-                                                 body.n)
+                                                 body.n, plan)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return event_stream(first, outputs, response.chunks,
@@ -153,10 +178,32 @@ def create_app(state: ServerState) -> FastAPI:
             return client_gone_response()
         return JSONResponse(response.body(final))
 
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        check_model(body.model)
+        core = running_engine(state).engine
+        try:
+            text = body.prompt if body.prompt is not None else \
+                await asyncio.to_thread(render_prompt, core.tokenizer, body.as_chat())
+        except ValueError as exc:
+            raise bad_request(exc, default_param="messages") from None
+        ids = await asyncio.to_thread(core.tokenizer.encode, text)
+        return {"count": len(ids), "max_model_len": core.max_model_len, "tokens": ids,
+                "token_strs": [core.tokenizer.id_to_token(t) for t in ids] if body.return_token_strs else None}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        check_model(body.model)
+        core = running_engine(state).engine
+        vocab = core.tokenizer.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise APIError(400, f"token ids must lie in [0, {vocab})", param="tokens")
+        return {"prompt": core.tokenizer.decode(body.tokens)}
+
     @app.post("/generate")
     async def generate(body: GenerateRequest, request: Request) -> Response:
         core = running_engine(state).engine
-        prepared = await prepare(core, body, body.prompt, body.max_tokens, GENERATE_DEFAULT_MAX_TOKENS, None)
+        prepared = await prepare(core, body, body.prompt, body.requested_max_tokens, GENERATE_DEFAULT_MAX_TOKENS, None)
         outputs = merged([run(state, prepared, None)])
         first = await first_output(outputs)
         response = openai_format.Generate()

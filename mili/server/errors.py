@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,6 +22,12 @@ class APIError(Exception):
 
     def body(self) -> dict[str, dict[str, str | int | None]]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def bad_request(exc: Exception, default_param: str | None = None) -> APIError:
+    """A 400 for a request that cannot run; its param is the field the message names first ('like_this')."""
+    named = re.search(r"'(\w+)'", str(exc))
+    return APIError(400, str(exc), param=named.group(1) if named else default_param)
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -43,8 +50,9 @@ def install_error_handlers(app: FastAPI) -> None:
                                                 "'Content-Type: application/json'"))
         where = ".".join(location)
         message = first.get("msg", "invalid value").removeprefix("Value error, ")
-        return error_response(APIError(400, f"{where}: {message}" if where else message,
-                                       location[0] if location else None))
+        if not where:  # a check of the whole body: the field its message names first
+            return error_response(bad_request(ValueError(message)))
+        return error_response(APIError(400, f"{where}: {message}", location[0]))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
@@ -14,7 +13,7 @@ from mili.engine.async_engine import AsyncEngine, EngineDeadError
 from mili.engine.engine import Engine, RequestError
 from mili.engine.outputs import RequestOutput
 from mili.engine.sampling_params import SamplingParams
-from mili.server.errors import APIError
+from mili.server.errors import APIError, bad_request
 from mili.server.protocol import SamplingFields
 from mili.server.state import ServerState
 
@@ -40,8 +39,9 @@ def running_engine(state: ServerState) -> AsyncEngine:
 
 
 async def prepare(core: Engine, body: SamplingFields, prompt: str | list[int], max_tokens: int | None,
-                  default_max_tokens: int | None, logprobs: int | None) -> Prepared:
-    """Tokenizes (in a worker thread) and builds the request's SamplingParams; APIError 400 if it cannot run."""
+                  default_max_tokens: int | None, logprobs: int | None, **extra: object) -> Prepared:
+    """Tokenizes (in a worker thread) and builds the request's SamplingParams (`extra`: the endpoint's own
+    fields of them); APIError 400 if it cannot run."""
     ids = await asyncio.to_thread(core.tokenizer.encode, prompt) if isinstance(prompt, str) else list(prompt)
     if not ids:
         raise APIError(400, "the prompt is empty", param="prompt")
@@ -56,10 +56,9 @@ async def prepare(core: Engine, body: SamplingFields, prompt: str | list[int], m
     unset = {name: value for name, value in core.sampling_defaults.items()
              if name in MODEL_DEFAULTED and name not in body.model_fields_set}
     try:
-        params = body.sampling_params(chosen, logprobs, defaults=unset)
+        params = body.sampling_params(chosen, logprobs, defaults=unset, **extra)
     except ValueError as exc:
-        named = re.match(r"'(\w+)'", str(exc))
-        raise APIError(400, str(exc), param=named.group(1) if named else None) from None
+        raise bad_request(exc) from None
     return Prepared(ids, params)
 
 

@@ -10,7 +10,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from mili.engine.outputs import CompletionOutput, RequestOutput
+from mili.engine.sampling_params import Thinking
+from mili.server.chat import ChatPlan
 from mili.server.logprobs import chat_logprobs, completion_logprobs
+from mili.server.reasoning import ReasoningSplitter, Split
+from mili.server.tool_calls import ToolCallDelta, ToolCallParser
 from mili.tokenizer import Tokenizer
 
 Chunk = dict[str, Any]
@@ -74,16 +78,78 @@ class Completions:
         return {**self.base, "choices": choices, "usage": usage(finals)}
 
 
+class ChoiceReader:
+    """One chat choice's answer, read as it streams: reasoning split off (when the request tracks a think block),
+    then tool calls parsed from the rest (when the request has tools)."""
+
+    def __init__(self, plan: ChatPlan) -> None:
+        self.reasoning = ReasoningSplitter(plan.thinking) if plan.thinking is not Thinking.OFF else None
+        self.tools = ToolCallParser(plan.tool_names, plan.parallel_tool_calls) if plan.tool_names else None
+        self.include_reasoning = plan.include_reasoning
+
+    def read(self, text: str, final: bool) -> dict[str, Any]:
+        """The delta fields `text` settles (`final`: the answer ends with it): reasoning_content (and vLLM's newer
+        name for it, reasoning), content, tool_calls."""
+        split = self.reasoning.feed(text, final) if self.reasoning else Split(content=text)
+        delta: dict[str, Any] = {}
+        if split.reasoning and self.include_reasoning:
+            delta["reasoning_content"] = delta["reasoning"] = split.reasoning
+        content, calls = split.content, []
+        if self.tools is not None:
+            parsed = self.tools.feed(content, final)
+            content, calls = parsed.content, merged_call_deltas(parsed.calls)
+        if content:
+            delta["content"] = content
+        if calls:
+            delta["tool_calls"] = calls
+        return delta
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        return "tool_calls" if reason == "stop" and self.tools is not None and self.tools.calls else reason
+
+    def message(self, text: str) -> dict[str, Any]:
+        """The whole answer as a message (the reader fed all of it at once: what the stream says, joined)."""
+        delta = self.read(text, final=True)
+        message: dict[str, Any] = {"role": "assistant", "content": delta.get("content")}
+        if self.reasoning is not None and self.include_reasoning:
+            reasoning = delta.get("reasoning_content", "" if self.reasoning.saw_reasoning else None)
+            message["reasoning_content"] = message["reasoning"] = reasoning
+        if self.tools is not None and self.tools.calls:
+            message["tool_calls"] = [call.as_message() for call in self.tools.calls]
+        elif message["content"] is None and message.get("reasoning_content") is None:
+            message["content"] = ""
+        return message
+
+
+def merged_call_deltas(deltas: list[ToolCallDelta]) -> list[dict[str, Any]]:
+    """Tool-call deltas as chunk entries, one per call (a call's name and first arguments share one entry)."""
+    entries: list[dict[str, Any]] = []
+    for delta in deltas:
+        if entries and entries[-1]["index"] == delta.index:
+            entries[-1]["function"]["arguments"] += delta.arguments
+        else:
+            entries.append(delta.as_chunk())
+    return entries
+
+
 class ChatCompletions:
-    def __init__(self, tokenizer: Tokenizer, response_id: str, model: str, n: int) -> None:
-        self.tokenizer, self.n = tokenizer, n
+    def __init__(self, tokenizer: Tokenizer, response_id: str, model: str, n: int, plan: ChatPlan) -> None:
+        self.tokenizer, self.n, self.plan = tokenizer, n, plan
         self.base = {"id": response_id, "created": int(time.time()), "model": model}
         self.chunk_base = {**self.base, "object": "chat.completion.chunk"}
         self.streamed = _Streamed()
+        self.readers = [ChoiceReader(plan) for _ in range(n)]
         self.started = False
 
     def _logprobs(self, tokens: list | None) -> dict[str, Any] | None:
         return None if tokens is None else chat_logprobs(self.tokenizer, tokens)
+
+    def _usage(self, finals: list[RequestOutput]) -> dict[str, Any]:
+        result = usage(finals)
+        if self.plan.thinking is not Thinking.OFF:
+            reasoning = sum(c.num_reasoning_tokens for o in finals for c in o.outputs)
+            result["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+        return result
 
     def chunks(self, index: int, out: RequestOutput) -> Iterator[Chunk]:
         if not self.started:  # OpenAI opens each choice with the role
@@ -92,18 +158,23 @@ class ChatCompletions:
                 yield {**self.chunk_base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                        "logprobs": None, "finish_reason": None}]}
         for c in self.streamed.news(index, out):
-            yield {**self.chunk_base, "choices": [{"index": c.index, "delta": {"content": c.delta} if c.delta else {},
-                                                   "finish_reason": c.finish_reason,
-                                                   "logprobs": self._logprobs(c.delta_logprobs)}]}
+            reader = self.readers[c.index]
+            delta = reader.read(c.delta, final=c.finish_reason is not None)
+            if delta or c.finish_reason or c.delta_logprobs:
+                yield {**self.chunk_base, "choices": [{"index": c.index, "delta": delta,
+                                                       "finish_reason": reader.finish_reason(c.finish_reason),
+                                                       "logprobs": self._logprobs(c.delta_logprobs)}]}
 
     def usage_chunk(self) -> Chunk:
-        return {**self.chunk_base, "choices": [], "usage": usage(list(self.streamed.latest.values()))}
+        return {**self.chunk_base, "choices": [], "usage": self._usage(list(self.streamed.latest.values()))}
 
     def body(self, final: RequestOutput) -> dict[str, Any]:
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self._logprobs(c.logprobs), "finish_reason": c.finish_reason}
-                   for c in final.outputs]
-        return {**self.base, "object": "chat.completion", "choices": choices, "usage": usage([final])}
+        choices = []
+        for c in final.outputs:
+            reader = self.readers[c.index]
+            choices.append({"index": c.index, "message": reader.message(c.text), "logprobs": self._logprobs(c.logprobs),
+                            "finish_reason": reader.finish_reason(c.finish_reason)})
+        return {**self.base, "object": "chat.completion", "choices": choices, "usage": self._usage([final])}
 
 
 class Generate:

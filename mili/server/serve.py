@@ -49,6 +49,8 @@ class ServeOptions:
     max_model_len: int | None = None
     shutdown_grace_s: float = 30.0  # on SIGTERM/SIGINT, how long requests in flight may take to finish
     speculative: SpeculativeConfig | None = None  # speculative decoding (mili/engine/speculative.py); off if None
+    reasoning_parser: str | None = None  # "qwen3": think blocks go to reasoning_content (mili/server/reasoning.py)
+    tool_call_parser: str | None = "hermes"  # None: requests with tools are refused (mili/server/tool_calls.py)
 
 
 def serve(options: ServeOptions) -> int:
@@ -77,7 +79,8 @@ def serve(options: ServeOptions) -> int:
     settings = ServerSettings(model_name=options.served_model_name or default_name, model_path=str(model_dir),
                               device=options.device, dtype=plan.spec.dtype.name, weights=plan.spec.weight_format.value,
                               weight_group_size=weight_group_size(plan.spec), api_key=options.api_key,
-                              max_queue=options.max_queue)
+                              max_queue=options.max_queue, reasoning_parser=options.reasoning_parser,
+                              tool_call_parser=options.tool_call_parser)
     state = ServerState(settings)
     app = create_app(state)
     server = uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",

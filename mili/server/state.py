@@ -21,6 +21,8 @@ class ServerSettings:
     api_key: str | None = None
     max_queue: int = 256               # requests in flight beyond this get 429
     max_body_bytes: int = 4 << 20
+    reasoning_parser: str | None = None      # "qwen3": think blocks go to reasoning_content (None: left in content)
+    tool_call_parser: str | None = "hermes"  # None: requests with tools are refused
 
 
 @dataclass
