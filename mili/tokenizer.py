@@ -168,9 +168,9 @@ class Tokenizer:
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
-    def to_json(self) -> str:
-        """The whole tokenizer as tokenizer.json text (what grammar engines build their token tables from)."""
-        return self._hf.to_str()
+    def special_token_ids(self) -> list[int]:
+        """Ids of the added tokens marked special (<|im_end|>, ...), not of those that stand for text (<think>)."""
+        return sorted(i for i, token in self._hf.get_added_tokens_decoder().items() if token.special)
 
     def token_to_id(self, token: str) -> int | None:
         return self._hf.token_to_id(token)

@@ -79,6 +79,24 @@ def unpack_mask(words: np.ndarray, vocab_size: int) -> np.ndarray:
     return np.unpackbits(words.view(np.uint8), bitorder="little", count=vocab_size).view(bool)
 
 
+class _TokenTable:
+    """The token table llguidance builds its tables from: every token's bytes, added tokens that stand for text
+    (<think>, <tool_call>) as their text. (Made from tokenizer.json, llguidance 1.9 marks every added token special
+    and then allows <tool_call> for a grammar's literal "<tool_call>" text, which its own matcher then refuses.)
+    Ids past the tokenizer's (the model's padded vocabulary) are special: no grammar allows them."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int) -> None:
+        self._tokenizer = tokenizer
+        self.eos_token_id = min(tokenizer.eos_token_ids)
+        self.bos_token_id = None
+        self.tokens = [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
+        self.tokens += [b""] * (vocab_size - len(self.tokens))
+        self.special_token_ids = [*tokenizer.special_token_ids(), *range(tokenizer.vocab_size, vocab_size)]
+
+    def __call__(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text)
+
+
 class GrammarBackend:
     """One engine's llguidance: the tokenizer tables, compiled grammars by constraint, and a thread pool that
     fills many masks at once (the Rust side runs without the GIL)."""
@@ -96,7 +114,9 @@ class GrammarBackend:
     def _tables(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._ll_tokenizer is None:
-                self._ll_tokenizer = llguidance.LLTokenizer(self._tokenizer.to_json(), n_vocab=self.vocab_size,
+                self._ll_tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_TokenTable(self._tokenizer,
+                                                                                                   self.vocab_size)),
+                                                            n_vocab=self.vocab_size,
                                                             eos_token=sorted(self._tokenizer.eos_token_ids))
                 self._executor = llguidance.LLExecutor(num_threads=self._threads)
             return self._ll_tokenizer

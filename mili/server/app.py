@@ -162,6 +162,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise bad_request(exc, default_param="messages") from None
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         prepared = await prepare(core, body, plan.prompt, body.requested_max_tokens, None, logprobs,
+                                 constraint_param=plan.structured_output_param,
                                  structured_output=plan.structured_output, thinking=plan.thinking,
                                  thinking_token_budget=body.thinking_token_budget)
         outputs = merged([run(state, prepared, body.cache_salt)])

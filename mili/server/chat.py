@@ -12,7 +12,7 @@ from mili.engine.sampling_params import Thinking
 from mili.engine.structured_output import StructuredOutput
 from mili.server.protocol import ChatCompletionRequest, NamedToolChoice
 from mili.server.reasoning import THINK_END, THINK_START
-from mili.server.tool_calls import TOOL_CALL_END, TOOL_CALL_START, tool_call_grammar
+from mili.server.tool_calls import tool_call_grammar
 from mili.tokenizer import Tokenizer
 
 ASSISTANT_TURN = "<|im_start|>assistant"
@@ -23,10 +23,12 @@ RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "documents", "add_generation_pr
 class ChatPlan:
     prompt: str
     thinking: Thinking                 # where a think block starts (OFF: no reasoning parser, or none possible)
+    reasoning_parser: bool             # the server splits reasoning off (the message then always says reasoning_content)
     tool_names: frozenset[str]         # tool calls are parsed from the answer when not empty
     parallel_tool_calls: bool
     include_reasoning: bool
     structured_output: StructuredOutput | None
+    structured_output_param: str | None  # the field it came from (named by a 400 if it does not compile)
 
 
 def render_prompt(tokenizer: Tokenizer, body: ChatCompletionRequest) -> str:
@@ -62,20 +64,20 @@ def plan_chat(tokenizer: Tokenizer, body: ChatCompletionRequest, reasoning_parse
               tool_parser: bool) -> ChatPlan:
     """Raises ValueError naming the field for a request that cannot run."""
     prompt = render_prompt(tokenizer, body)
-    structured = body.structured_output()
+    named = body.structured_output_named()
+    param, structured = named if named else (None, None)
     if body.forces_tool_call:
         if structured is not None:
             raise ValueError("'response_format' cannot be combined with a tool_choice that forces a call")
         only = body.tool_choice.function.name if isinstance(body.tool_choice, NamedToolChoice) else None
-        has_tokens = tokenizer.token_to_id(TOOL_CALL_START) is not None and \
-            tokenizer.token_to_id(TOOL_CALL_END) is not None
         grammar = tool_call_grammar([t.model_dump(exclude_none=True) for t in body.tools], only,
-                                    body.parallel_tool_calls, has_tokens)
-        structured = StructuredOutput("grammar", grammar)
+                                    body.parallel_tool_calls)
+        structured, param = StructuredOutput("grammar", grammar), "tools"
     thinking = thinking_start(prompt) if reasoning_parser else Thinking.OFF
     if body.thinking_token_budget is not None and thinking is Thinking.OFF:
         raise ValueError("'thinking_token_budget' needs thinking on and the server's --reasoning-parser qwen3")
     if body.parses_tool_calls and not tool_parser:
         raise ValueError("'tools' need tool-call parsing, which this server has off (--tool-call-parser none)")
     names = frozenset(t.function.name for t in body.tools or ()) if body.parses_tool_calls else frozenset()
-    return ChatPlan(prompt, thinking, names, body.parallel_tool_calls, body.include_reasoning, structured)
+    return ChatPlan(prompt, thinking, reasoning_parser, names, body.parallel_tool_calls, body.include_reasoning,
+                    structured, param)

@@ -13,6 +13,7 @@ from mili.engine.async_engine import AsyncEngine, EngineDeadError
 from mili.engine.engine import Engine, RequestError
 from mili.engine.outputs import RequestOutput
 from mili.engine.sampling_params import SamplingParams
+from mili.engine.structured_output import StructuredOutputError
 from mili.server.errors import APIError, bad_request
 from mili.server.protocol import SamplingFields
 from mili.server.state import ServerState
@@ -39,9 +40,11 @@ def running_engine(state: ServerState) -> AsyncEngine:
 
 
 async def prepare(core: Engine, body: SamplingFields, prompt: str | list[int], max_tokens: int | None,
-                  default_max_tokens: int | None, logprobs: int | None, **extra: object) -> Prepared:
-    """Tokenizes (in a worker thread) and builds the request's SamplingParams (`extra`: the endpoint's own
-    fields of them); APIError 400 if it cannot run."""
+                  default_max_tokens: int | None, logprobs: int | None, constraint_param: str | None = None,
+                  **extra: object) -> Prepared:
+    """Tokenizes (in a worker thread), builds the request's SamplingParams (`extra`: the endpoint's own fields
+    of them) and compiles its output constraint (cached for the engine; `constraint_param`: the field it came
+    from, when not one of `body`'s own); APIError 400, naming the field, if it cannot run."""
     ids = await asyncio.to_thread(core.tokenizer.encode, prompt) if isinstance(prompt, str) else list(prompt)
     if not ids:
         raise APIError(400, "the prompt is empty", param="prompt")
@@ -59,6 +62,16 @@ async def prepare(core: Engine, body: SamplingFields, prompt: str | list[int], m
         params = body.sampling_params(chosen, logprobs, defaults=unset, **extra)
     except ValueError as exc:
         raise bad_request(exc) from None
+    vocab = core.runner.config.vocab_size
+    for name, tokens in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
+        if any(t >= vocab for t in tokens):
+            raise APIError(400, f"'{name}' names token ids beyond this model's vocabulary of {vocab}", param=name)
+    if params.structured_output is not None:
+        try:
+            await asyncio.to_thread(core.grammars.matcher, params.structured_output)
+        except StructuredOutputError as exc:
+            named = body.structured_output_named()
+            raise APIError(400, str(exc), param=constraint_param or (named[0] if named else None)) from None
     return Prepared(ids, params)
 
 

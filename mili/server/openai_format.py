@@ -86,6 +86,7 @@ class ChoiceReader:
         self.reasoning = ReasoningSplitter(plan.thinking) if plan.thinking is not Thinking.OFF else None
         self.tools = ToolCallParser(plan.tool_names, plan.parallel_tool_calls) if plan.tool_names else None
         self.include_reasoning = plan.include_reasoning
+        self.reports_reasoning = plan.reasoning_parser and plan.include_reasoning  # (null when there was none)
 
     def read(self, text: str, final: bool) -> dict[str, Any]:
         """The delta fields `text` settles (`final`: the answer ends with it): reasoning_content (and vLLM's newer
@@ -111,9 +112,9 @@ class ChoiceReader:
         """The whole answer as a message (the reader fed all of it at once: what the stream says, joined)."""
         delta = self.read(text, final=True)
         message: dict[str, Any] = {"role": "assistant", "content": delta.get("content")}
-        if self.reasoning is not None and self.include_reasoning:
-            reasoning = delta.get("reasoning_content", "" if self.reasoning.saw_reasoning else None)
-            message["reasoning_content"] = message["reasoning"] = reasoning
+        if self.reports_reasoning:
+            saw = self.reasoning is not None and self.reasoning.saw_reasoning
+            message["reasoning_content"] = message["reasoning"] = delta.get("reasoning_content", "" if saw else None)
         if self.tools is not None and self.tools.calls:
             message["tool_calls"] = [call.as_message() for call in self.tools.calls]
         elif message["content"] is None and message.get("reasoning_content") is None:
@@ -146,7 +147,7 @@ class ChatCompletions:
 
     def _usage(self, finals: list[RequestOutput]) -> dict[str, Any]:
         result = usage(finals)
-        if self.plan.thinking is not Thinking.OFF:
+        if self.plan.reasoning_parser:
             reasoning = sum(c.num_reasoning_tokens for o in finals for c in o.outputs)
             result["completion_tokens_details"] = {"reasoning_tokens": reasoning}
         return result

@@ -152,8 +152,12 @@ class SamplingFields(BaseModel):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def structured_output(self) -> StructuredOutput | None:
-        """The one output constraint the request asks for (response_format, guided_*, structured_outputs);
-        ValueError naming the field when it asks for several or one cannot be used."""
+        named = self.structured_output_named()
+        return named[1] if named else None
+
+    def structured_output_named(self) -> tuple[str, StructuredOutput] | None:
+        """The one output constraint the request asks for (response_format, guided_*, structured_outputs) and
+        the field that asked; ValueError naming the field when it asks for several or one cannot be used."""
         asked: list[tuple[str, StructuredOutput]] = []
         if self.response_format is not None and self.response_format.type != "text":
             fmt = self.response_format
@@ -169,7 +173,7 @@ class SamplingFields(BaseModel):
         asked += [(name, _constraint(name, kind, value)) for name, kind, value in candidates if value is not None]
         if len(asked) > 1:
             raise ValueError(f"'{asked[1][0]}' asks for a second output format beside '{asked[0][0]}'; send one")
-        return asked[0][1] if asked else None
+        return asked[0] if asked else None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, defaults: dict[str, Any] | None = None,
                         **extra: Any) -> SamplingParams:

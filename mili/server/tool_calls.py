@@ -197,10 +197,10 @@ class ToolCallParser:
             out.content += TOOL_CALL_START + body + (TOOL_CALL_END if closed else "")
 
 
-def tool_call_grammar(tools: list[dict[str, Any]], only: str | None, parallel: bool, start_token: bool) -> str:
+def tool_call_grammar(tools: list[dict[str, Any]], only: str | None, parallel: bool) -> str:
     """Lark (llguidance) for the output of `tool_choice` "required" (`only` None: any tool, one call or, with
-    `parallel`, several) or a named function (`only`: one call to it). `start_token`: the tokenizer has
-    <tool_call> and </tool_call> as tokens (Qwen3's does), which the grammar then names as such."""
+    `parallel`, several) or a named function (`only`: one call to it). The tags are text: Qwen3's tokenizer writes
+    each as one token."""
     schemas = []
     for tool in tools:
         function = tool["function"]
@@ -212,9 +212,7 @@ def tool_call_grammar(tools: list[dict[str, Any]], only: str | None, parallel: b
             "required": ["name", "arguments"], "additionalProperties": False})
     schema = {"anyOf": schemas} if len(schemas) > 1 else schemas[0]
     schema["x-guidance"] = JSON_OPTIONS
-    open_tag, close_tag = (TOOL_CALL_START, TOOL_CALL_END) if start_token else \
-        (json.dumps(TOOL_CALL_START), json.dumps(TOOL_CALL_END))
     repeat = ' ("\\n" call)*' if parallel and only is None else ""
     return (f"start: call{repeat}\n"
-            f'call: {open_tag} "\\n" body "\\n" {close_tag}\n'
+            f'call: {json.dumps(TOOL_CALL_START)} "\\n" body "\\n" {json.dumps(TOOL_CALL_END)}\n'
             f"body: %json {json.dumps(schema)}\n")
