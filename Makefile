@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 SERVE_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install install-test build test serve bench-kernels bench-linear bench-model bench-step bench-throughput bench-speculative bench bench-peers-setup bench-latency bench-offline bench-serving bench-prefix bench-routing bench-startup bench-client-check bench-plots checkpoint-0.6b clean
+.PHONY: install install-test build test serve bench-kernels bench-linear bench-model bench-step bench-throughput bench-speculative bench-structured bench bench-peers-setup bench-latency bench-offline bench-serving bench-prefix bench-routing bench-startup bench-client-check bench-plots checkpoint-0.6b clean
 
 $(BIN)/python:
 	@echo "make: creating the virtual environment $(VENV) with $(PYTHON)"
@@ -67,6 +67,11 @@ bench-throughput: install-test build
 # Speculative decoding: verify-step cost and decode speed off / ngram / 2-layer draft (writes the draft on first use).
 bench-speculative: install-test build
 	$(BIN)/python -m benchmarks.speculative $(BENCH_ARGS)
+
+# Structured output: llguidance against xgrammar (vLLM peer's) per-token mask cost; decode tok/s with and without a
+# JSON schema at batch 1 and 16.
+bench-structured: install-test build
+	$(BIN)/python -m benchmarks.structured $(BENCH_ARGS)
 
 bench: install-test build
 	$(BIN)/python -m benchmarks

@@ -23,7 +23,7 @@ RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "documents", "add_generation_pr
 class ChatPlan:
     prompt: str
     thinking: Thinking                 # where a think block starts (OFF: no reasoning parser, or none possible)
-    reasoning_parser: bool             # the server splits reasoning off (the message then always says reasoning_content)
+    reasoning_parser: bool             # reasoning is split off (the message then always has reasoning_content)
     tool_names: frozenset[str]         # tool calls are parsed from the answer when not empty
     parallel_tool_calls: bool
     include_reasoning: bool
@@ -73,6 +73,7 @@ def plan_chat(tokenizer: Tokenizer, body: ChatCompletionRequest, reasoning_parse
         grammar = tool_call_grammar([t.model_dump(exclude_none=True) for t in body.tools], only,
                                     body.parallel_tool_calls)
         structured, param = StructuredOutput("grammar", grammar), "tools"
+    reasoning_parser = reasoning_parser and body.separate_reasoning
     thinking = thinking_start(prompt) if reasoning_parser else Thinking.OFF
     if body.thinking_token_budget is not None and thinking is Thinking.OFF:
         raise ValueError("'thinking_token_budget' needs thinking on and the server's --reasoning-parser qwen3")

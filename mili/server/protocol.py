@@ -33,6 +33,7 @@ IGNORED_FIELDS = {
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "use_beam_search": (False,), "length_penalty": (1, 1.0), "early_stopping": (False,), "priority": (0,),
     "modalities": (["text"],), "return_tokens_as_token_ids": (False,), "return_token_ids": (False,),
+    "return_hidden_states": (False,), "stream_reasoning": (True,),  # what sglang-router adds to every request
 }
 # What to use instead, for fields asked for by name.
 ALTERNATIVES = {
@@ -122,6 +123,11 @@ class SamplingFields(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     structured_outputs: StructuredOutputsFields | None = None
+    # SGLang's names (what sglang-router forwards; it drops vLLM's guided_*)
+    regex: str | None = None
+    json_schema: str | None = None  # the schema as JSON text
+    ebnf: str | None = None
+    no_stop_trim: bool = False  # SGLang's include_stop_str_in_output
     speculative: bool = True  # MILI: false opts this request out of speculative decoding
 
     @field_validator("stop")
@@ -165,7 +171,8 @@ class SamplingFields(BaseModel):
                           if fmt.type == "json_schema" else StructuredOutput("json_object")))
         candidates = [("guided_json", "json", self.guided_json), ("guided_regex", "regex", self.guided_regex),
                       ("guided_choice", "choice", self.guided_choice),
-                      ("guided_grammar", "grammar", self.guided_grammar)]
+                      ("guided_grammar", "grammar", self.guided_grammar), ("regex", "regex", self.regex),
+                      ("json_schema", "json", self.json_schema), ("ebnf", "grammar", self.ebnf)]
         if (so := self.structured_outputs) is not None:
             candidates += [("structured_outputs", "json", so.json_), ("structured_outputs", "regex", so.regex),
                            ("structured_outputs", "choice", so.choice), ("structured_outputs", "grammar", so.grammar),
@@ -191,7 +198,8 @@ class SamplingFields(BaseModel):
         return SamplingParams(
             n=self.n, max_tokens=max_tokens, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop=stops,
-            include_stop=self.include_stop_str_in_output, stop_token_ids=tuple(self.stop_token_ids or ()),
+            include_stop=self.include_stop_str_in_output or self.no_stop_trim,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos, logprobs=logprobs, speculative=self.speculative, min_tokens=self.min_tokens,
             logit_bias={int(t): b for t, b in (self.logit_bias or {}).items()},
             skip_special_tokens=self.skip_special_tokens, **fields)
@@ -308,6 +316,7 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     thinking_token_budget: int | None = Field(default=None, ge=0, alias="max_thinking_tokens")
     include_reasoning: bool = True
+    separate_reasoning: bool = True  # SGLang's: false leaves the think block in content for this request
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     echo: bool = False

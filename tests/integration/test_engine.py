@@ -230,7 +230,8 @@ def test_a_hostile_sampling_request_fails_nothing_and_the_engine_goes_on(pair: M
     assert run_all(engine)["tiny-t"].outputs[0].token_ids == tokens_alone(pair, [5, 6, 7],
                                                                           SamplingParams.greedy(max_tokens=8))
     engine.add_request("doomed", [5, 6, 7], GREEDY)
-    monkeypatch.setattr(engine.sampler, "sample", lambda *args: (_ for _ in ()).throw(FloatingPointError("nan")))
+    monkeypatch.setattr(engine.sampler, "sample",
+                        lambda *args, **kwargs: (_ for _ in ()).throw(FloatingPointError("nan")))
     (out,) = engine.step()
     assert out.finished and out.outputs[0].finish_reason == "abort" and "nan" in out.error
     monkeypatch.undo()

@@ -322,6 +322,26 @@ def test_what_cannot_run_is_a_400_naming_the_field(server, body, param):
     assert response.json()["error"]["param"] == param, response.json()
 
 
+def test_what_sglang_router_forwards_is_understood(server):
+    """sglang-router 0.3.2 re-serialises every request with its own defaults (captured from the router) and drops
+    fields it does not know, vLLM's guided_* among them: SGLang's names for structured output must work."""
+    router_body = {"no_stop_trim": False, "ignore_eos": False, "continue_final_message": False,
+                   "skip_special_tokens": True, "separate_reasoning": True, "stream_reasoning": True,
+                   "return_hidden_states": False, "logprobs": False, "stream": False}
+    for constraint, check in [({"regex": "[0-9]{4}"}, lambda text: re.fullmatch("[0-9]{4}", text)),
+                              ({"json_schema": json.dumps(SCHEMAS[2])},
+                               lambda text: jsonschema.validate(json.loads(text), SCHEMAS[2]) is None)]:
+        response = httpx.post(f"{server}/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 200,
+            "chat_template_kwargs": {"enable_thinking": False}, **router_body, **constraint}, timeout=60)
+        assert response.status_code == 200, response.text
+        assert check(response.json()["choices"][0]["message"]["content"])
+    completion = httpx.post(f"{server}/v1/completions", json={
+        "model": MODEL, "prompt": "x", "max_tokens": 3, "stream": False, "echo": False, "no_stop_trim": False,
+        "ignore_eos": False, "skip_special_tokens": True, "return_hidden_states": False}, timeout=60)
+    assert completion.status_code == 200, completion.text
+
+
 def test_fields_clients_send_by_default_are_accepted(server):
     response = httpx.post(f"{server}/v1/chat/completions", json={
         "model": MODEL, "messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "x"}],
