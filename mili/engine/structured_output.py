@@ -25,6 +25,7 @@ from mili.tokenizer import Tokenizer
 Kind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
 KINDS: tuple[str, ...] = ("json_schema", "json_object", "regex", "choice", "grammar")
 CACHED_GRAMMARS = 256
+PARALLEL_FROM = 4  # masks filled by llguidance's thread pool from this many rows on (fewer: in the calling thread)
 # JSON as json.dumps writes it (and as Qwen3 writes its tool calls): ", " and ": ", no other whitespace. Flexible
 # whitespace lets a model pad forever between tokens (a random-weight one does, never closing the object); a
 # schema's own "x-guidance" options override this.
@@ -151,7 +152,10 @@ class GrammarBackend:
         assert masks.dtype == np.int32 and masks.flags.c_contiguous and masks.shape[1] == self.words
         plain = [(matcher, row) for matcher, row, guesses in requests if not guesses]
         drafted = [request for request in requests if request[2]]  # llguidance refuses an empty guess list
-        if plain:
+        if len(plain) < PARALLEL_FROM and not drafted:
+            for matcher, row in plain:  # in this thread: waking the pool costs more than a mask or two
+                matcher.unsafe_compute_mask_ptr(masks[row].ctypes.data, self.words * 4)
+        elif plain:
             self._executor.unsafe_compute_mask_ptr(plain, masks.ctypes.data, self.words * 4, len(masks))
         if drafted:
             self._executor.unsafe_compute_mask_ptr_with_draft_token(drafted, masks.ctypes.data, self.words * 4,

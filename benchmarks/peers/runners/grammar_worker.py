@@ -105,7 +105,9 @@ class Xgrammar:
         self.compiler = xgrammar.GrammarCompiler(self.info, max_threads=threads, cache_enabled=True)
         self.setup_s = time.perf_counter() - start
         self.batch = xgrammar.BatchGrammarMatcher(max_threads=threads)
-        self.version = getattr(xgrammar, "__version__", "?")
+        from importlib.metadata import version
+
+        self.version = version("xgrammar")
 
     def grammar(self, kind: str, spec: object) -> object:
         if kind == "schema":
