@@ -22,6 +22,8 @@ import time
 from collections.abc import Hashable, Iterable
 from collections.abc import Sequence as Seq
 
+import numpy as np
+
 from mili.config import GenerationConfig
 from mili.engine.block_audit import audit_blocks
 from mili.engine.block_pool import BlockPool
@@ -31,7 +33,7 @@ from mili.engine.output_constraints import ThinkTokens, make_constraints, shape_
 from mili.engine.outputs import RequestOutput
 from mili.engine.radix_cache import RadixCache
 from mili.engine.request import Request
-from mili.engine.sampler import SampledToken, Sampler
+from mili.engine.sampler import SampledToken, Sampler, finite_logits, log_softmax_rows, with_logprobs
 from mili.engine.sampling_params import SamplingParams, Thinking
 from mili.engine.scheduler import ScheduledChunk, Scheduler, StepPlan
 from mili.engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -244,19 +246,25 @@ class Engine:
         verifying: list[tuple[ScheduledChunk, int]] = []
         constrained = []
         row = 0
-        for chunk in plan.chunks:  # logit rows come in chunk order: k + 1 for a verify chunk, 1 for a sampling one
+        for chunk in plan.chunks:  # logit rows in chunk order: k + 1 to verify, 1 to sample, a prompt's to score
+            rows = chunk.num_logit_rows
+            if chunk.scores_prompt:
+                self._score_prompt(chunk.seq, logits[row:row + rows - (1 if chunk.samples else 0)])
+                row += rows - 1
+                rows = 1
             if chunk.proposal:
                 verifying.append((chunk, row))
             elif chunk.samples:
                 plain.append(chunk)
                 plain_rows.append(row)
             else:
+                row += rows
                 continue
             seq = chunk.seq
             if seq.constraints is not None:
                 guesses = chunk.proposal.tokens if chunk.proposal else []
                 constrained.append((seq.constraints, row, guesses, seq.num_output_tokens))
-            row += chunk.num_guesses + 1
+            row += rows
         shaped = shape_rows(logits, constrained, self.grammars)
         every_row = len(plain_rows) == len(logits)
         sampled = self.sampler.sample(shaped if every_row else shaped[plain_rows], [c.seq for c in plain],
@@ -284,6 +292,17 @@ class Engine:
             if chunk.proposal and not seq.is_finished:
                 self.scheduler.drop_unused_blocks(seq)
             changed.setdefault(seq.request, {})[seq] = None
+
+    def _score_prompt(self, seq: Sequence, rows: np.ndarray) -> None:
+        """Prompt logprobs from a chunk's rows (row j is after the token at num_computed + j, so it scores the
+        next prompt token); rows of positions scored before a preemption are skipped."""
+        request = seq.request
+        scored, prompt, top_n = request.prompt_logprobs, request.prompt_ids, request.params.prompt_logprobs
+        for j, row in enumerate(rows):
+            target = seq.num_computed + j + 1
+            if target == len(scored) and target < len(prompt):
+                logprobs = log_softmax_rows(finite_logits(row[None]))[0]
+                scored.append(with_logprobs(prompt[target], logprobs, top_n, ranked=True))
 
     def _take_token(self, seq: Sequence, sampled: SampledToken, now: float, computed: bool = False) -> None:
         """Appends a generated token (`computed`: its K/V are already in the cache) and checks the stops."""

@@ -53,10 +53,12 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     error: str | None = None                # why the request failed (it then finishes with "abort")
+    prompt_logprobs: list[SampledToken | None] | None = None  # once the prompt is scored (params.prompt_logprobs)
 
     def merge(self, later: RequestOutput) -> RequestOutput:
         """This output followed by `later` (of the same request) as one output."""
         mine = {c.index: c for c in self.outputs}
         for c in later.outputs:
             mine[c.index] = mine[c.index].merge(c) if c.index in mine else c
-        return replace(later, outputs=[mine[i] for i in sorted(mine)], error=later.error or self.error)
+        return replace(later, outputs=[mine[i] for i in sorted(mine)], error=later.error or self.error,
+                       prompt_logprobs=later.prompt_logprobs or self.prompt_logprobs)

@@ -15,7 +15,7 @@ import numpy as np
 from mili.engine.completion_text import CompletionText
 from mili.engine.output_constraints import OutputConstraints
 from mili.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from mili.engine.sampler import request_generator
+from mili.engine.sampler import SampledToken, request_generator
 from mili.engine.sampling_params import SamplingParams
 from mili.engine.sequence import Sequence
 from mili.tokenizer import Tokenizer
@@ -31,6 +31,8 @@ class Request:
     sequences: list[Sequence] = field(default_factory=list)
     pending_siblings: list[Sequence] = field(default_factory=list)  # n > 1: wait for the shared prompt
     stop_token_ids: frozenset[int] = frozenset()
+    # params.prompt_logprobs: each prompt token's logprob as its row is computed (the first has none: None)
+    prompt_logprobs: list[SampledToken | None] | None = None
     error: str | None = None
     _distinct_prompt: np.ndarray | None = field(default=None, init=False, repr=False)
 
@@ -41,7 +43,8 @@ class Request:
         """`seq_ids` hands out the sequence ids (unique in the engine; they order siblings); `rules(stop ids)`
         makes each sequence's output constraints (mili/engine/output_constraints.py)."""
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tokenizer.eos_token_ids))
-        request = cls(request_id, tuple(prompt_ids), params, salt, stop_token_ids=frozenset(stops))
+        request = cls(request_id, tuple(prompt_ids), params, salt, stop_token_ids=frozenset(stops),
+                      prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
         request.sequences = [
             Sequence(next(seq_ids), request, i, list(prompt_ids), request_generator(params.seed, i),
                      CompletionText(tokenizer, params.stop, params.skip_special_tokens, params.include_stop),
@@ -64,9 +67,10 @@ class Request:
     def output(self, changed: list[Sequence]) -> RequestOutput:
         """What is new for the `changed` sequences (all of them once the request has finished)."""
         finished = self.finished
+        scored = self.prompt_logprobs is not None and len(self.prompt_logprobs) == len(self.prompt_ids)
         return RequestOutput(self.request_id, list(self.prompt_ids),
                              [_completion(s) for s in (self.sequences if finished else changed)],
-                             finished, self.metrics(), self.error)
+                             finished, self.metrics(), self.error, list(self.prompt_logprobs) if scored else None)
 
     def metrics(self) -> RequestMetrics:
         first = self.sequences[0]

@@ -41,6 +41,7 @@ class SampledToken:
     token: int
     logprob: float | None                               # of the chosen token, under the raw distribution
     top_logprobs: tuple[tuple[int, float], ...] = ()    # the `params.logprobs` most likely tokens
+    rank: int | None = None                             # 1 + how many tokens were more likely (prompt logprobs)
 
 
 def request_generator(seed: int | None, sibling: int = 0) -> np.random.Generator:
@@ -180,7 +181,8 @@ def log_softmax_rows(rows: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def with_logprobs(token: int, logprobs: np.ndarray | None, top_n: int) -> SampledToken:
+def with_logprobs(token: int, logprobs: np.ndarray | None, top_n: int, ranked: bool = False) -> SampledToken:
+    """`token` with its logprob and the `top_n` most likely tokens' under `logprobs` (and its rank, if `ranked`)."""
     if logprobs is None:
         return SampledToken(token, None)
     top: tuple[tuple[int, float], ...] = ()
@@ -188,4 +190,5 @@ def with_logprobs(token: int, logprobs: np.ndarray | None, top_n: int) -> Sample
         best = np.argpartition(-logprobs, top_n - 1)[:top_n]
         best = best[np.argsort(-logprobs[best], kind="stable")]
         top = tuple((int(t), float(logprobs[t])) for t in best)
-    return SampledToken(token, float(logprobs[token]), top)
+    rank = int(np.count_nonzero(logprobs > logprobs[token])) + 1 if ranked else None
+    return SampledToken(token, float(logprobs[token]), top, rank)

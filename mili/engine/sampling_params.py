@@ -41,6 +41,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None         # None: none; k: the chosen token's logprob and the top k alternatives
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob (after the first) and top k
     skip_special_tokens: bool = True
     speculative: bool = True            # False: never speculate for this request (when the engine does)
     min_tokens: int = 0                 # stop tokens (EOS included) are barred until this many were generated
@@ -104,6 +105,9 @@ class SamplingParams:
               "thinking_token_budget", "must be an integer >= 0 or null")
         check(self.thinking_token_budget is None or self.thinking is not Thinking.OFF, "thinking_token_budget",
               "needs a think block to bound (thinking on)")
+        check(self.prompt_logprobs is None or (is_int(self.prompt_logprobs)
+                                               and 0 <= self.prompt_logprobs <= MAX_LOGPROBS), "prompt_logprobs",
+              f"must be an integer in [0, {MAX_LOGPROBS}] or null")
         check(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs",
               f"must be an integer in [0, {MAX_LOGPROBS}] or null")
 

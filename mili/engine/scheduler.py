@@ -56,10 +56,17 @@ class ScheduledChunk:
     num_tokens: int       # tokens of this sequence that run in the step (guesses included)
     samples: bool         # the chunk reaches the sequence's end: a token is sampled from its last row
     proposal: Proposal | None = None  # guessed tokens verified after the real ones (logits at every row)
+    scores_prompt: bool = False  # logits at every row: the prompt's logprobs (the last row samples, if `samples`)
 
     @property
     def num_guesses(self) -> int:
         return len(self.proposal.tokens) if self.proposal else 0
+
+    @property
+    def num_logit_rows(self) -> int:
+        if self.proposal or self.scores_prompt:
+            return self.num_tokens
+        return 1 if self.samples else 0
 
 
 @dataclass
@@ -71,7 +78,7 @@ class StepPlan:
 
     def add(self, seq: Sequence, num_tokens: int, proposal: Proposal | None = None) -> None:
         chunk = ScheduledChunk(seq, num_tokens + (len(proposal.tokens) if proposal else 0),
-                               num_tokens == seq.num_uncomputed, proposal)
+                               num_tokens == seq.num_uncomputed, proposal, seq.scores_prompt)
         self.chunks.append(chunk)
         self._scheduled.add(seq.seq_id)
         self.budget -= chunk.num_tokens
@@ -88,6 +95,8 @@ def _sequence_chunk(chunk: ScheduledChunk) -> SequenceChunk:
     real = seq.token_ids[start:start + chunk.num_tokens - chunk.num_guesses]
     if chunk.proposal:
         return SequenceChunk(real + chunk.proposal.tokens, start, seq.blocks, LogitRows.ALL)
+    if chunk.scores_prompt:
+        return SequenceChunk(real, start, seq.blocks, LogitRows.ALL)
     return SequenceChunk(real, start, seq.blocks, LogitRows.LAST if chunk.samples else LogitRows.NONE)
 
 
@@ -164,8 +173,10 @@ class Scheduler:
         return chosen
 
     def _admit(self, seq: Sequence) -> None:
-        """Moves a waiting sequence to running, holding its longest cached prefix."""
-        match = self.cache.match(seq.token_ids, seq.request.salt)
+        """Moves a waiting sequence to running, holding its longest cached prefix (for one that scores its prompt,
+        only as far as the rows already scored: the others need their logits)."""
+        tokens = seq.token_ids[:len(seq.request.prompt_logprobs) - 1] if seq.scores_prompt else seq.token_ids
+        match = self.cache.match(tokens, seq.request.salt)
         if match.num_tokens:
             seq.cache_node = self.cache.acquire(match)
             seq.blocks = list(match.blocks)

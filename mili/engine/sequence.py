@@ -90,6 +90,13 @@ class Sequence:
         return self.request.prompt_array
 
     @property
+    def scores_prompt(self) -> bool:
+        """This sequence computes its prompt's logprobs (the first of a request that asks for them, until done):
+        logits at every prompt row, no prefix-cache hits past the rows already scored."""
+        scored = self.request.prompt_logprobs
+        return scored is not None and self.index == 0 and len(scored) < self.num_prompt_tokens
+
+    @property
     def num_uncomputed(self) -> int:
         """Tokens still to run through the model before the next token can be sampled."""
         return len(self.token_ids) - self.num_computed

@@ -134,13 +134,15 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
         core = running_engine(state).engine
+        prompts = body.prompts()
         prepared = await asyncio.gather(*(prepare(core, body, p, body.requested_max_tokens,
-                                                  COMPLETIONS_DEFAULT_MAX_TOKENS, body.logprobs)
-                                          for p in body.prompts()))
+                                                  COMPLETIONS_DEFAULT_MAX_TOKENS, body.logprobs,
+                                                  prompt_logprobs=body.engine_prompt_logprobs) for p in prompts))
         outputs = merged([run(state, p, body.cache_salt) for p in prepared])
         first = await first_output(outputs)
+        echo = [p if isinstance(p, str) else core.tokenizer.decode(p) for p in prompts] if body.echo else None
         response = openai_format.Completions(core.tokenizer, f"cmpl-{uuid.uuid4().hex}", settings.model_name,
-                                             body.n, len(prepared))
+                                             body.n, len(prepared), echo, body.prompt_logprobs is not None)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return event_stream(first, outputs, response.chunks,
@@ -162,13 +164,13 @@ def create_app(state: ServerState) -> FastAPI:
             raise bad_request(exc, default_param="messages") from None
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         prepared = await prepare(core, body, plan.prompt, body.requested_max_tokens, None, logprobs,
-                                 constraint_param=plan.structured_output_param,
+                                 constraint_param=plan.structured_output_param, prompt_logprobs=body.prompt_logprobs,
                                  structured_output=plan.structured_output, thinking=plan.thinking,
                                  thinking_token_budget=body.thinking_token_budget)
         outputs = merged([run(state, prepared, body.cache_salt)])
         first = await first_output(outputs)
         response = openai_format.ChatCompletions(core.tokenizer, f"chatcmpl-{uuid.uuid4().hex}", settings.model_name,
-                                                 body.n, plan)
+                                                 body.n, plan, body.prompt_logprobs is not None)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return event_stream(first, outputs, response.chunks,

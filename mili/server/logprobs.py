@@ -33,9 +33,32 @@ def completion_logprobs(tokenizer: Tokenizer, tokens: Sequence[SampledToken], te
     for text in texts:
         offsets.append(text_offset)
         text_offset += len(text)
-    return {"tokens": texts, "token_logprobs": [finite(s.logprob) for s in tokens],
-            "top_logprobs": [{token_text(tokenizer, t): finite(lp) for t, lp in s.top_logprobs} for s in tokens],
+    return {"tokens": texts,  # an echoed prompt's first token has no logprob: null, as OpenAI says it
+            "token_logprobs": [None if s.logprob is None else finite(s.logprob) for s in tokens],
+            "top_logprobs": [None if s.logprob is None else {token_text(tokenizer, t): finite(lp)
+                                                             for t, lp in s.top_logprobs} for s in tokens],
             "text_offset": offsets}
+
+
+def vllm_prompt_logprobs(tokenizer: Tokenizer, scored: Sequence[SampledToken | None] | None
+                         ) -> list[dict[str, dict[str, Any]] | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt token (the first: null), {token id: {logprob, rank, decoded_token}} for
+    the prompt's token and the top alternatives (ranked by position)."""
+    if scored is None:
+        return None
+
+    def entry(logprob: float, rank: int | None, token: int) -> dict[str, Any]:
+        return {"logprob": finite(logprob), "rank": rank, "decoded_token": tokenizer.decode([token])}
+
+    result: list[dict[str, dict[str, Any]] | None] = []
+    for s in scored:
+        if s is None:
+            result.append(None)
+            continue
+        entries = {str(t): entry(lp, rank, t) for rank, (t, lp) in enumerate(s.top_logprobs, start=1)}
+        entries[str(s.token)] = entry(s.logprob, s.rank, s.token)
+        result.append(entries)
+    return result
 
 
 def chat_logprobs(tokenizer: Tokenizer, tokens: Sequence[SampledToken]) -> dict[str, Any]:

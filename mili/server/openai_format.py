@@ -10,9 +10,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from mili.engine.outputs import CompletionOutput, RequestOutput
+from mili.engine.sampler import SampledToken
 from mili.engine.sampling_params import Thinking
 from mili.server.chat import ChatPlan
-from mili.server.logprobs import chat_logprobs, completion_logprobs
+from mili.server.logprobs import chat_logprobs, completion_logprobs, vllm_prompt_logprobs
 from mili.server.reasoning import ReasoningSplitter, Split
 from mili.server.tool_calls import ToolCallDelta, ToolCallParser
 from mili.tokenizer import Tokenizer
@@ -46,13 +47,34 @@ class _Streamed:
 
 
 class Completions:
-    """/v1/completions for `num_prompts` prompts of `n` choices each (choice index = prompt * n + choice)."""
+    """/v1/completions for `num_prompts` prompts of `n` choices each (choice index = prompt * n + choice).
+    `echo`: each prompt's text, which goes before its choices' text (and its tokens before their logprobs);
+    `prompt_logprobs`: each choice carries vLLM's `prompt_logprobs` (with the first chunk, when streaming)."""
 
-    def __init__(self, tokenizer: Tokenizer, response_id: str, model: str, n: int, num_prompts: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, response_id: str, model: str, n: int, num_prompts: int,
+                 echo: list[str] | None = None, prompt_logprobs: bool = False) -> None:
         self.tokenizer, self.n, self.num_prompts = tokenizer, n, num_prompts
         self.base = {"id": response_id, "object": "text_completion", "created": int(time.time()), "model": model}
         self.streamed = _Streamed()
         self.text_offsets: dict[tuple[int, int], int] = {}
+        self.echo, self.prompt_logprobs = echo, prompt_logprobs
+        self.opened: set[tuple[int, int]] = set()  # choices whose first chunk went out
+
+    def _prompt_tokens(self, out: RequestOutput) -> list[SampledToken]:
+        """The prompt as logprob entries for echo: the first token has none."""
+        scored = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+        return [s if s is not None else SampledToken(t, None) for t, s in zip(out.prompt_token_ids, scored)]
+
+    def _choice(self, index: int, c: CompletionOutput, out: RequestOutput, text: str, tokens: list | None,
+                first: bool) -> dict[str, Any]:
+        if first and self.echo is not None:
+            text = self.echo[index] + text
+            tokens = None if tokens is None else self._prompt_tokens(out) + tokens
+        choice = {"index": index * self.n + c.index, "text": text, "finish_reason": c.finish_reason,
+                  "logprobs": self._logprobs(index, c, tokens)}
+        if first and self.prompt_logprobs:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(self.tokenizer, out.prompt_logprobs)
+        return choice
 
     def _logprobs(self, index: int, c: CompletionOutput, tokens: list | None) -> dict[str, Any] | None:
         if tokens is None:
@@ -64,16 +86,15 @@ class Completions:
 
     def chunks(self, index: int, out: RequestOutput) -> Iterator[Chunk]:
         for c in self.streamed.news(index, out):
-            yield {**self.base, "choices": [{"index": index * self.n + c.index, "text": c.delta,
-                                             "finish_reason": c.finish_reason,
-                                             "logprobs": self._logprobs(index, c, c.delta_logprobs)}]}
+            first = (index, c.index) not in self.opened
+            self.opened.add((index, c.index))
+            yield {**self.base, "choices": [self._choice(index, c, out, c.delta, c.delta_logprobs, first)]}
 
     def usage_chunk(self) -> Chunk:
         return {**self.base, "choices": [], "usage": usage(list(self.streamed.latest.values()))}
 
     def body(self, finals: list[RequestOutput]) -> dict[str, Any]:
-        choices = [{"index": i * self.n + c.index, "text": c.text, "finish_reason": c.finish_reason,
-                    "logprobs": self._logprobs(i, c, c.logprobs)}
+        choices = [self._choice(i, c, out, c.text, c.logprobs, True)
                    for i, out in enumerate(finals) for c in out.outputs]
         return {**self.base, "choices": choices, "usage": usage(finals)}
 
@@ -134,8 +155,9 @@ def merged_call_deltas(deltas: list[ToolCallDelta]) -> list[dict[str, Any]]:
 
 
 class ChatCompletions:
-    def __init__(self, tokenizer: Tokenizer, response_id: str, model: str, n: int, plan: ChatPlan) -> None:
-        self.tokenizer, self.n, self.plan = tokenizer, n, plan
+    def __init__(self, tokenizer: Tokenizer, response_id: str, model: str, n: int, plan: ChatPlan,
+                 prompt_logprobs: bool = False) -> None:
+        self.tokenizer, self.n, self.plan, self.prompt_logprobs = tokenizer, n, plan, prompt_logprobs
         self.base = {"id": response_id, "created": int(time.time()), "model": model}
         self.chunk_base = {**self.base, "object": "chat.completion.chunk"}
         self.streamed = _Streamed()
@@ -156,8 +178,11 @@ class ChatCompletions:
         if not self.started:  # OpenAI opens each choice with the role
             self.started = True
             for i in range(self.n):
-                yield {**self.chunk_base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                       "logprobs": None, "finish_reason": None}]}
+                opening = {**self.chunk_base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                           "logprobs": None, "finish_reason": None}]}
+                if i == 0 and self.prompt_logprobs:
+                    opening["prompt_logprobs"] = vllm_prompt_logprobs(self.tokenizer, out.prompt_logprobs)
+                yield opening
         for c in self.streamed.news(index, out):
             reader = self.readers[c.index]
             delta = reader.read(c.delta, final=c.finish_reason is not None)
@@ -175,7 +200,10 @@ class ChatCompletions:
             reader = self.readers[c.index]
             choices.append({"index": c.index, "message": reader.message(c.text), "logprobs": self._logprobs(c.logprobs),
                             "finish_reason": reader.finish_reason(c.finish_reason)})
-        return {**self.base, "object": "chat.completion", "choices": choices, "usage": self._usage([final])}
+        body = {**self.base, "object": "chat.completion", "choices": choices, "usage": self._usage([final])}
+        if self.prompt_logprobs:
+            body["prompt_logprobs"] = vllm_prompt_logprobs(self.tokenizer, final.prompt_logprobs)
+        return body
 
 
 class Generate:

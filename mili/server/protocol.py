@@ -237,6 +237,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = Field(default=None, ge=1)
 
     @field_validator("prompt")
@@ -248,10 +249,15 @@ class CompletionRequest(SamplingFields):
             raise ValueError("'prompt' token lists must not be empty")
         return value
 
+    @property
+    def engine_prompt_logprobs(self) -> int | None:
+        """How many alternatives the engine scores each prompt token with: prompt_logprobs', or logprobs' when the
+        prompt is echoed with logprobs."""
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(wanted) if wanted else None
+
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("'echo' is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("'best_of' is not supported (only best_of = n, which returns every completion)")
         return self
@@ -309,6 +315,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True

@@ -370,6 +370,40 @@ def test_logit_bias_min_tokens_and_stop_token_ids(client, server, seed):
     assert capped.usage.completion_tokens == 3
 
 
+def test_echo_and_prompt_logprobs(client, server, seed):
+    """A prompt's logprobs are the ones the model gave those tokens when it generated them (computed here by a
+    prefill instead of decode steps: float32 rounding apart)."""
+    prompt = httpx.post(f"{server}/tokenize", json={"prompt": "The weather today"}).json()["tokens"]
+    generated = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=2,
+                                          extra_body={"ignore_eos": True})
+    continuation = [int(t) for t in httpx.post(f"{server}/tokenize", json={
+        "prompt": generated.choices[0].text}).json()["tokens"]]
+    full = prompt + continuation
+    echoed = client.completions.create(model=MODEL, prompt=full, max_tokens=1, temperature=0, echo=True, logprobs=2,
+                                       extra_body={"prompt_logprobs": 2, "ignore_eos": True})
+    choice = echoed.choices[0]
+    prompt_text = httpx.post(f"{server}/detokenize", json={"tokens": full}).json()["prompt"]
+    assert choice.text.startswith(prompt_text) and len(choice.logprobs.tokens) == len(full) + 1
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    scored = choice.model_extra["prompt_logprobs"]
+    assert scored[0] is None and len(scored) == len(full)
+    for position, token in enumerate(full[1:], start=1):
+        assert str(token) in scored[position]
+        assert scored[position][str(token)]["logprob"] == pytest.approx(choice.logprobs.token_logprobs[position])
+    pieces = [httpx.post(f"{server}/detokenize", json={"tokens": [t]}).json()["prompt"] for t in continuation]
+    assert pieces == generated.choices[0].logprobs.tokens  # the generated tokens, re-tokenized alike (greedy: fixed)
+    for i, logprob in enumerate(generated.choices[0].logprobs.token_logprobs[:len(continuation)]):
+        assert choice.logprobs.token_logprobs[len(prompt) + i] == pytest.approx(logprob, abs=2e-3)
+    streamed = list(client.completions.create(model=MODEL, prompt="Hello there", max_tokens=3, stream=True,
+                                              echo=True, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in streamed if c.choices).startswith("Hello there")
+    chat = ask(client, max_tokens=2, extra_body={**NO_THINKING, "prompt_logprobs": 0})
+    rendered = httpx.post(f"{server}/tokenize", json={"messages": [{"role": "user", "content": "Hello"}],
+                                                      **NO_THINKING}).json()["tokens"]
+    assert [int(next(iter(d))) if len(d) == 1 else None for d in chat.model_extra["prompt_logprobs"][1:]] == \
+        rendered[1:]
+
+
 def test_tokenize_and_detokenize(server):
     out = httpx.post(f"{server}/tokenize", json={"prompt": "Hello, world!", "return_token_strs": True}).json()
     assert out["tokens"] == [9707, 11, 1879, 0] and out["count"] == 4 and out["max_model_len"] == 1024
