@@ -265,14 +265,17 @@ class Engine:
                 guesses = chunk.proposal.tokens if chunk.proposal else []
                 constrained.append((seq.constraints, row, guesses, seq.num_output_tokens))
             row += rows
-        shaped = shape_rows(logits, constrained, self.grammars)
+        shaped, supports = shape_rows(logits, constrained, self.grammars)
         every_row = len(plain_rows) == len(logits)
         sampled = self.sampler.sample(shaped if every_row else shaped[plain_rows], [c.seq for c in plain],
-                                      raw=None if shaped is logits else logits if every_row else logits[plain_rows])
+                                      raw=None if shaped is logits else logits if every_row else logits[plain_rows],
+                                      supports={i: supports[r] for i, r in enumerate(plain_rows) if r in supports})
         taken = {id(chunk): [token] for chunk, token in zip(plain, sampled)}
         for chunk, first in verifying:
             rows = slice(first, first + chunk.num_guesses + 1)
-            verified = verify(shaped[rows], chunk.seq, chunk.proposal, raw=None if shaped is logits else logits[rows])
+            verified = verify(shaped[rows], chunk.seq, chunk.proposal, raw=None if shaped is logits else logits[rows],
+                              supports={j: supports[first + j] for j in range(chunk.num_guesses + 1)
+                                        if first + j in supports})
             self.speculation.record(chunk.num_guesses, verified.accepted, len(verified.tokens))
             chunk.seq.guess_depth.record(chunk.num_guesses, verified.accepted)
             taken[id(chunk)] = verified.tokens

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     import llguidance
 
 
+SMALL_SUPPORT = 4  # a mask that allows under a quarter of the vocabulary hands the sampler its tokens
+
+
 class Phase(Enum):
     MAY_OPEN = "may_open"   # no token yet: the output may open a think block
     THINKING = "thinking"   # inside the think block
@@ -93,9 +96,11 @@ class OutputConstraints:
         """Tokens thought so far, the tags not counted (what the budget bounds)."""
         return max(0, self.num_thinking_tokens - (1 if self.params.thinking is Thinking.MAY_OPEN else 0))
 
-    def shape(self, row: np.ndarray, offset: int, grammar_words: np.ndarray | None, num_output: int) -> None:
+    def shape(self, row: np.ndarray, offset: int, grammar_words: np.ndarray | None,
+              num_output: int) -> np.ndarray | None:
         """Applies the rules to `row` (one logit row, in place) for the token `offset` places after the next
-        (rows of a verification); `grammar_words` is the grammar's mask for it, when the grammar applies."""
+        (rows of a verification); `grammar_words` is the grammar's mask for it, when the grammar applies.
+        Returns the tokens the row still allows (ascending) when they are few, for the sampler; else None."""
         if len(self._bias_ids):
             row[self._bias_ids] += self._bias_values
         if self.phase is Phase.THINKING and self.params.thinking_token_budget is not None \
@@ -103,7 +108,7 @@ class OutputConstraints:
             keep = row[self.think.end]
             row[:] = -np.inf
             row[self.think.end] = keep if np.isfinite(keep) else 0.0
-            return
+            return np.array([self.think.end])
         allowed = None
         if grammar_words is not None:
             allowed = unpack_mask(grammar_words, len(row)).copy()
@@ -117,8 +122,11 @@ class OutputConstraints:
                 barred[self._stop_ids] = False
                 if barred.any():  # a complete grammar allows only stop tokens: the grammar wins
                     allowed = barred
-        if allowed is not None:
-            row[~allowed] = -np.inf
+        if allowed is None:
+            return None
+        np.putmask(row, ~allowed, -np.inf)
+        count = int(np.count_nonzero(allowed))
+        return np.flatnonzero(allowed) if count * SMALL_SUPPORT < len(row) else None
 
     def take(self, token: int) -> None:
         """Advances the rules' state past a generated token."""
@@ -153,12 +161,14 @@ def make_constraints(params: SamplingParams, stop_token_ids: frozenset[int], thi
 
 
 def shape_rows(logits: np.ndarray, rows: list[tuple[OutputConstraints, int, list[int], int]],
-               grammars: GrammarBackend) -> np.ndarray:
+               grammars: GrammarBackend) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """`logits` with the rules applied to the rows of constrained sequences: for each (constraints, first row,
     guesses, tokens generated so far), rows first .. first + len(guesses). Returns a shaped copy (the raw
-    logits stay for logprobs), or `logits` itself when no row is constrained."""
+    logits stay for logprobs), or `logits` itself when no row is constrained; and by row, the few tokens a
+    row still allows (see OutputConstraints.shape)."""
+    supports: dict[int, np.ndarray] = {}
     if not rows:
-        return logits
+        return logits, supports
     shaped = logits.copy()
     requests = [r for c, first, guesses, _ in rows if (r := c.grammar_row_request(first, guesses)) is not None]
     words = None
@@ -168,6 +178,8 @@ def shape_rows(logits: np.ndarray, rows: list[tuple[OutputConstraints, int, list
     for constraints, first, guesses, num_output in rows:
         grammar = words is not None and constraints.uses_grammar and not constraints.grammar_done
         for offset in range(len(guesses) + 1):
-            constraints.shape(shaped[first + offset], offset, words[first + offset] if grammar else None,
-                              num_output)
-    return shaped
+            support = constraints.shape(shaped[first + offset], offset, words[first + offset] if grammar else None,
+                                        num_output)
+            if support is not None:
+                supports[first + offset] = support
+    return shaped, supports

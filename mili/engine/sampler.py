@@ -111,10 +111,16 @@ def kept_distribution(row: np.ndarray, params: SamplingParams) -> tuple[np.ndarr
     return ids, kept / kept.sum()
 
 
-def sample_row(row: np.ndarray, params: SamplingParams, generator: np.random.Generator) -> int:
-    """One token from `row` (penalised logits): argmax when greedy, else one draw from the kept set."""
+def sample_row(row: np.ndarray, params: SamplingParams, generator: np.random.Generator,
+               support: np.ndarray | None = None) -> int:
+    """One token from `row` (penalised logits): argmax when greedy, else one draw from the kept set. `support`:
+    the only tokens the row allows, ascending (the rest are -inf: a grammar's mask): the draw then looks at those
+    alone, which gives the same distribution at a fraction of the cost of the whole vocabulary."""
     if params.is_greedy:
         return int(np.argmax(row))
+    if support is not None:
+        ids, probs = kept_distribution(row[support], params)
+        return int(support[ids[draw_index(probs, generator)]])
     ids, probs = kept_distribution(row, params)
     return int(ids[draw_index(probs, generator)])
 
@@ -136,11 +142,12 @@ def finite_logits(logits: np.ndarray) -> np.ndarray:
 
 
 class Sampler:
-    def sample(self, logits: np.ndarray, rows: Sequence[SamplingRow], raw: np.ndarray | None = None
-               ) -> list[SampledToken]:
+    def sample(self, logits: np.ndarray, rows: Sequence[SamplingRow], raw: np.ndarray | None = None,
+               supports: dict[int, np.ndarray] | None = None) -> list[SampledToken]:
         """One token per row of `logits` [len(rows), vocab] (float32, not modified). Total: any logits,
         NaN and infinities included, and any valid SamplingParams give a token. `raw`: the model's own logits
-        where `logits` were shaped (bias, masks): logprobs are always the model's distribution."""
+        where `logits` were shaped (bias, masks): logprobs are always the model's distribution. `supports`: by
+        row, the few tokens a mask left (see sample_row)."""
         if len(logits) != len(rows):
             raise ValueError(f"{len(logits)} logit rows for {len(rows)} requests")
         raw = logits if raw is None else raw
@@ -160,7 +167,7 @@ class Sampler:
                 token = int(argmax[i])
             else:
                 row = penalised_row(logits[i], params, request.prompt_array, request.output_counts)
-                token = sample_row(row, params, request.generator)
+                token = sample_row(row, params, request.generator, supports.get(i) if supports else None)
             results.append(with_logprobs(token, logprobs.get(i), params.logprobs or 0))
         return results
 

@@ -58,10 +58,11 @@ def _dense(ids: np.ndarray, probs: np.ndarray, vocab: int) -> np.ndarray:
     return dense
 
 
-def verify(logits: np.ndarray, seq: SamplingRow, proposal: Proposal, raw: np.ndarray | None = None) -> Verified:
+def verify(logits: np.ndarray, seq: SamplingRow, proposal: Proposal, raw: np.ndarray | None = None,
+           supports: dict[int, np.ndarray] | None = None) -> Verified:
     """The tokens `seq` takes from one verify step: `logits` [k + 1, vocab] are the target's rows for the last
     real token and the k = len(proposal.tokens) guesses (shaped by the request's output rules, if any: `raw`
-    are then the model's own, for logprobs)."""
+    are then the model's own, for logprobs; `supports` by row the few tokens a mask left, as for sampling)."""
     guesses = proposal.tokens
     if len(logits) != len(guesses) + 1:
         raise ValueError(f"{len(logits)} logit rows to verify {len(guesses)} proposed tokens")
@@ -75,7 +76,7 @@ def verify(logits: np.ndarray, seq: SamplingRow, proposal: Proposal, raw: np.nda
     for j in range(len(guesses) + 1):
         row = penalised_row(logits[j], params, seq.prompt_array, counts)
         if j == len(guesses) or params.is_greedy or proposal.draft_probs is None:
-            token = sample_row(row, params, seq.generator)
+            token = sample_row(row, params, seq.generator, supports.get(j) if supports else None)
         else:
             token = _verify_drafted(row, params, guesses[j], proposal.draft_probs[j], seq.generator)
         tokens.append(with_logprobs(token, None if logprobs is None else logprobs[j], params.logprobs or 0))

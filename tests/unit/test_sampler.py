@@ -212,3 +212,26 @@ def test_tiny_temperatures_are_greedy():
         out = Sampler().sample(logits, [row_for(SamplingParams(temperature=temperature, min_p=0.1), seed=0)])
         assert out[0].token == int(np.argmax(logits[0]))
     assert not SamplingParams(temperature=1e-5).is_greedy
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=5), SamplingParams(top_p=0.8),
+    SamplingParams(temperature=1.3, min_p=0.05), SamplingParams(temperature=0.6, top_p=0.95, top_k=20),
+    SamplingParams(temperature=0.8, repetition_penalty=1.3, presence_penalty=0.5),
+])
+def test_a_masked_row_draws_the_same_token_from_its_support_alone(params, rng):
+    """What a grammar's mask leaves, handed to the sampler as `supports`, draws exactly what the whole masked row
+    draws with the same random stream (the support path skips the vocabulary's -inf entries)."""
+    drawn = 0
+    for _ in range(40):
+        logits = rng.standard_normal((1, VOCAB)).astype(np.float32) * 3
+        support = np.sort(rng.choice(VOCAB, int(rng.integers(1, 3000)), replace=False))
+        masked = np.full_like(logits, -np.inf)
+        masked[0, support] = logits[0, support]
+        seed = int(rng.integers(1 << 30))
+        prompt, output = rng.integers(0, VOCAB, 20), rng.integers(0, VOCAB, 10)
+        whole = Sampler().sample(masked, [row_for(params, seed, prompt, output)])[0].token
+        alone = Sampler().sample(masked, [row_for(params, seed, prompt, output)], supports={0: support})[0].token
+        assert whole == alone and whole in set(support.tolist())
+        drawn += 1
+    assert drawn == 40
