@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from mili.engine.outputs import RequestOutput
 from mili.server import openai_format
 from mili.server.chat import plan_chat, render_prompt
 from mili.server.errors import (
@@ -40,6 +41,7 @@ from mili.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     GenerateRequest,
+    StreamOptions,
     TokenizeRequest,
 )
 from mili.server.state import ServerState
@@ -52,6 +54,21 @@ from mili.server.streaming import (
 
 GENERATE_DEFAULT_MAX_TOKENS = 128
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def openai_stream(first: tuple[int, RequestOutput] | None, outputs: AsyncIterator[tuple[int, RequestOutput]],
+                  response: openai_format.Completions | openai_format.ChatCompletions,
+                  options: StreamOptions | None) -> Response:
+    """An OpenAI stream: usage after the last chunk with `include_usage`, in every chunk too with vLLM's
+    `continuous_usage_stats`."""
+    options = options or StreamOptions()
+    chunks = response.chunks
+    if options.continuous_usage_stats:
+        def chunks(index: int, out: RequestOutput) -> Iterator[dict[str, Any]]:
+            for chunk in response.chunks(index, out):
+                yield {**chunk, "usage": response.usage_chunk()["usage"]}
+    return event_stream(first, outputs, chunks,
+                        lambda: [response.usage_chunk()] if options.include_usage else [])
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -144,9 +161,7 @@ def create_app(state: ServerState) -> FastAPI:
         response = openai_format.Completions(core.tokenizer, f"cmpl-{uuid.uuid4().hex}", settings.model_name,
                                              body.n, len(prepared), echo, body.prompt_logprobs is not None)
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return event_stream(first, outputs, response.chunks,
-                                lambda: [response.usage_chunk()] if include_usage else [])
+            return openai_stream(first, outputs, response, body.stream_options)
         try:
             finals = await until_disconnected(request, final_outputs(first, outputs, len(prepared)))
         except ClientDisconnected:
@@ -172,9 +187,7 @@ def create_app(state: ServerState) -> FastAPI:
         response = openai_format.ChatCompletions(core.tokenizer, f"chatcmpl-{uuid.uuid4().hex}", settings.model_name,
                                                  body.n, plan, body.prompt_logprobs is not None)
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return event_stream(first, outputs, response.chunks,
-                                lambda: [response.usage_chunk()] if include_usage else [])
+            return openai_stream(first, outputs, response, body.stream_options)
         try:
             (final,) = await until_disconnected(request, final_outputs(first, outputs, 1))
         except ClientDisconnected:

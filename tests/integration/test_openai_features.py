@@ -404,6 +404,15 @@ def test_echo_and_prompt_logprobs(client, server, seed):
         rendered[1:]
 
 
+def test_continuous_usage_stats(client):
+    chunks = list(client.completions.create(model=MODEL, prompt="x", max_tokens=5, stream=True,
+                                            stream_options={"include_usage": True, "continuous_usage_stats": True},
+                                            extra_body={"ignore_eos": True}))
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert all(c.usage is not None for c in chunks) and counts == sorted(counts) and counts[-1] == 5
+    assert chunks[-1].choices == []  # the closing usage chunk
+
+
 def test_tokenize_and_detokenize(server):
     out = httpx.post(f"{server}/tokenize", json={"prompt": "Hello, world!", "return_token_strs": True}).json()
     assert out["tokens"] == [9707, 11, 1879, 0] and out["count"] == 4 and out["max_model_len"] == 1024
