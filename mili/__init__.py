@@ -2,6 +2,7 @@
 
 from mili.config import ConfigError, GenerationConfig, ModelConfig
 from mili.engine.sampling_params import SamplingParams
+from mili.engine.structured_output import StructuredOutput
 from mili.llm import LLM
 from mili.tokenizer import Tokenizer, TokenizerError
 from mili.weights import CheckpointError, load_weights
@@ -15,6 +16,7 @@ __all__ = [
     "LLM",
     "ModelConfig",
     "SamplingParams",
+    "StructuredOutput",
     "Tokenizer",
     "TokenizerError",
     "load_weights",

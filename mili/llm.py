@@ -110,10 +110,11 @@ class LLM:
 
     def chat(self, messages: Sequence[Message] | Sequence[Sequence[Message]],
              sampling_params: SamplingParams | None = None, enable_thinking: bool | None = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
-        """Replies to one conversation or a list of them, through the model's chat template."""
+             use_tqdm: bool = True, tools: Sequence[dict[str, Any]] | None = None) -> list[RequestOutput]:
+        """Replies to one conversation or a list of them, through the model's chat template (which shows the
+        model `tools`, OpenAI-style function definitions, when given)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.tokenizer.apply_chat_template(list(c), enable_thinking=enable_thinking)
+        prompts = [self.tokenizer.apply_chat_template(list(c), enable_thinking=enable_thinking, tools=tools)
                    for c in conversations]  # type: ignore[arg-type]
         return self.generate(prompts, sampling_params, use_tqdm)
 
