@@ -1,16 +1,18 @@
 """What one sequence's next tokens may be, beyond what the model prefers: the rules that shape its logits.
 
 - `logit_bias`: added to the named tokens' logits (OpenAI's rule);
-- `min_tokens`: stop tokens (EOS included) are barred until that many tokens were generated;
+- `min_tokens`: stop tokens (EOS included) are barred until that many tokens were generated (the engine checks
+  no stop string before then either, as vLLM);
 - the think block: where the output may open with `<think>` (or starts inside one the prompt opened), its
   tokens are counted (usage's reasoning_tokens), a thinking budget forces `</think>` once it is spent, and
   structured output applies only after the block (the answer must match the schema, the thoughts need not);
 - structured output: an llguidance matcher allows exactly the tokens that keep the text inside the grammar,
   and finishes the sequence when the grammar is complete.
 
-`shape_rows` applies these to the rows of a step's logits in place: one mask per row, also for the rows of a
-speculative verification (row j is the distribution after the first j guesses; a guess the rules forbid gets
-probability 0 there, so verification rejects it). Logprobs stay the model's own (taken from the raw logits).
+`shape_rows` applies these to a copy of a step's logits: one mask per row, also for the rows of a speculative
+verification (row j is the distribution after the first j guesses; a guess the rules forbid gets probability 0
+there, so verification rejects it). Logprobs stay the model's own (taken from the raw logits). A row a mask left
+few tokens comes with those tokens, so the sampler draws over them alone.
 """
 
 from __future__ import annotations
