@@ -5,11 +5,13 @@ The kernel benchmarks (benchmarks/kernels.py: each op against MAX's and numpy), 
 (benchmarks/model.py: prefill and decode speed per dtype), where a decode step's time goes
 (benchmarks/step.py), then the engine (benchmarks/throughput.py:
 offline throughput by concurrency, TTFT with a cached prefix), then speculative decoding
-(benchmarks/speculative.py). Serving benchmarks join with the server.
-Run a suite alone with `python -m benchmarks.kernels`, `.linear`, `.model`, `.step` or `.throughput`.
+(benchmarks/speculative.py), then structured output (benchmarks/structured.py: grammar engines' mask cost,
+decode with and without a JSON schema). Serving benchmarks join with the server.
+Run a suite alone with `python -m benchmarks.kernels`, `.linear`, `.model`, `.step`, `.throughput`,
+`.speculative` or `.structured`.
 """
 
-from benchmarks import kernels, linear, model, speculative, step, throughput
+from benchmarks import kernels, linear, model, speculative, step, structured, throughput
 
 if __name__ == "__main__":
     kernels.main([])
@@ -18,3 +20,4 @@ if __name__ == "__main__":
     step.main([])
     throughput.main([])
     speculative.main([])
+    structured.main([])
