@@ -225,5 +225,5 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 **variables,
             )
-        except jinja2.TemplateError as exc:
+        except (jinja2.TemplateError, TypeError, ValueError) as exc:  # TypeError: e.g. tojson of a malformed field
             raise TokenizerError(f"the chat template rejected these messages: {exc}") from None

@@ -321,10 +321,11 @@ class Engine:
             seq.num_computed += 1
         if seq.constraints is not None:
             seq.constraints.take(sampled.token)
-            if seq.constraints.grammar_failed:  # only a bug of ours or the grammar engine's can get here
-                log.error("request %s: its structured output failed: %s", request.request_id,
-                          seq.constraints.grammar_failed)
+            if seq.constraints.grammar_failed:  # the grammar hit llguidance's limits part-way (or a bug of ours)
+                log.warning("request %s: its structured output failed: %s", request.request_id,
+                            seq.constraints.grammar_failed)
                 request.error = f"structured output failed: {seq.constraints.grammar_failed}"
+                request.error_from_request = True
                 self._finish(seq, FinishReason.ABORT, cache_computed=False)
                 return
         reason = self._stop_reason(seq, sampled.token)

@@ -54,6 +54,7 @@ class RequestOutput:
     metrics: RequestMetrics
     error: str | None = None                # why the request failed (it then finishes with "abort")
     prompt_logprobs: list[SampledToken | None] | None = None  # once the prompt is scored (params.prompt_logprobs)
+    error_from_request: bool = False        # the error is the request's (its grammar failed), not the engine's
 
     def merge(self, later: RequestOutput) -> RequestOutput:
         """This output followed by `later` (of the same request) as one output."""

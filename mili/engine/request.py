@@ -34,6 +34,7 @@ class Request:
     # params.prompt_logprobs: each prompt token's logprob as its row is computed (the first has none: None)
     prompt_logprobs: list[SampledToken | None] | None = None
     error: str | None = None
+    error_from_request: bool = False  # the request's own input failed it (its grammar), not the engine
     _distinct_prompt: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -70,7 +71,8 @@ class Request:
         scored = self.prompt_logprobs is not None and len(self.prompt_logprobs) == len(self.prompt_ids)
         return RequestOutput(self.request_id, list(self.prompt_ids),
                              [_completion(s) for s in (self.sequences if finished else changed)],
-                             finished, self.metrics(), self.error, list(self.prompt_logprobs) if scored else None)
+                             finished, self.metrics(), self.error, list(self.prompt_logprobs) if scored else None,
+                             self.error_from_request)
 
     def metrics(self) -> RequestMetrics:
         first = self.sequences[0]

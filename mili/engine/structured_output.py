@@ -50,7 +50,10 @@ class StructuredOutput:
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | bool) -> StructuredOutput:
-        return cls("json_schema", json.dumps(schema))  # key order kept: properties come in schema order
+        if schema is False:
+            raise StructuredOutputError("the JSON schema false allows no output at all")
+        # key order kept: properties come in schema order; `true` (anything) is the empty schema
+        return cls("json_schema", json.dumps({} if schema is True else schema))
 
     @classmethod
     def choice(cls, choices: list[str]) -> StructuredOutput:
@@ -132,6 +135,7 @@ class GrammarBackend:
                 self._compiled.move_to_end(constraint)
                 return compiled.deep_copy()
         compiled = llguidance.LLMatcher(tables, constraint.llguidance_grammar(), log_level=0)
+        compiled.compute_bitmask()  # the first mask builds the lexer's first states: limits show up now, as a 400
         if compiled.is_error():
             raise StructuredOutputError(f"the {constraint.kind.replace('_', ' ')} does not compile: "
                                         f"{compiled.get_error()}")

@@ -91,6 +91,8 @@ async def run(state: ServerState, prepared: Prepared, salt: str | None) -> Async
             if out.error:
                 if any(c.delta or c.delta_token_ids for c in out.outputs):
                     yield unsent_before_failure(out)  # tokens a slow reader had not read yet still go out
+                if out.error_from_request:
+                    raise APIError(400, out.error)
                 raise APIError(500, out.error, kind="server_error")
             finished = out.finished
             if finished:

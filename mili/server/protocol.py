@@ -167,7 +167,7 @@ class SamplingFields(BaseModel):
         asked: list[tuple[str, StructuredOutput]] = []
         if self.response_format is not None and self.response_format.type != "text":
             fmt = self.response_format
-            asked.append(("response_format", StructuredOutput.json_schema(fmt.json_schema.json_schema)
+            asked.append(("response_format", _constraint("response_format", "json", fmt.json_schema.json_schema)
                           if fmt.type == "json_schema" else StructuredOutput("json_object")))
         candidates = [("guided_json", "json", self.guided_json), ("guided_regex", "regex", self.guided_regex),
                       ("guided_choice", "choice", self.guided_choice),

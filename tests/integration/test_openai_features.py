@@ -292,7 +292,8 @@ def test_regex_choice_and_any_json_object(client, server, seed):
                                            extra_body={"guided_choice": choices})
         assert choice.choices[0].text in choices
     # any object has unbounded strings: a push towards '":' and '"}' lets the random model close them in time
-    closing = [str(httpx.post(f"{server}/tokenize", json={"prompt": text}).json()["tokens"][0]) for text in ('":', '"}')]
+    closing = [str(httpx.post(f"{server}/tokenize", json={"prompt": text}).json()["tokens"][0])
+               for text in ('":', '"}')]
     any_object = ask(client, max_tokens=300, seed=seed, response_format={"type": "json_object"},
                      logit_bias={token: 8 for token in closing}, extra_body=NO_THINKING)
     assert isinstance(json.loads(any_object.choices[0].message.content), dict)
@@ -314,6 +315,8 @@ def test_regex_choice_and_any_json_object(client, server, seed):
     ({"logit_bias": {"999999": 1}}, "logit_bias"),
     ({"min_tokens": 50, "max_tokens": 10}, "min_tokens"),
     ({"thinking_token_budget": 4, **NO_THINKING}, "thinking_token_budget"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": False}}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": "nope"}]}, "messages"),
 ])
 def test_what_cannot_run_is_a_400_naming_the_field(server, body, param):
     response = httpx.post(f"{server}/v1/chat/completions", json={
@@ -340,6 +343,18 @@ def test_what_sglang_router_forwards_is_understood(server):
         "model": MODEL, "prompt": "x", "max_tokens": 3, "stream": False, "echo": False, "no_stop_trim": False,
         "ignore_eos": False, "skip_special_tokens": True, "return_hidden_states": False}, timeout=60)
     assert completion.status_code == 200, completion.text
+
+
+def test_a_grammar_past_llguidance_limits_is_the_clients_error(server):
+    """A regex whose lexer grows past llguidance's limits fails its request with a 400 (when the first mask is
+    built, or part-way), and the server goes on."""
+    response = httpx.post(f"{server}/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 20, **NO_THINKING,
+        "guided_regex": "(a|aa)*(b|bb){1000}[a-z]{10000}"}, timeout=120)
+    assert response.status_code == 400, response.text
+    again = httpx.post(f"{server}/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, **NO_THINKING}, timeout=60)
+    assert again.status_code == 200
 
 
 def test_fields_clients_send_by_default_are_accepted(server):
