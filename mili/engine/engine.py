@@ -19,8 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Hashable, Iterable
-from collections.abc import Sequence as Seq
+from collections.abc import Hashable, Iterable, Sequence as Seq
 
 import numpy as np
 
@@ -37,13 +36,7 @@ from mili.engine.sampler import SampledToken, Sampler, finite_logits, log_softma
 from mili.engine.sampling_params import SamplingParams, Thinking
 from mili.engine.scheduler import ScheduledChunk, Scheduler, StepPlan
 from mili.engine.sequence import FinishReason, Sequence, SequenceStatus
-from mili.engine.speculative import (
-    NgramLookup,
-    Proposal,
-    Proposer,
-    SpeculationStats,
-    SpeculativeConfig,
-)
+from mili.engine.speculative import NgramLookup, Proposal, Proposer, SpeculationStats, SpeculativeConfig
 from mili.engine.structured_output import GrammarBackend, StructuredOutputError
 from mili.engine.verifier import verify
 from mili.tokenizer import Tokenizer
@@ -52,7 +45,11 @@ log = logging.getLogger(__name__)
 
 
 class RequestError(ValueError):
-    """A request the engine cannot take (the message says why); nothing was queued."""
+    """A request the engine cannot take (the message says why, `param` which parameter); nothing was queued."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class Engine:
@@ -123,15 +120,17 @@ class Engine:
             raise RequestError(f"request id {request_id!r} is already in use")
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not prompt_ids:
-            raise RequestError("the prompt is empty: it needs at least one token")
+            raise RequestError("the prompt is empty: it needs at least one token", "prompt")
         vocab = self.runner.config.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise RequestError(f"prompt token ids must lie in [0, {vocab})")
+            raise RequestError(f"prompt token ids must lie in [0, {vocab})", "prompt")
         if len(prompt_ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this engine's context is "
-                               f"{self.max_model_len} tokens, and at least one must be left to generate")
-        if any(t >= vocab for t, _ in params.logit_bias):
-            raise RequestError(f"logit_bias token ids must lie in [0, {vocab})")
+                               f"{self.max_model_len} tokens, and at least one must be left to generate", "prompt")
+        for name, tokens in (("logit_bias", [t for t, _ in params.logit_bias]),
+                             ("stop_token_ids", params.stop_token_ids)):
+            if any(t >= vocab for t in tokens):
+                raise RequestError(f"'{name}' names token ids beyond this model's vocabulary of {vocab}", name)
         if params.thinking is not Thinking.OFF and self.think_tokens is None:
             raise RequestError("this model's tokenizer has no <think> and </think> tokens: thinking cannot be tracked")
         try:

@@ -167,7 +167,6 @@ class Sampler:
         row, the few tokens a mask left (see sample_row)."""
         if len(logits) != len(rows):
             raise ValueError(f"{len(logits)} logit rows for {len(rows)} requests")
-        raw = logits if raw is None else raw
         argmax = logits.argmax(axis=1)  # greedy rows without penalties need nothing else: one pass for all
         # argmax lands on any NaN or +inf, and on -inf only when the whole row is -inf: checking the chosen
         # values costs O(rows), where checking every logit cost as much as the argmax itself
@@ -175,8 +174,10 @@ class Sampler:
             logits = finite_logits(logits)
             argmax = logits.argmax(axis=1)
         wants_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-        logprobs = dict(zip(wants_logprobs, log_softmax_rows(finite_logits(raw[wants_logprobs])))) \
-            if wants_logprobs else {}
+        logprobs = {}
+        if wants_logprobs:  # the model's own distribution: `logits` (made finite above) unless they were shaped
+            own = logits[wants_logprobs] if raw is None else finite_logits(raw[wants_logprobs])
+            logprobs = dict(zip(wants_logprobs, log_softmax_rows(own)))
         results = []
         for i, request in enumerate(rows):
             params = request.params

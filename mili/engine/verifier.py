@@ -23,17 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mili.engine.sampler import (
-    SampledToken,
-    SamplingRow,
-    draw_index,
-    finite_logits,
-    kept_distribution,
-    log_softmax_rows,
-    penalised_row,
-    sample_row,
-    with_logprobs,
-)
+from mili.engine.sampler import (SampledToken, SamplingRow, draw_index, finite_logits, kept_distribution,
+                                 log_softmax_rows, penalised_row, sample_row, with_logprobs)
 from mili.engine.sampling_params import SamplingParams
 from mili.engine.speculative import Proposal
 
@@ -67,10 +58,11 @@ def verify(logits: np.ndarray, seq: SamplingRow, proposal: Proposal, raw: np.nda
     if len(logits) != len(guesses) + 1:
         raise ValueError(f"{len(logits)} logit rows to verify {len(guesses)} proposed tokens")
     params = seq.params
-    raw = logits if raw is None else raw
     if not np.isfinite(logits).all():
         logits = finite_logits(logits)
-    logprobs = log_softmax_rows(finite_logits(raw)) if params.logprobs is not None else None
+    logprobs = None
+    if params.logprobs is not None:  # the model's own rows: `logits` (made finite above) unless they were shaped
+        logprobs = log_softmax_rows(logits if raw is None else finite_logits(raw))
     counts = dict(seq.output_counts) if params.has_penalties else seq.output_counts
     tokens: list[SampledToken] = []
     for j in range(len(guesses) + 1):

@@ -22,35 +22,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from mili.engine.outputs import RequestOutput
 from mili.server import openai_format
 from mili.server.chat import plan_chat, render_prompt
-from mili.server.errors import (
-    APIError,
-    bad_request,
-    error_response,
-    install_error_handlers,
-)
-from mili.server.generation import (
-    final_outputs,
-    first_output,
-    merged,
-    prepare,
-    run,
-    running_engine,
-)
-from mili.server.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    GenerateRequest,
-    StreamOptions,
-    TokenizeRequest,
-)
+from mili.server.errors import APIError, bad_request, error_response, install_error_handlers
+from mili.server.generation import final_outputs, first_output, merged, prepare, run, running_engine
+from mili.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, GenerateRequest,
+                                  StreamOptions, TokenizeRequest)
 from mili.server.state import ServerState
-from mili.server.streaming import (
-    ClientDisconnected,
-    client_gone_response,
-    event_stream,
-    until_disconnected,
-)
+from mili.server.streaming import ClientDisconnected, client_gone_response, event_stream, until_disconnected
 
 GENERATE_DEFAULT_MAX_TOKENS = 128
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions

@@ -62,10 +62,6 @@ async def prepare(core: Engine, body: SamplingFields, prompt: str | list[int], m
         params = body.sampling_params(chosen, logprobs, defaults=unset, **extra)
     except ValueError as exc:
         raise bad_request(exc) from None
-    vocab = core.runner.config.vocab_size
-    for name, tokens in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
-        if any(t >= vocab for t in tokens):
-            raise APIError(400, f"'{name}' names token ids beyond this model's vocabulary of {vocab}", param=name)
     if params.structured_output is not None:
         try:
             await asyncio.to_thread(core.grammars.matcher, params.structured_output)
@@ -100,7 +96,7 @@ async def run(state: ServerState, prepared: Prepared, salt: str | None) -> Async
                 log_finished(out)
             yield out
     except RequestError as exc:
-        raise APIError(400, str(exc), param="prompt") from None
+        raise APIError(400, str(exc), param=exc.param) from None
     except EngineDeadError as exc:
         raise APIError(503, str(exc), kind="service_unavailable") from None
     finally:

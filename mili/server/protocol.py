@@ -191,7 +191,8 @@ class SamplingFields(BaseModel):
         fields = dict(temperature=self.temperature, top_p=self.top_p, top_k=max(0, self.top_k), min_p=self.min_p,
                       repetition_penalty=self.repetition_penalty)
         fields.update(defaults or {})
-        fields.setdefault("structured_output", self.structured_output())
+        if "structured_output" not in extra:  # an endpoint that worked it out already passes it (chat's plan)
+            fields["structured_output"] = self.structured_output()
         fields.update(extra)
         if self.min_tokens > max_tokens:
             raise ValueError(f"'min_tokens' ({self.min_tokens}) is more than max_tokens ({max_tokens})")
