@@ -2,8 +2,8 @@
 
 A `StructuredOutput` names the constraint (a JSON schema, any JSON object, a regex, a choice of strings, or a
 Lark grammar, llguidance's dialect, which can embed JSON schemas with `%json`). `GrammarBackend` compiles it
-with llguidance, chosen by measurement over xgrammar (benchmarks/grammar_masks.py; NOTES.md, stop 26): both
-fill a mask of Qwen3's 151,936 tokens in tens of microseconds, but xgrammar imports torch and llguidance
+with llguidance, chosen by measurement over xgrammar (benchmarks/structured.py; NOTES.md, stop 26): both fill a
+mask of Qwen3's 151,936 tokens in at most a few tens of microseconds, but xgrammar imports torch and llguidance
 depends on nothing. Compiling happens when the request is prepared (a worker thread, never the step loop) and
 is cached by constraint: a later request with the same schema copies a compiled matcher (~3 us, against
 ~0.5 ms for a new one). The tokenizer tables llguidance needs (~0.7 s to build) are made on first use.
