@@ -23,12 +23,14 @@
 # CPU with AVX512_BF16 both products use vdpbf16ps instead (two bf16 multiply-adds per float32 lane): K rows
 # d and d + 1 (and V rows t and t + 1) are interleaved into pairs once for all rows, queries and the bf16-rounded
 # probabilities are broadcast pairs. The online softmax takes STEP_KEYS keys (several blocks) per step, so
-# its per-row work (max, rescale, sums) is paid once per step rather than per block. A sequence with a single
-# token tile (decode, short verification) has its key range split every SPLIT_KEYS keys, at fixed key
-# positions, into parts computed in parallel, whose partial softmaxes (max, sum, unnormalised output) are
-# merged afterwards. Steps and splits start at fixed key positions, so a row's arithmetic depends on its own
-# keys alone: a verification row gives the bits of a decode of it alone, in any batch. Tiles get fewer KV
-# heads when there would otherwise be fewer tiles than cores.
+# its per-row work (max, rescale, sums) is paid once per step rather than per block.
+# Every row takes its keys in parts of PART_KEYS keys at fixed positions (0, PART_KEYS, ...): each part's softmax
+# (max, sum, unnormalised output) starts afresh, and the parts are folded into the row's result one after the
+# other, in order (fold_weights / fold). A sequence with a single token tile (decode, short verification) computes
+# its parts in parallel, one tile each, and merges them afterwards with the same fold; a longer one folds them as
+# it walks its keys. So a row's arithmetic depends on its own keys alone, not on how its sequence was chunked nor
+# on the rest of the batch: a decode, a short chunk, a verification row and the same row inside a long prefill
+# give the same bits. Tiles get fewer KV heads when there would otherwise be fewer tiles than cores.
 # GPU: one thread block per (token, head); threads own one key each for scoring and output dims for the
 # weighted V sum; block-wide max/sum reductions in shared memory.
 import extensibility
@@ -48,8 +50,7 @@ from std.memory import bitcast
 
 comptime MutableInputTensor = ManagedTensorSlice[IOSpec.MutableInput, ...]
 comptime MAX_ROWS = 16  # query rows (tokens x heads) a CPU work item scores against each K block
-comptime MAX_PARTS = 64  # parts whose merge weights are kept on the stack (more are recomputed)
-comptime SPLIT_KEYS = 256  # keys per part of a split decode (a part's merge costs about one block)
+comptime PART_KEYS = 256  # keys per softmax part (rounded up to whole steps); a fold costs about one block
 comptime STEP_KEYS = 128  # keys (whole blocks) per online-softmax step: one row max, rescale and sum per step
 comptime NO_SCORE: Float32 = -1.0e30  # finite "minus infinity": exp() of it is 0 and it never makes NaN
 comptime GPU_THREADS = 128
@@ -152,14 +153,68 @@ def step_keys(block_size: Int) -> Int:
     return max(1, STEP_KEYS // block_size) * block_size
 
 
-def key_splits(q_len: Int, tokens_per_tile: Int, keys: Int) -> Int:
-    """Parts a sequence's key range is split into: a sequence with one token tile (decode, short
-    verification) splits every SPLIT_KEYS keys so its long context is read by every core; one with many token
-    tiles has parallel work already. Depends on the sequence alone, so its arithmetic never depends on the
-    rest of the batch."""
+@always_inline
+def part_keys(block_size: Int) -> Int:
+    """Keys per softmax part: PART_KEYS rounded up to whole online-softmax steps, so steps never straddle parts."""
+    var step = step_keys(block_size)
+    return ceildiv(PART_KEYS, step) * step
+
+
+@fieldwise_init
+struct FoldWeights(TrivialRegisterPassable):
+    """How a part's softmax joins the parts folded before it: both are rescaled to the new running max."""
+
+    var new_max: Float32
+    var earlier: Float32  # multiplies the sum and output folded so far
+    var part: Float32  # multiplies the part's own sum and output
+
+
+@always_inline
+def fold_weights(running_max: Float32, part_max: Float32) -> FoldWeights:
+    """The weights that fold a part whose scores peak at part_max into a running result that peaks at running_max.
+    A part that saw no key (NO_SCORE) gets weight 0 and leaves the result as it was; the first part meets the
+    empty start (NO_SCORE, zeros) and is taken as it is (weights 0 and 1)."""
+    var new_max = max(running_max, part_max)
+    return FoldWeights(new_max, exp(running_max - new_max), exp(part_max - new_max))
+
+
+@always_inline
+def fold[w: SIMDLength, //](
+    earlier: SIMD[DType.float32, w], part: SIMD[DType.float32, w], weights: FoldWeights
+) -> SIMD[DType.float32, w]:
+    """Earlier * weights.earlier + part * weights.part, rounded one way wherever parts are folded (a tile walking
+    its parts and the merge of a split sequence's parts must give the same bits)."""
+    return part.fma(SIMD[DType.float32, w](weights.part), earlier * weights.earlier)
+
+
+@always_inline
+def fold_rows[D: Int](
+    rows: Int,
+    part_acc: MutPointer[Float32, ...], part_max: MutPointer[Float32, ...], part_sum: MutPointer[Float32, ...],
+    total_acc: MutPointer[Float32, ...], total_max: MutPointer[Float32, ...], total_sum: MutPointer[Float32, ...],
+):
+    """Folds each row's finished part into its running result and clears the part for the next one."""
+    comptime W = F32_WIDTH
+    for r in range(rows):
+        var weights = fold_weights(total_max.unsafe_load(r), part_max.unsafe_load(r))
+        total_max.unsafe_store(r, weights.new_max)
+        total_sum.unsafe_store(r, fold(total_sum.unsafe_load(r), part_sum.unsafe_load(r), weights))
+        for d in range(r * D, (r + 1) * D, W):
+            total_acc.unsafe_store(d, fold(total_acc.unsafe_load[width=W](d), part_acc.unsafe_load[width=W](d),
+                                           weights))
+            part_acc.unsafe_store(d, SIMD[DType.float32, W](0))
+        part_max.unsafe_store(r, NO_SCORE)
+        part_sum.unsafe_store(r, 0)
+
+
+def key_splits(q_len: Int, tokens_per_tile: Int, keys: Int, block_size: Int) -> Int:
+    """Tiles a sequence's key range is split into: a sequence with one token tile (decode, short verification)
+    computes each part in a tile of its own, so its long context is read by every core; one with many token
+    tiles has parallel work already and folds its parts in turn. Depends on the sequence alone, so its
+    arithmetic never depends on the rest of the batch (and a split changes no bit of it either)."""
     if q_len > tokens_per_tile:
         return 1
-    return max(1, ceildiv(keys, SPLIT_KEYS))
+    return ceildiv(keys, part_keys(block_size))
 
 
 def plan_tiles(
@@ -187,13 +242,8 @@ def plan_tiles(
             var keys = Int(context_lens.unsafe_load(b))
             var rows_per_kv = min(q_len, tokens_per_tile) * heads_per_tile
             var kv_per_tile = max(1, min(kv_cap, MAX_ROWS // rows_per_kv))
-            var splits = key_splits(q_len, tokens_per_tile, keys)
-            # Split boundaries at fixed key positions (multiples of a whole number of softmax steps), so a row
-            # is split the same way whatever the context of the sequence's last row: a verification row gives
-            # the same bits as the decode of it alone.
-            var step = step_keys(layout.block_size)
-            var keys_per_split = ceildiv(SPLIT_KEYS, step) * step if splits > 1 else keys
-            splits = ceildiv(keys, keys_per_split)
+            var splits = key_splits(q_len, tokens_per_tile, keys, layout.block_size)
+            var keys_per_split = part_keys(layout.block_size) if splits > 1 else keys
             for g in range(0, layout.kv_heads, kv_per_tile):
                 for h0 in range(0, batch.group, heads_per_tile):
                     for i0 in range(0, q_len, tokens_per_tile):
@@ -426,6 +476,10 @@ def attend_tile[dtype: DType, head_dim: Int, block_size: Int](
     var row_sum = stack_allocation[MAX_ROWS, Float32]()
     var row_alpha = stack_allocation[MAX_ROWS, Float32]()
     var row_limit = stack_allocation[MAX_ROWS, Int]()
+    # the row results of the parts folded so far (row_max, row_sum and acc hold the current part)
+    var total_acc = stack_allocation[MAX_ROWS * D, Float32]()
+    var total_max = stack_allocation[MAX_ROWS, Float32]()
+    var total_sum = stack_allocation[MAX_ROWS, Float32]()
     comptime DOT = uses_dot_bf16_attention[dtype, BS]()
     # vdpbf16ps operands: the raw bfloat16 queries (the scale is applied to the scores) and probabilities
     var q_halves = stack_allocation[MAX_ROWS * D, BFloat16, alignment=64]()
@@ -447,18 +501,25 @@ def attend_tile[dtype: DType, head_dim: Int, block_size: Int](
                 q_rows.unsafe_store(r * D + d, q_ptr.unsafe_load(q_base + d).cast[DType.float32]() * scale)
         for d in range(D):
             acc.unsafe_store(r * D + d, 0)
+            total_acc.unsafe_store(r * D + d, 0)
         row_max.unsafe_store(r, NO_SCORE)
         row_sum.unsafe_store(r, 0)
+        total_max.unsafe_store(r, NO_SCORE)
+        total_sum.unsafe_store(r, 0)
         var limit = min(first_limit + i, tile.key_hi)
         row_limit.unsafe_store(r, limit)
         max_limit = max(max_limit, limit)
 
-    # Keys go in steps of SB blocks from key_lo (0, or a multiple of the split size): where a key falls in a step
-    # depends on its position alone, so a row's arithmetic is the same in any batch. Rows see keys up to their
-    # own limits; keys past a row's limit in a step are masked to probability 0 (adding exact zeros).
+    # Keys go in steps of SB blocks from key_lo (0, or the start of a split's part), parts of whole steps: where a
+    # key falls in a step and a part depends on its position alone, so a row's arithmetic is the same in any
+    # batch and any chunking. Rows see keys up to their own limits; keys past a row's limit in a step are masked
+    # to probability 0 (adding exact zeros; a part past it leaves the row's result as it was).
     var table_row = tile.seq * batch.max_blocks
+    var keys_per_part = part_keys(BS)
     var block_start = tile.key_lo
     while block_start < max_limit:
+        if block_start != tile.key_lo and block_start % keys_per_part == 0:  # never in a split's one-part tile
+            fold_rows[D](rows, acc, row_max, row_sum, total_acc, total_max, total_sum)
         var step_blocks = min(SB, ceildiv(max_limit - block_start, BS))
         for b in range(step_blocks):
             physical_blocks.unsafe_store(b, Int(block_tables.unsafe_load(table_row + block_start // BS + b)))
@@ -532,6 +593,8 @@ def attend_tile[dtype: DType, head_dim: Int, block_size: Int](
                 for_row_groups[score_rows_per_call()](first_row, end_row, values)
         block_start += step_blocks * BS
 
+    if tile.partial < 0:
+        fold_rows[D](rows, acc, row_max, row_sum, total_acc, total_max, total_sum)  # the last part
     for r in range(rows):
         if tile.partial >= 0:
             var base = (tile.partial * MAX_ROWS + r) * (D + 2)
@@ -541,9 +604,9 @@ def attend_tile[dtype: DType, head_dim: Int, block_size: Int](
                 partial_ptr.unsafe_store(base + 2 + d, acc.unsafe_load(r * D + d))
         else:
             var out_base = ((token_base + tile.token(r)) * batch.num_heads + tile.head(r, batch.group)) * D
-            var inv_sum = 1.0 / row_sum.unsafe_load(r)
+            var inv_sum = 1.0 / total_sum.unsafe_load(r)
             for d in range(D):
-                out_ptr.unsafe_store(out_base + d, narrow[dtype](acc.unsafe_load(r * D + d) * inv_sum))
+                out_ptr.unsafe_store(out_base + d, narrow[dtype](total_acc.unsafe_load(r * D + d) * inv_sum))
 
 
 def merge_partials[dtype: DType, head_dim: Int](
@@ -554,32 +617,31 @@ def merge_partials[dtype: DType, head_dim: Int](
     out_ptr: MutPointer[Scalar[dtype], ...],
     partial_ptr: Pointer[Float32, ...],
 ):
-    """Combines the split results of one tile (tiles[first ..< first + parts]) into the output."""
+    """Folds the parts of one split tile (tiles[first ..< first + parts], in key order) into the output, with the
+    arithmetic of an unsplit tile walking the same parts."""
     comptime D = head_dim
     var tile = tiles[first]
     var parts = tile.parts
     var token_base = Int(query_start.unsafe_load(tile.seq))
-    var weights = stack_allocation[MAX_PARTS, Float32]()
+    var folds = List[FoldWeights](capacity=parts)  # a row's weights per part, the same for all its dims
     for r in range(tile.rows()):
-        var overall_max = NO_SCORE
-        for s in range(parts):
-            var base = (tiles[first + s].partial * MAX_ROWS + r) * (D + 2)
-            overall_max = max(overall_max, partial_ptr.unsafe_load(base))
+        folds.clear()
+        var running_max = NO_SCORE
         var total = Float32(0)
         for s in range(parts):
             var base = (tiles[first + s].partial * MAX_ROWS + r) * (D + 2)
-            var weight = exp(partial_ptr.unsafe_load(base) - overall_max)
-            weights.unsafe_store(s % MAX_PARTS, weight)
-            total += partial_ptr.unsafe_load(base + 1) * weight
+            var weights = fold_weights(running_max, partial_ptr.unsafe_load(base))
+            running_max = weights.new_max
+            total = fold(total, partial_ptr.unsafe_load(base + 1), weights)
+            folds.append(weights)
         var out_base = ((token_base + tile.token(r)) * batch.num_heads + tile.head(r, batch.group)) * D
         var inv_total = 1.0 / total
 
-        def merge_dims[w: Int](d: Int) {imm tiles, imm first, imm parts, imm r, imm partial_ptr, imm weights, imm out_ptr, imm out_base, imm inv_total, imm overall_max}:
+        def merge_dims[w: Int](d: Int) {imm tiles, imm first, imm parts, imm r, imm partial_ptr, imm folds, imm out_ptr, imm out_base, imm inv_total}:
             var value = SIMD[DType.float32, w](0)
             for s in range(parts):
                 var base = (tiles[first + s].partial * MAX_ROWS + r) * (D + 2)
-                var weight = weights.unsafe_load(s) if s < MAX_PARTS else exp(partial_ptr.unsafe_load(base) - overall_max)
-                value += partial_ptr.unsafe_load[width=w](base + 2 + d) * weight
+                value = fold(value, partial_ptr.unsafe_load[width=w](base + 2 + d), folds[s])
             out_ptr.unsafe_store(out_base + d, narrow[dtype](value * inv_total))
 
         vectorize[F32_WIDTH](D, merge_dims)

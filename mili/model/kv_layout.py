@@ -46,3 +46,14 @@ class KVCacheShape:
         k_blocks = cache[layer, 0, block].reshape(self.kv_heads, self.head_dim, self.block_size)
         v_blocks = cache[layer, 1, block].reshape(self.kv_heads, self.block_size, self.head_dim)
         return k_blocks[:, :, offset].copy(), v_blocks[:, offset, :].copy()
+
+    def write_blocks(self, cache: np.ndarray, layer: int, blocks: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        """Stores whole blocks of a sequence at once: k and v [len(blocks) * block_size, kv_heads, head_dim] hold
+        positions 0, 1, ... and blocks[i] receives positions i * block_size onwards."""
+        count, bs = len(blocks), self.block_size
+        if k.shape != v.shape or len(k) != count * bs:
+            raise ValueError(f"{count} blocks hold {count * bs} tokens; k and v have {k.shape} and {v.shape}")
+        per_token = (count, bs, self.kv_heads, self.head_dim)
+        stored = (count, self.kv_heads, bs * self.head_dim)
+        cache[layer, 0, blocks] = k.reshape(per_token).transpose(0, 2, 3, 1).reshape(stored)  # K dim-major
+        cache[layer, 1, blocks] = v.reshape(per_token).transpose(0, 2, 1, 3).reshape(stored)

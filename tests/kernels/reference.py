@@ -53,6 +53,20 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_len: int) -> np.nda
     return out
 
 
+def attention_row(q: np.ndarray, k_heads: np.ndarray, v_heads: np.ndarray) -> np.ndarray:
+    """Attention of one new token's query heads q [heads, d] over a whole context given head-major, k_heads and
+    v_heads [kv_heads, context, d] (float64: long contexts are laid out once, not per row); returns [heads, d]."""
+    heads, d = q.shape
+    kv_heads = k_heads.shape[0]
+    grouped = q.astype(np.float64).reshape(kv_heads, heads // kv_heads, d)
+    out = np.empty((kv_heads, heads // kv_heads, d), np.float64)
+    for h in range(kv_heads):  # 2-D products: BLAS, where a batched matmul of thin matrices would loop
+        scores = k_heads[h] @ grouped[h].T / np.sqrt(d)  # [context, group]
+        p = np.exp(scores - scores.max(axis=0))
+        out[h] = (p / p.sum(axis=0)).T @ v_heads[h]
+    return out.reshape(heads, d)
+
+
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     """Largest absolute error over the largest reference magnitude (0 for empty arrays)."""
     scale = max(float(np.abs(expected).max(initial=0.0)), 1e-30)
