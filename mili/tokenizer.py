@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.ext
@@ -21,6 +21,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from mili.config import GenerationConfig, ModelConfig
+
+if TYPE_CHECKING:
+    from mili.gguf.files import GGUFModel
 
 Message = dict[str, Any]
 
@@ -160,6 +163,15 @@ class Tokenizer:
         if eos_token is not None and hf.token_to_id(eos_token) is not None:
             eos_ids.append(hf.token_to_id(eos_token))
         return cls(hf, tokenizer_config, eos_ids)
+
+    @classmethod
+    def from_gguf(cls, model: GGUFModel) -> Tokenizer:
+        """The tokenizer and chat template a GGUF file carries (`tokenizer.ggml.*`, `tokenizer.chat_template`);
+        stop tokens as llama.cpp stops: eos, eot and eom ids, and <|im_end|> / <|endoftext|>."""
+        from mili.gguf.tokenizer import read_tokenizer  # gguf-py adds ~75 ms to every import; only GGUF models pay
+
+        built = read_tokenizer(model)
+        return cls(built.hf, built.tokenizer_config, built.eos_token_ids)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`. Qwen3 adds no BOS token; special-token strings in the text are recognised."""
