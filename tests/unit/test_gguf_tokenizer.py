@@ -50,7 +50,8 @@ def llama_cpp_token_types(tokenizer_json: dict) -> tuple[list[str], list[int]]:
             text = added[i]["content"]
             looks_special = text.startswith("<|") and text.endswith("|>")  # its does_token_look_special
             tokens.append(text)
-            types.append(gguf.TokenType.CONTROL if added[i]["special"] or looks_special else gguf.TokenType.USER_DEFINED)
+            control = added[i]["special"] or looks_special
+            types.append(gguf.TokenType.CONTROL if control else gguf.TokenType.USER_DEFINED)
         else:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
@@ -91,8 +92,9 @@ def tokenizers(qwen3_gguf) -> tuple[Tokenizer, Tokenizer]:
 
 def random_text(rng: np.random.Generator) -> str:
     """Characters from several scripts, digits, punctuation, whitespace and emoji, in random runs."""
-    pools = ["abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", "0123456789", " \t\n\r  ", ".,;:!?'\"()[]{}<>-_=+*/\\|@#$%^&~`",
-             "的一是不了人我在有他这中大来上国个到说们为", "アイウエオカキクケコあいうえお", "😀😂🤖🚀🌍✨🔥👍🏽", "éüñçßøåæœ", "ΑΒΓαβγДЖЯжя"]
+    pools = ["abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", "0123456789", " \t\n\r  ",
+             ".,;:!?'\"()[]{}<>-_=+*/\\|@#$%^&~`", "的一是不了人我在有他这中大来上国个到说们为",
+             "アイウエオカキクケコあいうえお", "😀😂🤖🚀🌍✨🔥👍🏽", "éüñçßøåæœ", "ΑΒΓαβγДЖЯжя"]
     pieces = []
     for _ in range(int(rng.integers(1, 30))):
         pool = pools[int(rng.integers(len(pools)))]
@@ -111,7 +113,8 @@ def test_gguf_tokenizer_encodes_and_decodes_like_the_hugging_face_one(tokenizers
         compared += len(ids)
     assert compared > 5_000, compared  # the corpus really was tokenized
     assert ours.vocab_size == reference.vocab_size == 151_669
-    assert [ours.token_bytes(i) for i in range(0, 151_669, 97)] == [reference.token_bytes(i) for i in range(0, 151_669, 97)]
+    sample = range(0, 151_669, 97)
+    assert [ours.token_bytes(i) for i in sample] == [reference.token_bytes(i) for i in sample]
 
 
 def test_gguf_tokenizer_carries_the_special_tokens_and_chat_template(tokenizers):
