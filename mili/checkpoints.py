@@ -42,7 +42,7 @@ CHECKPOINT_FORMAT_VERSION = 1  # bump to invalidate cached checkpoints when the 
 
 @dataclass(frozen=True)
 class CheckpointSpec:
-    """Shape, dtype and seed of a random-weight Qwen3 checkpoint."""
+    """Shape, dtype and seed of a random-weight Qwen3 (or Qwen2) checkpoint."""
 
     name: str
     hidden_size: int
@@ -59,9 +59,12 @@ class CheckpointSpec:
     rope_theta: float = 1_000_000.0
     max_position_embeddings: int = 40960
     rms_norm_eps: float = 1e-6
+    model_type: str = "qwen3"  # or "qwen2": head_dim must then be hidden_size / num_attention_heads
 
     def cache_key(self) -> str:
         fields = dataclasses.asdict(self) | {"format": CHECKPOINT_FORMAT_VERSION}
+        if self.model_type == "qwen3":
+            del fields["model_type"]  # keys written before Qwen2 existed stay valid (no rewrite of cached folders)
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
         return f"{self.name}-{digest}"
 
@@ -82,6 +85,10 @@ TEST_CHECKPOINTS: dict[str, CheckpointSpec] = {
         CheckpointSpec("tiny-tied-gqa2-d64-bf16", hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=64, intermediate_size=160, tie_word_embeddings=True,
                        dtype="bfloat16", seed=4),
+        # Qwen2/Qwen2.5's attention block (q/k/v biases, no q/k norm; head_dim = hidden / heads), tied as 0.5-3B are
+        CheckpointSpec("tiny-qwen2-tied-gqa2-d64", hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=64, intermediate_size=320, tie_word_embeddings=True, seed=5,
+                       model_type="qwen2"),
     )
 }
 
@@ -130,27 +137,36 @@ def missing_writer_modules() -> list[str]:
 
 
 def write_checkpoint(spec: CheckpointSpec, out_dir: str | Path, max_shard_size: str | None = None) -> Path:
-    """Writes a random-weight Qwen3 checkpoint with transformers' `save_pretrained`, plus tokenizer files."""
+    """Writes a random-weight Qwen3 (or Qwen2) checkpoint with transformers' `save_pretrained`, plus tokenizer
+    files."""
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     out_dir = Path(out_dir)
-    config = Qwen3Config(
+    shape = dict(
         vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads, head_dim=spec.head_dim,
+        num_key_value_heads=spec.num_key_value_heads,
         tie_word_embeddings=spec.tie_word_embeddings, initializer_range=spec.initializer_range,
         rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
         max_position_embeddings=spec.max_position_embeddings, rms_norm_eps=spec.rms_norm_eps,
         bos_token_id=QWEN3_BOS_TOKEN_ID, eos_token_id=QWEN3_EOS_TOKEN_ID,
     )
+    if spec.model_type == "qwen2":
+        if spec.head_dim * spec.num_attention_heads != spec.hidden_size:
+            raise ValueError(f"{spec.name}: a Qwen2 model's head_dim is hidden_size / num_attention_heads")
+        model_class, config = Qwen2ForCausalLM, Qwen2Config(**shape)
+    else:
+        model_class, config = Qwen3ForCausalLM, Qwen3Config(**shape, head_dim=spec.head_dim)
     torch.manual_seed(spec.seed)
     dtype = getattr(torch, spec.dtype)
-    model = Qwen3ForCausalLM(config).to(dtype).eval()
-    with torch.no_grad():  # norm weights init to exactly 1; randomise them so tests see them applied
+    model = model_class(config).to(dtype).eval()
+    with torch.no_grad():  # norm weights init to exactly 1 and biases to 0; randomise them so tests see them applied
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.copy_(1.0 + 0.1 * torch.randn_like(param, dtype=torch.float32))
+            elif name.endswith(".bias"):
+                param.copy_(0.5 * torch.randn_like(param, dtype=torch.float32))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out_dir, **kwargs)
     (out_dir / "generation_config.json").write_text(json.dumps(generation_config_json(), indent=2))

@@ -46,8 +46,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     files = checkpoint_files(model_dir)
     params = sum(_product(shape) for shape in expected_shapes(config).values())
     print(f"model folder   {model_dir}")
-    print(f"architecture   Qwen3: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-          f"intermediate {config.intermediate_size}")
+    attention_block = "q/k/v biases" if config.qkv_bias else "per-head q/k norm"
+    print(f"architecture   {config.model_type}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+          f"intermediate {config.intermediate_size}, {attention_block}")
     print(f"attention      {config.num_attention_heads} query heads, {config.num_key_value_heads} KV heads "
           f"(GQA x{config.gqa_group_size}), head_dim {config.head_dim}, RoPE theta {config.rope_theta:g}")
     print(f"vocabulary     {config.vocab_size} rows, embeddings {'tied' if config.tie_word_embeddings else 'untied'}")

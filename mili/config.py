@@ -1,9 +1,11 @@
-"""Model and generation settings read from a Hugging Face Qwen3 checkpoint folder.
+"""Model and generation settings read from a Hugging Face Qwen3 or Qwen2/Qwen2.5 checkpoint folder.
 
 `ModelConfig.from_pretrained(dir)` reads `config.json` as transformers 4 and 5 write it
 (`rope_theta` or `rope_parameters`, `torch_dtype` or `dtype`) and rejects anything MILI cannot run
-with an error naming the field. Defaults for absent fields are transformers' `Qwen3Config` defaults,
-so a config means here what it means there.
+with an error naming the field. Defaults for absent fields are transformers' `Qwen3Config` / `Qwen2Config`
+defaults, so a config means here what it means there. The two families differ in the attention block: Qwen2
+has biases on the q/k/v projections and no per-head q/k norm, Qwen3 the reverse; Qwen2 has no `head_dim`
+field (hidden_size / num_attention_heads).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM",)
+# config.json's architecture -> its model_type
+SUPPORTED_ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2"}
 CHECKPOINT_DTYPES = ("float32", "float16", "bfloat16")
 
 # transformers' Qwen3Config / RotaryEmbeddingConfigMixin defaults for fields a config may omit.
@@ -114,27 +117,34 @@ def _checkpoint_dtype(raw: dict[str, Any]) -> str | None:
     return name
 
 
-def _check_architecture(raw: dict[str, Any]) -> None:
+def _model_type(raw: dict[str, Any]) -> str:
+    """The family, 'qwen3' or 'qwen2', from `architectures` and `model_type` (which must agree)."""
     architectures = raw.get("architectures")
     model_type = raw.get("model_type")
+    supported = ", ".join(SUPPORTED_ARCHITECTURES)
     if architectures is not None:
         if not isinstance(architectures, list) or not architectures:
             raise ConfigError(f"config.json field 'architectures' must be a non-empty list, got {architectures!r}")
-        unknown = [a for a in architectures if a not in SUPPORTED_ARCHITECTURES]
-        if unknown:
-            raise ConfigError(
-                f"config.json field 'architectures' is {architectures!r}; MILI runs only "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-    if model_type is not None and model_type != "qwen3":
-        raise ConfigError(f"config.json field 'model_type' is {model_type!r}; MILI runs only 'qwen3'")
-    if architectures is None and model_type is None:
+        families = {SUPPORTED_ARCHITECTURES.get(a) for a in architectures}
+        if None in families or len(families) != 1:
+            raise ConfigError(f"config.json field 'architectures' is {architectures!r}; MILI runs {supported}")
+        family = families.pop()
+        if model_type is not None and model_type != family:
+            raise ConfigError(f"config.json disagrees with itself: 'architectures' is {architectures!r} but "
+                              f"'model_type' is {model_type!r}")
+        return family
+    if model_type is None:
         raise ConfigError("config.json names neither 'architectures' nor 'model_type'; cannot tell it is Qwen3")
+    if model_type not in SUPPORTED_ARCHITECTURES.values():
+        raise ConfigError(f"config.json field 'model_type' is {model_type!r}; MILI runs "
+                          f"{', '.join(repr(t) for t in SUPPORTED_ARCHITECTURES.values())}")
+    return model_type
 
 
-def _check_unsupported_features(raw: dict[str, Any], num_layers: int) -> None:
-    if raw.get("attention_bias", False):
+def _check_unsupported_features(raw: dict[str, Any], num_layers: int, model_type: str) -> None:
+    if model_type == "qwen3" and raw.get("attention_bias", False):
         raise ConfigError("config.json field 'attention_bias' is true; Qwen3 checkpoints have no attention bias")
+    # Qwen2 configs carry sliding_window and max_window_layers even when use_sliding_window is false (unused then)
     if raw.get("use_sliding_window", False):
         raise ConfigError("config.json field 'use_sliding_window' is true; MILI supports only full attention")
     act = raw.get("hidden_act", _DEFAULTS["hidden_act"])
@@ -153,7 +163,7 @@ def _check_unsupported_features(raw: dict[str, Any], num_layers: int) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The shape of a Qwen3 model: everything the graph builder and the KV cache need."""
+    """The shape of a Qwen3 or Qwen2 model: everything the graph builder and the KV cache need."""
 
     vocab_size: int
     hidden_size: int
@@ -170,6 +180,17 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    model_type: str = "qwen3"  # or "qwen2": q/k/v biases instead of the per-head q/k norm
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Whether the q/k/v projections add a bias (Qwen2, Qwen2.5)."""
+        return self.model_type == "qwen2"
+
+    @property
+    def qk_norm(self) -> bool:
+        """Whether queries and keys get a per-head RMSNorm before RoPE (Qwen3)."""
+        return self.model_type == "qwen3"
 
     @property
     def q_size(self) -> int:
@@ -193,7 +214,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         """Validates a config.json dict; raises ConfigError naming the first bad field."""
-        _check_architecture(raw)
+        model_type = _model_type(raw)
         vocab = _positive_int(raw, "vocab_size")
         heads = _positive_int(raw, "num_attention_heads")
         kv_heads = _positive_int(raw, "num_key_value_heads", _DEFAULTS["num_key_value_heads"])
@@ -203,10 +224,17 @@ class ModelConfig:
                 f"config.json field 'num_attention_heads' ({heads}) must be a multiple of "
                 f"'num_key_value_heads' ({kv_heads})"
             )
-        head_dim = _positive_int(raw, "head_dim", _DEFAULTS["head_dim"])
+        hidden = _positive_int(raw, "hidden_size")
+        if model_type == "qwen2" and "head_dim" not in raw:  # Qwen2Config has none: hidden_size split evenly
+            if hidden % heads:
+                raise ConfigError(f"config.json field 'hidden_size' ({hidden}) must be a multiple of "
+                                  f"'num_attention_heads' ({heads}) in a Qwen2 model")
+            head_dim = hidden // heads
+        else:
+            head_dim = _positive_int(raw, "head_dim", _DEFAULTS["head_dim"])
         if head_dim % 2:
             raise ConfigError(f"config.json field 'head_dim' must be even for rotary embeddings, got {head_dim}")
-        _check_unsupported_features(raw, num_layers)
+        _check_unsupported_features(raw, num_layers, model_type)
         tie = raw.get("tie_word_embeddings", _DEFAULTS["tie_word_embeddings"])
         if not isinstance(tie, bool):
             raise ConfigError(f"config.json field 'tie_word_embeddings' must be true or false, got {tie!r}")
@@ -218,7 +246,7 @@ class ModelConfig:
                 raise ConfigError(f"config.json field '{name}' ({list(ids)}) is outside the vocabulary of {vocab}")
         return cls(
             vocab_size=vocab,
-            hidden_size=_positive_int(raw, "hidden_size"),
+            hidden_size=hidden,
             intermediate_size=_positive_int(raw, "intermediate_size"),
             num_hidden_layers=num_layers,
             num_attention_heads=heads,
@@ -234,6 +262,7 @@ class ModelConfig:
             bos_token_id=bos_ids[0] if bos_ids else None,
             eos_token_ids=eos_ids,
             pad_token_id=pad_ids[0] if pad_ids else None,
+            model_type=model_type,
         )
 
 

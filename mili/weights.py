@@ -1,4 +1,4 @@
-"""Loads a Hugging Face Qwen3 safetensors checkpoint as it is published.
+"""Loads a Hugging Face Qwen3 or Qwen2 safetensors checkpoint as it is published.
 
 One `model.safetensors`, or shards listed in `model.safetensors.index.json`. Files are memory-mapped
 (MAX's `SafetensorWeights`); each tensor is converted to the run dtype on its own, so at most one
@@ -59,7 +59,7 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Qwen3 checkpoint must hold, by its Hugging Face name, with its shape."""
+    """Every tensor a Qwen3 (or Qwen2) checkpoint must hold, by its Hugging Face name, with its shape."""
     h, d = config.hidden_size, config.head_dim
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h)}
     for i in range(config.num_hidden_layers):
@@ -70,8 +70,13 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             f"{p}.self_attn.k_proj.weight": (config.kv_size, h),
             f"{p}.self_attn.v_proj.weight": (config.kv_size, h),
             f"{p}.self_attn.o_proj.weight": (h, config.q_size),
-            f"{p}.self_attn.q_norm.weight": (d,),
-            f"{p}.self_attn.k_norm.weight": (d,),
+        }
+        if config.qkv_bias:
+            shapes |= {f"{p}.self_attn.q_proj.bias": (config.q_size,), f"{p}.self_attn.k_proj.bias": (config.kv_size,),
+                       f"{p}.self_attn.v_proj.bias": (config.kv_size,)}
+        if config.qk_norm:
+            shapes |= {f"{p}.self_attn.q_norm.weight": (d,), f"{p}.self_attn.k_norm.weight": (d,)}
+        shapes |= {
             f"{p}.post_attention_layernorm.weight": (h,),
             f"{p}.mlp.gate_proj.weight": (config.intermediate_size, h),
             f"{p}.mlp.up_proj.weight": (config.intermediate_size, h),
@@ -131,7 +136,7 @@ def _check_names(available: set[str], expected: dict[str, tuple[int, ...]], conf
         extra.discard("lm_head.weight")  # some exports keep a copy of the tied embedding; it is the same tensor
     if extra:
         raise CheckpointError(
-            f"checkpoint holds {len(extra)} tensor(s) a Qwen3 model with this config does not have, "
+            f"checkpoint holds {len(extra)} tensor(s) a {config.model_type} model with this config does not have, "
             f"e.g. '{min(extra)}': {sorted(extra)[:8]}"
         )
 

@@ -1,4 +1,4 @@
-"""Qwen3 as one MAX graph over MILI's paged KV cache.
+"""Qwen3 (and Qwen2/Qwen2.5) as one MAX graph over MILI's paged KV cache.
 
     from mili.model.qwen3 import Qwen3GraphSpec, build_qwen3_graph, load_qwen3_weights
 
@@ -11,8 +11,8 @@ One compiled graph serves any ragged batch (mili/engine/batch.py): prefills, pre
 speculative verifications of different sequences mixed, with every size symbolic. Per layer:
 
     x = rmsnorm(h)                       (fused with the previous layer's residual add)
-    q, k, v = split(x @ Wqkv^T)          one fused projection
-    q, k = rope(head_norm(q)), rope(head_norm(k))
+    q, k, v = split(x @ Wqkv^T)          one fused projection (+ bqkv in float32: Qwen2)
+    q, k = rope(head_norm(q)), rope(head_norm(k))   (no head_norm: Qwen2)
     kv_store(cache, k, v, slot_mapping)  in place
     o = paged_attention(q, cache) @ Wo^T
     x, h = rmsnorm(h + o), h + o         one fused op
@@ -122,12 +122,17 @@ class Qwen3GraphSpec:
         for name in _graph_names(self):
             shape = _graph_shape(shapes, name)
             if not _is_projection(name):
-                types[name] = (self.dtype, shape)
+                types[name] = (self.weight_dtype(name), shape)
             elif self.weight_format.packed:
                 types |= {name + suffix: (dtype, packed) for suffix, dtype, packed in self._packed(shape).arrays()}
             else:
                 types[name] = (self.dtype, shape[::-1] if self.weights_in_out else shape)
         return types
+
+    def weight_dtype(self, name: str) -> DType:
+        """The dtype of an unpacked graph weight: the run dtype, but float32 for the q/k/v bias, which is added to
+        the projection's float32 output before the one rounding to the run dtype (as a biased matmul rounds)."""
+        return DType.float32 if name.endswith("qkv_bias") else self.dtype
 
     def weight_bytes(self) -> int:
         return sum(int(np.prod(shape)) * dtype.size_in_bytes for dtype, shape in self.weight_types().values())
@@ -149,12 +154,13 @@ def _graph_shape(shapes: dict[str, tuple[int, ...]], name: str) -> tuple[int, ..
 
 def _layer_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The per-layer weights of the graph (fused where the checkpoint stores them apart), by suffix."""
-    h, d = config.hidden_size, config.head_dim
-    return {
-        "input_layernorm": (h,),
-        "qkv_proj": (config.q_size + 2 * config.kv_size, h),
-        "q_norm": (d,),
-        "k_norm": (d,),
+    h, d, qkv = config.hidden_size, config.head_dim, config.q_size + 2 * config.kv_size
+    shapes: dict[str, tuple[int, ...]] = {"input_layernorm": (h,), "qkv_proj": (qkv, h)}
+    if config.qkv_bias:
+        shapes["qkv_bias"] = (qkv,)
+    if config.qk_norm:
+        shapes |= {"q_norm": (d,), "k_norm": (d,)}
+    return shapes | {
         "o_proj": (h, config.q_size),
         "post_attention_layernorm": (h,),
         "gate_up_proj": (2 * config.intermediate_size, h),
@@ -190,6 +196,7 @@ def _sources(name: str, config: ModelConfig) -> tuple[str, ...]:
         "input_layernorm": (f"{hf}.input_layernorm.weight",),
         "post_attention_layernorm": (f"{hf}.post_attention_layernorm.weight",),
         "qkv_proj": (f"{hf}.self_attn.q_proj.weight", f"{hf}.self_attn.k_proj.weight", f"{hf}.self_attn.v_proj.weight"),
+        "qkv_bias": (f"{hf}.self_attn.q_proj.bias", f"{hf}.self_attn.k_proj.bias", f"{hf}.self_attn.v_proj.bias"),
         "q_norm": (f"{hf}.self_attn.q_norm.weight",),
         "k_norm": (f"{hf}.self_attn.k_norm.weight",),
         "o_proj": (f"{hf}.self_attn.o_proj.weight",),
@@ -242,10 +249,11 @@ def _graph_weight(name: str, parts: list[Buffer], spec: Qwen3GraphSpec) -> dict[
             fused = np.concatenate([to_numpy_f32(p) for p in parts], axis=0)
         return pack_weight(fused, spec.weight_format, spec.group_size).buffers(name)
     transpose = spec.weights_in_out and _is_projection(name)
-    if len(parts) == 1 and not transpose:
+    dtype = spec.weight_dtype(name)
+    if len(parts) == 1 and not transpose and parts[0].dtype == dtype:
         return {name: parts[0]}
     fused = np.concatenate([to_numpy_f32(p) for p in parts], axis=0)
-    return {name: numpy_to_buffer(np.ascontiguousarray(fused.T) if transpose else fused, spec.dtype)}
+    return {name: numpy_to_buffer(np.ascontiguousarray(fused.T) if transpose else fused, dtype)}
 
 
 class _Weights:
@@ -306,12 +314,16 @@ def build_qwen3_graph(spec: Qwen3GraphSpec, name: str = "qwen3") -> Graph:
         for i in range(c.num_hidden_layers):
             p = f"layers.{i}."
             layer = ops.constant(np.array([i], np.int32), DType.int32, device)
-            q, k, v = ops.split(linear(x, p + "qkv_proj"), [c.q_size, c.kv_size, c.kv_size], axis=1)
+            if c.qkv_bias:
+                qkv = ops.cast(linear(x, p + "qkv_proj", DType.float32) + w(p + "qkv_bias"), spec.dtype)
+            else:
+                qkv = linear(x, p + "qkv_proj")
+            q, k, v = ops.split(qkv, [c.q_size, c.kv_size, c.kv_size], axis=1)
             q = ops.reshape(q, [tokens, c.num_attention_heads, c.head_dim])
             k = ops.reshape(k, [tokens, c.num_key_value_heads, c.head_dim])
             v = ops.reshape(v, [tokens, c.num_key_value_heads, c.head_dim])
-            q = mili_ops.rope(mili_ops.head_rms_norm(q, w(p + "q_norm"), eps), positions, table)
-            k = mili_ops.rope(mili_ops.head_rms_norm(k, w(p + "k_norm"), eps), positions, table)
+            q = mili_ops.rope(mili_ops.head_rms_norm(q, w(p + "q_norm"), eps) if c.qk_norm else q, positions, table)
+            k = mili_ops.rope(mili_ops.head_rms_norm(k, w(p + "k_norm"), eps) if c.qk_norm else k, positions, table)
             mili_ops.kv_store(cache, k, v, slots, layer, spec.block_size)
             attn = mili_ops.paged_attention(cache, q, layer, query_start, context_lens, block_tables, spec.block_size)
             o = linear(ops.reshape(attn, [tokens, c.q_size]), p + "o_proj")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from mili.engine.model_runner import ModelRunner
 from mili.checkpoints import TEST_CHECKPOINTS, cached_checkpoint
@@ -26,7 +26,7 @@ class ModelPair:
     name: str
     path: Path
     runner: ModelRunner
-    reference: Qwen3ForCausalLM  # float64 on CPU
+    reference: PreTrainedModel  # Qwen3ForCausalLM or Qwen2ForCausalLM, float64 on CPU
 
     def reference_logits(self, token_ids: np.ndarray) -> np.ndarray:
         """transformers' logits at every position of one sequence, float64."""
@@ -53,7 +53,7 @@ def model_pair(name: str) -> ModelPair:
     """MILI in float32 beside transformers in float64, for one test checkpoint (built once per session)."""
     path = cached_checkpoint(name)
     runner = ModelRunner.from_pretrained(path, dtype="float32", num_blocks=NUM_BLOCKS)
-    reference = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
     return ModelPair(name, path, runner, reference)
 
 

@@ -1,4 +1,4 @@
-"""MILI's Qwen3 graph against transformers' Qwen3ForCausalLM (float64) on the random test checkpoints."""
+"""MILI's graph against transformers' Qwen3ForCausalLM and Qwen2ForCausalLM (float64) on the test checkpoints."""
 
 from __future__ import annotations
 

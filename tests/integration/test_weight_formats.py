@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from max.dtype import DType
-from transformers import Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
 from mili.checkpoints import cached_checkpoint
 from mili.config import ModelConfig
@@ -30,7 +30,7 @@ from mili.tokenizer import Tokenizer
 from tests.integration.conftest import BF16_CHECKPOINT, NUM_BLOCKS, BlockAllocator, ModelPair, model_pair
 from tests.integration.helpers import greedy_generate, relative_error, run_chunk
 
-CHECKPOINTS = ("tiny-tied-gqa2-d64", "tiny-untied-mha-d128")  # a tied head that serves the embedding, and not
+CHECKPOINTS = ("tiny-tied-gqa2-d64", "tiny-untied-mha-d128", "tiny-qwen2-tied-gqa2-d64")  # tied, untied, Qwen2
 PACKED = (WeightFormat.BF16, WeightFormat.INT8)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VOCAB_SAMPLE = 151_000
@@ -53,12 +53,12 @@ def packed_pair(name: str, weights: WeightFormat) -> ModelPair:
     replaced by exactly what the packed format holds (quantisation is per output channel, so packing each
     checkpoint tensor alone gives the same values as packing the fused q/k/v and gate/up)."""
     path = cached_checkpoint(name)
-    reference = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
     with torch.no_grad():
         for param_name, param in reference.named_parameters():
             head = param_name == "lm_head.weight" or (  # a tied head is the embedding's parameter
                 reference.config.tie_word_embeddings and param_name == "model.embed_tokens.weight")
-            if head or param_name.rsplit(".", 2)[-2] in PROJECTIONS:
+            if head or (param_name.endswith(".weight") and param_name.rsplit(".", 2)[-2] in PROJECTIONS):
                 held = pack_weight(param.numpy().astype(np.float32), weights).dense()
                 param.copy_(torch.from_numpy(held.astype(np.float64)))
     return ModelPair(name, path, runner_for(name, DType.float32, weights), reference)

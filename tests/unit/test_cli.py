@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mili.checkpoints import cached_checkpoint
 from mili.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,10 +25,17 @@ def free_port() -> int:
 def test_info_describes_a_checkpoint(small_checkpoint_dir, capsys):
     assert main(["info", "--model", str(small_checkpoint_dir)]) == 0
     out = capsys.readouterr().out
-    assert "2 layers, hidden 96" in out
+    assert "qwen3: 2 layers, hidden 96, intermediate 160, per-head q/k norm" in out
     assert "4 query heads, 2 KV heads (GQA x2), head_dim 64" in out
     assert "embeddings tied" in out
     assert "151669 tokens, stop ids [151643, 151645]" in out
+
+
+def test_info_describes_a_qwen2_checkpoint(capsys):
+    assert main(["info", "--model", str(cached_checkpoint("tiny-qwen2-tied-gqa2-d64"))]) == 0
+    out = capsys.readouterr().out
+    assert "qwen2: 2 layers, hidden 256, intermediate 320, q/k/v biases" in out
+    assert "4 query heads, 2 KV heads (GQA x2), head_dim 64" in out
 
 
 def test_info_on_a_folder_without_config_names_the_file(tmp_path, capsys):

@@ -38,7 +38,7 @@ def assert_matches_transformers(ours: ModelConfig, model_dir) -> None:
     assert ours.num_hidden_layers == ref.num_hidden_layers
     assert ours.num_attention_heads == ref.num_attention_heads
     assert ours.num_key_value_heads == ref.num_key_value_heads
-    assert ours.head_dim == ref.head_dim
+    assert ours.head_dim == (getattr(ref, "head_dim", None) or ref.hidden_size // ref.num_attention_heads)
     assert ours.rms_norm_eps == ref.rms_norm_eps
     assert ours.rope_theta == ref.rope_parameters["rope_theta"]
     assert ours.max_position_embeddings == ref.max_position_embeddings
@@ -99,6 +99,41 @@ def test_absent_fields_take_transformers_defaults(tmp_path):
 def test_bad_values_are_rejected_naming_the_field(tmp_path, change, field):
     raw = {k: v for k, v in (V5_CONFIG | change).items() if v is not None}
     with pytest.raises(ConfigError, match=f"'{field}'"):
+        ModelConfig.from_pretrained(write_config(tmp_path, raw))
+
+
+# Qwen2.5-0.5B-Instruct's config.json as published (transformers 4 spelling): no head_dim, sliding-window fields
+# that use_sliding_window: false leaves unused.
+QWEN2_5_CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+    "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02, "intermediate_size": 4864,
+    "max_position_embeddings": 32768, "max_window_layers": 21, "model_type": "qwen2", "num_attention_heads": 14,
+    "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.43.1",
+    "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+}
+
+
+def test_a_qwen2_config_reads_like_transformers(tmp_path):
+    ours = ModelConfig.from_pretrained(write_config(tmp_path, QWEN2_5_CONFIG))
+    assert_matches_transformers(ours, tmp_path)
+    assert (ours.model_type, ours.head_dim, ours.qkv_bias, ours.qk_norm) == ("qwen2", 64, True, False)
+    qwen3 = ModelConfig.from_pretrained(write_config(tmp_path, V5_CONFIG))
+    assert (qwen3.model_type, qwen3.qkv_bias, qwen3.qk_norm) == ("qwen3", False, True)
+    with_head_dim = ModelConfig.from_pretrained(write_config(tmp_path, QWEN2_5_CONFIG | {"head_dim": 128}))
+    assert with_head_dim.head_dim == 128  # as transformers' Qwen2Attention: getattr(config, "head_dim", ...)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"use_sliding_window": True}, "'use_sliding_window' is true"),
+    ({"hidden_size": 900}, "'hidden_size' \\(900\\) must be a multiple of 'num_attention_heads' \\(14\\)"),
+    ({"model_type": "qwen3"}, "'architectures' is \\['Qwen2ForCausalLM'\\] but 'model_type' is 'qwen3'"),
+    ({"architectures": ["Qwen2ForCausalLM", "Qwen3ForCausalLM"]}, "'architectures'"),
+    ({"architectures": None, "model_type": "llama"}, "'model_type' is 'llama'; MILI runs 'qwen3', 'qwen2'"),
+])
+def test_bad_qwen2_configs_are_refused_naming_the_field(tmp_path, change, message):
+    raw = {k: v for k, v in (QWEN2_5_CONFIG | change).items() if v is not None}
+    with pytest.raises(ConfigError, match=message):
         ModelConfig.from_pretrained(write_config(tmp_path, raw))
 
 

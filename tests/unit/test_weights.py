@@ -12,7 +12,7 @@ import pytest
 import torch
 from max.dtype import DType
 from safetensors.torch import load_file, save_file
-from transformers import Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
 from mili import weights as weights_module
 from mili.config import ModelConfig
@@ -24,7 +24,7 @@ RUN_DTYPES = {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16}
 
 def reference_state_dict(model_dir) -> dict[str, torch.Tensor]:
     """What transformers itself loads (tied lm_head resolved), as saved on disk."""
-    model = Qwen3ForCausalLM.from_pretrained(model_dir, dtype="auto")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
