@@ -134,7 +134,8 @@ def _model_type(raw: dict[str, Any]) -> str:
                               f"'model_type' is {model_type!r}")
         return family
     if model_type is None:
-        raise ConfigError("config.json names neither 'architectures' nor 'model_type'; cannot tell it is Qwen3")
+        raise ConfigError("config.json names neither 'architectures' nor 'model_type'; cannot tell it is Qwen3 or "
+                          "Qwen2")
     if model_type not in SUPPORTED_ARCHITECTURES.values():
         raise ConfigError(f"config.json field 'model_type' is {model_type!r}; MILI runs "
                           f"{', '.join(repr(t) for t in SUPPORTED_ARCHITECTURES.values())}")
