@@ -128,7 +128,7 @@ class Contenders:
     def _mili_graph(fmt: WeightFormat, k: int, n: int):
         arrays = [TensorType(dtype, shape, CPU_REF) for _, dtype, shape in PackedShape(fmt, n, k).arrays()]
         return graph(f"mili_linear_{fmt.value}_{k}_{n}", [TensorType(DType.bfloat16, ["m", k], CPU_REF), *arrays],
-                     lambda x, *w: packed_linear.linear(x.tensor, [a.tensor for a in w], fmt, n))
+                     lambda x, *w: packed_linear.linear(x.tensor, [a.tensor for a in w], PackedShape(fmt, n, k), n))
 
     @staticmethod
     def _max_graph(dtype: DType, k: int, n: int):

@@ -47,7 +47,7 @@ def ablated(variant: str) -> Iterator[None]:
     """While building a graph: linear layers and/or attention swapped for cheap stand-ins of the same shape."""
     saved = packed_linear.linear, qwen3._linear, mili_ops.paged_attention
     if variant != VARIANTS[0]:
-        packed_linear.linear = lambda x, weight, fmt, out_features, group_size=0, out_dtype=None: (
+        packed_linear.linear = lambda x, weight, shape, out_features, out_dtype=None: (
             _broadcast_column(x, out_features, out_dtype))
         qwen3._linear = lambda x, weight, in_out: _broadcast_column(x, weight.shape[1 if in_out else 0])
     if variant == VARIANTS[2]:

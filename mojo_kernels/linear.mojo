@@ -32,8 +32,11 @@ from max.gpu.host import DeviceContext
 from max.gpu import block_idx, thread_idx, block_dim, grid_dim
 from std.math import ceildiv
 from .convert import narrow, widen
-from .linear_layout import PANEL, LinearShape, bf16_panel_stride, int8_padded_k, packed_bf16_weight, packed_int8_q, packed_int8_scale
-from .linear_cpu import linear_bf16_cpu, linear_int8_cpu, kernel_family_code
+from .linear_layout import (
+    PANEL, LinearShape, bf16_panel_stride, int8_padded_k, packed_bf16_weight, packed_float_weight, packed_int8_q,
+    packed_int8_scale,
+)
+from .linear_cpu import linear_bf16_cpu, linear_int8_cpu, linear_float_cpu, kernel_family_code
 
 comptime GPU_THREADS = 256
 
@@ -57,10 +60,10 @@ def linear_bf16_gpu_kernel[x_dtype: DType, out_dtype: DType](
         i += stride
 
 
-def linear_int8_gpu_kernel[x_dtype: DType, out_dtype: DType, group: Int](
+def linear_int8_gpu_kernel[x_dtype: DType, out_dtype: DType, scale_dtype: DType, group: Int, OFFSETS: Bool](
     out_ptr: Pointer[Scalar[out_dtype], MutAnyOrigin], x_ptr: Pointer[Scalar[x_dtype], ImmutAnyOrigin],
-    q_ptr: Pointer[Int8, ImmutAnyOrigin], scale_ptr: Pointer[Float16, ImmutAnyOrigin],
-    rows: Int32, k_len: Int32, n_len: Int32,
+    q_ptr: Pointer[Int8, ImmutAnyOrigin], scale_ptr: Pointer[Scalar[scale_dtype], ImmutAnyOrigin],
+    offset_ptr: Pointer[Float32, ImmutAnyOrigin], rows: Int32, k_len: Int32, n_len: Int32,
 ):
     var total = Int(rows) * Int(n_len)
     var i = Int(block_idx.x) * Int(block_dim.x) + Int(thread_idx.x)
@@ -72,9 +75,31 @@ def linear_int8_gpu_kernel[x_dtype: DType, out_dtype: DType, group: Int](
         var acc: Float32 = 0
         for g in range(padded_k // group):
             var part: Float32 = 0
+            var x_sum: Float32 = 0
             for k in range(g * group, min(Int(k_len), (g + 1) * group)):
-                part = widen(x_ptr.unsafe_load(m * Int(k_len) + k)).fma(packed_int8_q(q_ptr, padded_k, n, k), part)
+                var x = widen(x_ptr.unsafe_load(m * Int(k_len) + k))
+                part = x.fma(packed_int8_q(q_ptr, padded_k, n, k), part)
+                x_sum += x
             acc = part.fma(packed_int8_scale[group](scale_ptr, padded_k, n, g), acc)
+            comptime if OFFSETS:
+                acc = x_sum.fma(packed_int8_scale[group](offset_ptr, padded_k, n, g), acc)
+        out_ptr.unsafe_store(i, narrow[out_dtype](acc))
+        i += stride
+
+
+def linear_float_gpu_kernel[x_dtype: DType, out_dtype: DType, w_dtype: DType](
+    out_ptr: Pointer[Scalar[out_dtype], MutAnyOrigin], x_ptr: Pointer[Scalar[x_dtype], ImmutAnyOrigin],
+    w_ptr: Pointer[Scalar[w_dtype], ImmutAnyOrigin], rows: Int32, k_len: Int32, n_len: Int32,
+):
+    var total = Int(rows) * Int(n_len)
+    var i = Int(block_idx.x) * Int(block_dim.x) + Int(thread_idx.x)
+    var stride = Int(grid_dim.x) * Int(block_dim.x)
+    while i < total:
+        var m = i // Int(n_len)
+        var n = i - m * Int(n_len)
+        var acc: Float32 = 0
+        for k in range(Int(k_len)):
+            acc = widen(x_ptr.unsafe_load(m * Int(k_len) + k)).fma(packed_float_weight(w_ptr, Int(k_len), n, k), acc)
         out_ptr.unsafe_store(i, narrow[out_dtype](acc))
         i += stride
 
@@ -125,10 +150,46 @@ struct LinearBF16:
             raise Error("mili_linear_bf16: unsupported target ", target)
 
 
+def check_scale_dtype(op: StaticString, dtype: DType) raises:
+    if dtype != DType.float16 and dtype != DType.float32:
+        raise Error(op, ": scales must be float16 or float32, got ", dtype)
+
+
+def linear_int8[OFFSETS: Bool, group: Int, target: StaticString](
+    op: StaticString, output: OutputTensor[rank=2, ...], x: InputTensor[rank=2, ...],
+    q: InputTensor[dtype=DType.int8, rank=2, ...], scales: InputTensor[rank=2, ...],
+    offset_ptr: Pointer[Float32, ImmutAnyOrigin], offset_shape: Tuple[Int, Int], ctx: DeviceContext,
+) raises:
+    """Both int8 ops; without OFFSETS `offset_ptr` is never read."""
+    comptime assert group > 0, "group_size must be positive"
+    check_scale_dtype(op, scales.dtype)
+    var shape = LinearShape(x.dim_size(0), x.dim_size(1), output.dim_size(1))
+    var padded_k = int8_padded_k(shape.k, group)
+    check_packed(op, shape.rows, output.dim_size(0), shape, q.dim_size(0), q.dim_size(1), padded_k * PANEL)
+    check_packed(op, shape.rows, output.dim_size(0), shape, scales.dim_size(0), scales.dim_size(1),
+                 padded_k // group * PANEL)
+    comptime if OFFSETS:
+        check_packed(op, shape.rows, output.dim_size(0), shape, offset_shape[0], offset_shape[1],
+                     padded_k // group * PANEL)
+    if shape.rows == 0 or shape.n == 0:
+        return
+    comptime if target == "cpu":
+        linear_int8_cpu[x.dtype, output.dtype, group, OFFSETS](
+            output.unsafe_ptr(), x.unsafe_ptr(), q.unsafe_ptr(), scales.unsafe_ptr(), offset_ptr, shape, ctx)
+    elif target == "gpu":
+        ctx.enqueue_function[linear_int8_gpu_kernel[x.dtype, output.dtype, scales.dtype, group, OFFSETS]](
+            output.unsafe_ptr(), x.unsafe_ptr(), q.unsafe_ptr(), scales.unsafe_ptr(), offset_ptr,
+            Int32(shape.rows), Int32(shape.k), Int32(shape.n),
+            grid_dim=gpu_blocks(shape.rows * shape.n), block_dim=GPU_THREADS,
+        )
+    else:
+        raise Error(op, ": unsupported target ", target)
+
+
 @extensibility.register("mili_linear_int8")
 struct LinearInt8[group_size: Int]:
-    """Computes out [M, N] = x [M, K] @ W^T with W = q * scale packed as int8 panels, one float16 scale per channel per
-    `group_size` inputs (see the top of this file)."""
+    """Computes out [M, N] = x [M, K] @ W^T with W = q * scale packed as int8 panels, one float16 or float32 scale
+    per channel per `group_size` inputs (see the top of this file)."""
 
     @staticmethod
     def execute[
@@ -137,29 +198,66 @@ struct LinearInt8[group_size: Int]:
         output: OutputTensor[rank=2, ...],
         x: InputTensor[rank=2, ...],
         q: InputTensor[dtype=DType.int8, rank=2, ...],
-        scales: InputTensor[dtype=DType.float16, rank=2, ...],
+        scales: InputTensor[rank=2, ...],
         ctx: DeviceContext,
     ) raises:
-        comptime assert Self.group_size > 0, "group_size must be positive"
+        # No offsets: the offset pointer is a stand-in that is never read.
+        var unused = rebind[Pointer[Float32, ImmutAnyOrigin]](q.unsafe_ptr().unsafe_bitcast[Float32]())
+        linear_int8[False, Self.group_size, target]("mili_linear_int8", output, x, q, scales, unused, (0, 0), ctx)
+
+
+@extensibility.register("mili_linear_int8_offsets")
+struct LinearInt8Offsets[group_size: Int]:
+    """Computes out [M, N] = x [M, K] @ W^T with W = q * scale + offset (GGUF's Q4_1, Q5_1, Q4_K, Q5_K): int8
+    panels, one scale (float16 or float32) and one float32 offset per channel per `group_size` inputs."""
+
+    @staticmethod
+    def execute[
+        target: StaticString,
+    ](
+        output: OutputTensor[rank=2, ...],
+        x: InputTensor[rank=2, ...],
+        q: InputTensor[dtype=DType.int8, rank=2, ...],
+        scales: InputTensor[rank=2, ...],
+        offsets: InputTensor[dtype=DType.float32, rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        var offset_ptr = rebind[Pointer[Float32, ImmutAnyOrigin]](offsets.unsafe_ptr())
+        linear_int8[True, Self.group_size, target]("mili_linear_int8_offsets", output, x, q, scales, offset_ptr,
+                                                   (offsets.dim_size(0), offsets.dim_size(1)), ctx)
+
+
+@extensibility.register("mili_linear_float")
+struct LinearFloat:
+    """Computes out [M, N] = x [M, K] @ W^T with W float16 or float32 in k-major panels (GGUF's F16 and F32
+    tensors, run as stored; see the top of this file)."""
+
+    @staticmethod
+    def execute[
+        target: StaticString,
+    ](
+        output: OutputTensor[rank=2, ...],
+        x: InputTensor[rank=2, ...],
+        w: InputTensor[rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        if w.dtype != DType.float16 and w.dtype != DType.float32:
+            raise Error("mili_linear_float: weights must be float16 or float32, got ", w.dtype)
         var shape = LinearShape(x.dim_size(0), x.dim_size(1), output.dim_size(1))
-        var padded_k = int8_padded_k(shape.k, Self.group_size)
-        check_packed("mili_linear_int8", shape.rows, output.dim_size(0), shape, q.dim_size(0), q.dim_size(1),
-                     padded_k * PANEL)
-        check_packed("mili_linear_int8 (scales)", shape.rows, output.dim_size(0), shape, scales.dim_size(0),
-                     scales.dim_size(1), padded_k // Self.group_size * PANEL)
+        check_packed("mili_linear_float", shape.rows, output.dim_size(0), shape, w.dim_size(0), w.dim_size(1),
+                     shape.k * PANEL)
         if shape.rows == 0 or shape.n == 0:
             return
         comptime if target == "cpu":
-            linear_int8_cpu[x.dtype, output.dtype, Self.group_size](
-                output.unsafe_ptr(), x.unsafe_ptr(), q.unsafe_ptr(), scales.unsafe_ptr(), shape, ctx)
+            linear_float_cpu[x.dtype, output.dtype](output.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), shape, ctx)
         elif target == "gpu":
-            ctx.enqueue_function[linear_int8_gpu_kernel[x.dtype, output.dtype, Self.group_size]](
-                output.unsafe_ptr(), x.unsafe_ptr(), q.unsafe_ptr(), scales.unsafe_ptr(),
+            ctx.enqueue_function[linear_float_gpu_kernel[x.dtype, output.dtype, w.dtype]](
+                output.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(),
                 Int32(shape.rows), Int32(shape.k), Int32(shape.n),
                 grid_dim=gpu_blocks(shape.rows * shape.n), block_dim=GPU_THREADS,
             )
         else:
-            raise Error("mili_linear_int8: unsupported target ", target)
+            raise Error("mili_linear_float: unsupported target ", target)
 
 
 @extensibility.register("mili_linear_kernel_family")

@@ -206,11 +206,13 @@ def bf16_tile_dot[out_dtype: DType, MR: Int, NP: Int, EVEN_K: Bool](
 
 
 @always_inline
-def fold_group[MR: Int, NP: Int](
-    acc: MutPointer[Float32, ...], part: Pointer[Float32, ...], scale_ptr: Pointer[Float16, ...], groups: Int,
-    panel: Int, g: Int,
+def fold_group[S: DType, //, MR: Int, NP: Int, OFFSETS: Bool](
+    acc: MutPointer[Float32, ...], part: Pointer[Float32, ...], scale_ptr: Pointer[Scalar[S], ...],
+    offset_ptr: Pointer[Float32, ...], sums: Pointer[Float32, ...], groups: Int, panel: Int, g: Int, row: Int,
 ):
-    """Adds a group's unscaled sums into the tile: acc[m, n] = fma(part[m, n], scale[n, g], acc[m, n])."""
+    """Adds a group's unscaled sums into the tile: acc[m, n] = fma(part[m, n], scale[n, g], acc[m, n]); with
+    OFFSETS then acc[m, n] = fma(sums[m, g], offset[n, g], acc[m, n]), where sums[m, g] is the sum of row m's x
+    over the group (group_sums): sum_k x_k (q_k s + o) = s sum_k x_k q_k + o sum_k x_k."""
     comptime V = NP * VECTORS_PER_PANEL
     comptime for v in range(V):
         var at = ((panel + v // VECTORS_PER_PANEL) * groups + g) * PANEL + (v % VECTORS_PER_PANEL) * F32_WIDTH
@@ -218,15 +220,22 @@ def fold_group[MR: Int, NP: Int](
         comptime for m in range(MR):
             var i = (m * V + v) * F32_WIDTH
             acc.unsafe_store(i, part.unsafe_load[width=F32_WIDTH](i).fma(scale, acc.unsafe_load[width=F32_WIDTH](i)))
+        comptime if OFFSETS:
+            var offset = offset_ptr.unsafe_load[width=F32_WIDTH](at)
+            comptime for m in range(MR):
+                var i = (m * V + v) * F32_WIDTH
+                var x_sum = SIMD[DType.float32, F32_WIDTH](sums.unsafe_load((row + m) * groups + g))
+                acc.unsafe_store(i, x_sum.fma(offset, acc.unsafe_load[width=F32_WIDTH](i)))
 
 
 @always_inline
-def int8_tile[out_dtype: DType, MR: Int, NP: Int, group: Int](
+def int8_tile[S: DType, //, out_dtype: DType, MR: Int, NP: Int, group: Int, OFFSETS: Bool](
     out_ptr: MutPointer[Scalar[out_dtype], ...], x32: Pointer[Float32, ...],
-    q_ptr: Pointer[Int8, ...], scale_ptr: Pointer[Float16, ...], shape: LinearShape, row: Int, panel: Int,
+    q_ptr: Pointer[Int8, ...], scale_ptr: Pointer[Scalar[S], ...], offset_ptr: Pointer[Float32, ...],
+    sums: Pointer[Float32, ...], shape: LinearShape, row: Int, panel: Int,
 ):
     """Int8 weights as float32(q) (exact) in registers: each group's products summed unscaled from zero, then
-    folded in with its scale (fold_group): one FMA per weight and one per group."""
+    folded in with its scale (and offset: fold_group): one FMA per weight and one or two per group."""
     var acc = stack_allocation[MR * NP * PANEL, Float32]()
     var part = stack_allocation[MR * NP * PANEL, Float32]()
     var weights = stack_allocation[NP * PANEL, Float32]()
@@ -244,7 +253,27 @@ def int8_tile[out_dtype: DType, MR: Int, NP: Int, group: Int](
                                                             + (v % VECTORS_PER_PANEL) * F32_WIDTH)
                 weights.unsafe_store(v * F32_WIDTH, q.cast[DType.float32]())
             fma_decoded_k[MR, NP](part, weights, x32, x_row + k, k_len)
-        fold_group[MR, NP](acc, part, scale_ptr, groups, panel, g)
+        fold_group[MR, NP, OFFSETS](acc, part, scale_ptr, offset_ptr, sums, groups, panel, g, row)
+    store_tile[out_dtype, MR, NP](out_ptr, acc, shape, row, panel)
+
+
+@always_inline
+def float_tile[E: DType, //, out_dtype: DType, MR: Int, NP: Int](
+    out_ptr: MutPointer[Scalar[out_dtype], ...], x32: Pointer[Float32, ...], w_ptr: Pointer[Scalar[E], ...],
+    shape: LinearShape, row: Int, panel: Int,
+):
+    """K-major float16 / float32 weights widened to float32 (exact) in registers: one FMA chain per output."""
+    var acc = stack_allocation[MR * NP * PANEL, Float32]()
+    var weights = stack_allocation[NP * PANEL, Float32]()
+    zero_tile[MR, NP](acc)
+    var k_len = shape.k
+    for k in range(k_len):
+        comptime for v in range(NP * VECTORS_PER_PANEL):
+            var p = v // VECTORS_PER_PANEL
+            var w = w_ptr.unsafe_load[width=F32_WIDTH](((panel + p) * k_len + k) * PANEL
+                                                       + (v % VECTORS_PER_PANEL) * F32_WIDTH)
+            weights.unsafe_store(v * F32_WIDTH, w.cast[DType.float32]())
+        fma_decoded_k[MR, NP](acc, weights, x32, row * k_len + k, k_len)
     store_tile[out_dtype, MR, NP](out_ptr, acc, shape, row, panel)
 
 
@@ -278,6 +307,15 @@ def decode_int8_panel(dst: MutPointer[Float32, ...], q_ptr: Pointer[Int8, ...], 
             dst.unsafe_store(k * PANEL + c * F32_WIDTH, q.cast[DType.float32]())
 
 
+def decode_float_panel[E: DType, //](dst: MutPointer[Float32, ...], w_ptr: Pointer[Scalar[E], ...], panel: Int,
+                                      k_len: Int):
+    """Writes dst[k * 16 + j] = W[panel * 16 + j, k] as float32 from the k-major float layout."""
+    for k in range(k_len):
+        comptime for c in range(VECTORS_PER_PANEL):
+            var w = w_ptr.unsafe_load[width=F32_WIDTH]((panel * k_len + k) * PANEL + c * F32_WIDTH)
+            dst.unsafe_store(k * PANEL + c * F32_WIDTH, w.cast[DType.float32]())
+
+
 @always_inline
 def decoded_fmas[MR: Int, NP: Int](
     acc: MutPointer[Float32, ...], x32: Pointer[Float32, ...], decoded: Pointer[Float32, ...], k_len: Int,
@@ -306,9 +344,10 @@ def decoded_tile[out_dtype: DType, MR: Int, NP: Int](
 
 
 @always_inline
-def decoded_int8_tile[out_dtype: DType, MR: Int, NP: Int, group: Int](
+def decoded_int8_tile[S: DType, //, out_dtype: DType, MR: Int, NP: Int, group: Int, OFFSETS: Bool](
     out_ptr: MutPointer[Scalar[out_dtype], ...], x32: Pointer[Float32, ...], decoded: Pointer[Float32, ...],
-    scale_ptr: Pointer[Float16, ...], shape: LinearShape, row: Int, panel: Int,
+    scale_ptr: Pointer[Scalar[S], ...], offset_ptr: Pointer[Float32, ...], sums: Pointer[Float32, ...],
+    shape: LinearShape, row: Int, panel: Int,
 ):
     """MR rows x NP decoded int8 panels (unscaled q as float32), group by group like int8_tile."""
     var acc = stack_allocation[MR * NP * PANEL, Float32]()
@@ -319,7 +358,7 @@ def decoded_int8_tile[out_dtype: DType, MR: Int, NP: Int, group: Int](
     for g in range(groups):
         zero_tile[MR, NP](part)
         decoded_fmas[MR, NP](part, x32, decoded, k_len, row * k_len, g * group, min(k_len, (g + 1) * group))
-        fold_group[MR, NP](acc, part, scale_ptr, groups, panel, g)
+        fold_group[MR, NP, OFFSETS](acc, part, scale_ptr, offset_ptr, sums, groups, panel, g, row)
     store_tile[out_dtype, MR, NP](out_ptr, acc, shape, row, panel)
 
 
@@ -466,25 +505,71 @@ def linear_bf16_cpu[x_dtype: DType, out_dtype: DType](
         with_float32_rows(x_ptr, shape.rows * shape.k, run)
 
 
-def linear_int8_cpu[x_dtype: DType, out_dtype: DType, group: Int](
+def group_sums(x32: Pointer[Float32, ...], rows: Int, k_len: Int, group: Int) -> List[Float32]:
+    """[rows, groups]: each row's x summed over each group of `group` inputs, in k order from zero (what an
+    offset multiplies; one chain per row and group, so the sums do not depend on the blocking)."""
+    var groups = int8_padded_k(k_len, group) // group
+    var sums = List[Float32](length=rows * groups, fill=0)
+    for m in range(rows):
+        for g in range(groups):
+            var total: Float32 = 0
+            for k in range(g * group, min(k_len, (g + 1) * group)):
+                total += x32.unsafe_load(m * k_len + k)
+            sums[m * groups + g] = total
+    return sums^
+
+
+def linear_int8_cpu[S: DType, //, x_dtype: DType, out_dtype: DType, group: Int, OFFSETS: Bool](
     out_ptr: MutPointer[Scalar[out_dtype], ...], x_ptr: Pointer[Scalar[x_dtype], ...],
-    q_ptr: Pointer[Int8, ...], scale_ptr: Pointer[Float16, ...], shape: LinearShape, ctx: DeviceContext,
+    q_ptr: Pointer[Int8, ...], scale_ptr: Pointer[Scalar[S], ...], offset_ptr: Pointer[Float32, ...],
+    shape: LinearShape, ctx: DeviceContext,
 ) raises:
+    """W = q * scale (+ offset with OFFSETS; offset_ptr is not read without)."""
     var k_len = shape.k
     var padded_k = int8_padded_k(k_len, group)
 
     def decode(panel: Int, dst: ScratchPointer) {imm q_ptr, imm k_len, imm padded_k}:
         decode_int8_panel(dst, q_ptr, panel, k_len, padded_k)
 
-    def run(x32: Pointer[Float32, ImmutAnyOrigin]) raises {imm out_ptr, imm q_ptr, imm scale_ptr, imm shape, imm decode, ref ctx}:
+    def run(x32: Pointer[Float32, ImmutAnyOrigin]) raises {imm out_ptr, imm q_ptr, imm scale_ptr, imm offset_ptr, imm shape, imm decode, ref ctx}:
+        var sums_list = group_sums(x32, shape.rows, shape.k, group) if OFFSETS else List[Float32]()
+        var sums = rebind[Pointer[Float32, ImmutAnyOrigin]](sums_list.unsafe_ptr())
         if shape.rows < GEMM_MIN_ROWS:
-            def tile[MR: Int, NP: Int](row: Int, panel: Int) {imm out_ptr, imm x32, imm q_ptr, imm scale_ptr, imm shape}:
-                int8_tile[out_dtype, MR, NP, group](out_ptr, x32, q_ptr, scale_ptr, shape, row, panel)
+            def tile[MR: Int, NP: Int](row: Int, panel: Int) {imm out_ptr, imm x32, imm q_ptr, imm scale_ptr, imm offset_ptr, imm sums, imm shape}:
+                int8_tile[out_dtype, MR, NP, group, OFFSETS](out_ptr, x32, q_ptr, scale_ptr, offset_ptr, sums, shape,
+                                                             row, panel)
 
             for_each_tile[decode_tile_rows()](shape, 4, tile, ctx)
         else:
-            def gemm_tile[MR: Int, NP: Int](decoded: ScratchPointer, row: Int, panel: Int) {imm out_ptr, imm x32, imm scale_ptr, imm shape}:
-                decoded_int8_tile[out_dtype, MR, NP, group](out_ptr, x32, decoded, scale_ptr, shape, row, panel)
+            def gemm_tile[MR: Int, NP: Int](decoded: ScratchPointer, row: Int, panel: Int) {imm out_ptr, imm x32, imm scale_ptr, imm offset_ptr, imm sums, imm shape}:
+                decoded_int8_tile[out_dtype, MR, NP, group, OFFSETS](out_ptr, x32, decoded, scale_ptr, offset_ptr, sums,
+                                                                     shape, row, panel)
+
+            gemm_decoded[max_tile_rows(), tile_panels[max_tile_rows()]()](shape, decode, gemm_tile, ctx)
+        _ = sums_list^
+
+    with_float32_rows(x_ptr, shape.rows * shape.k, run)
+
+
+def linear_float_cpu[E: DType, //, x_dtype: DType, out_dtype: DType](
+    out_ptr: MutPointer[Scalar[out_dtype], ...], x_ptr: Pointer[Scalar[x_dtype], ...],
+    w_ptr: Pointer[Scalar[E], ...], shape: LinearShape, ctx: DeviceContext,
+) raises:
+    """K-major float16 / float32 weights."""
+    var k_len = shape.k
+
+    def decode(panel: Int, dst: ScratchPointer) {imm w_ptr, imm k_len}:
+        decode_float_panel(dst, w_ptr, panel, k_len)
+
+    def run(x32: Pointer[Float32, ImmutAnyOrigin]) raises {imm out_ptr, imm w_ptr, imm shape, imm decode, ref ctx}:
+        if shape.rows < GEMM_MIN_ROWS:
+            def tile[MR: Int, NP: Int](row: Int, panel: Int) {imm out_ptr, imm x32, imm w_ptr, imm shape}:
+                float_tile[out_dtype, MR, NP](out_ptr, x32, w_ptr, shape, row, panel)
+
+            for_each_tile[decode_tile_rows()](shape, 4, tile, ctx)
+        else:
+            def gemm_tile[MR: Int, NP: Int](decoded: ScratchPointer, row: Int, panel: Int) {imm out_ptr, imm x32, imm shape}:
+                decoded_tile[out_dtype, MR, NP](out_ptr, x32, decoded, shape, row, panel)
 
             gemm_decoded[max_tile_rows(), tile_panels[max_tile_rows()]()](shape, decode, gemm_tile, ctx)
 

@@ -1,6 +1,7 @@
 # The packed weight layouts of MILI's linear op (the header of linear.mojo describes them) and the
 # element-wise readers every path shares.
 from std.math import ceildiv
+from std.sys.intrinsics import llvm_intrinsic
 from .convert import widen
 
 comptime PANEL = 16
@@ -41,14 +42,33 @@ def packed_int8_q(q_ptr: Pointer[Int8, ...], padded_k: Int, n: Int, k: Int) -> F
 
 
 @always_inline
-def packed_int8_scale[group: Int](scale_ptr: Pointer[Float16, ...], padded_k: Int, n: Int, g: Int) -> Float32:
-    """The scale of channel n's group g."""
+def packed_int8_scale[S: DType, //, group: Int](scale_ptr: Pointer[Scalar[S], ...], padded_k: Int, n: Int, g: Int) -> Float32:
+    """The scale (or the offset: same layout) of channel n's group g."""
     return scale_ptr.unsafe_load(((n // PANEL) * (padded_k // group) + g) * PANEL + n % PANEL).cast[DType.float32]()
 
 
 @always_inline
-def packed_int8_weight[group: Int](q_ptr: Pointer[Int8, ...], scale_ptr: Pointer[Float16, ...], k_len: Int, n: Int,
-                                   k: Int) -> Float32:
+def packed_int8_weight[S: DType, //, group: Int](q_ptr: Pointer[Int8, ...], scale_ptr: Pointer[Scalar[S], ...],
+                                                 k_len: Int, n: Int, k: Int) -> Float32:
     """W[n, k] = q * scale from the int8 panel layout."""
     var padded_k = int8_padded_k(k_len, group)
     return packed_int8_q(q_ptr, padded_k, n, k) * packed_int8_scale[group](scale_ptr, padded_k, n, k // group)
+
+
+@always_inline
+def packed_int8_offset_weight[S: DType, //, group: Int](
+    q_ptr: Pointer[Int8, ...], scale_ptr: Pointer[Scalar[S], ...], offset_ptr: Pointer[Float32, ...], k_len: Int, n: Int,
+    k: Int,
+) -> Float32:
+    """W[n, k] = q * scale + offset from the int8 panel layout with offsets, rounded twice as gguf-py computes it:
+    the fence keeps LLVM from contracting the multiply and the add into one FMA (one rounding, other bits)."""
+    var padded_k = int8_padded_k(k_len, group)
+    var scaled = llvm_intrinsic["llvm.arithmetic.fence.f32", Float32](
+        packed_int8_weight[group](q_ptr, scale_ptr, k_len, n, k))
+    return scaled + packed_int8_scale[group](offset_ptr, padded_k, n, k // group)
+
+
+@always_inline
+def packed_float_weight[E: DType, //](w_ptr: Pointer[Scalar[E], ...], k_len: Int, n: Int, k: Int) -> Float32:
+    """W[n, k] from the k-major float panel layout (float16 widened exactly)."""
+    return w_ptr.unsafe_load(((n // PANEL) * k_len + k) * PANEL + n % PANEL).cast[DType.float32]()

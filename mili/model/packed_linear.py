@@ -7,8 +7,11 @@
 The layouts are the contract with mojo_kernels/linear.mojo (its header has the index formulas):
 - bf16: panels of 16 output channels, each one 64-byte row per pair of inputs (two bf16 of one channel per
   32-bit lane), [panels, ceil(K/2) * 32] bfloat16;
-- int8: symmetric, one float16 scale per output channel per group of `group_size` inputs, q in [-127, 127];
-  q [panels, Kg * 16] int8 (k-major inside a panel), scales [panels, Kg / group_size * 16] float16.
+- int8: one scale per output channel per group of `group_size` inputs, q [panels, Kg * 16] int8 (k-major inside
+  a panel), scales [panels, Kg / group_size * 16] float16 or float32; `--quantization int8` makes symmetric ones
+  (q in [-127, 127], float16 scales). GGUF's quantized types repack into it exactly (mili/gguf/repack.py), those
+  with a minimum (Q4_1, Q5_1, Q4_K, Q5_K) with float32 offsets beside the scales: W = q * scale + offset;
+- float16 / float32: k-major panels of the values themselves, [panels, K * 16] (GGUF's F16 and F32 tensors).
 Padding (channels past N, inputs past K) is zero. numpy has no bfloat16, so bf16 data travels as uint16 bits.
 """
 
@@ -35,11 +38,19 @@ class WeightFormat(enum.Enum):
 
     DENSE = "dense"  # the run dtype, [out, in] or [in, out], through MAX's ops.matmul
     BF16 = "bf16"  # bf16 panels, MILI's linear op
-    INT8 = "int8"  # int8 weight-only with group scales, MILI's linear op
+    INT8 = "int8"  # int8 weight-only with group scales (and offsets), MILI's linear op
+    FLOAT16 = "float16"  # float16 k-major panels, MILI's linear op (GGUF F16 tensors)
+    FLOAT32 = "float32"  # float32 k-major panels, MILI's linear op (GGUF F32 tensors)
+    GGUF = "gguf"  # a model's format only: each tensor as its GGUF file stores it (one of the above)
 
     @property
     def packed(self) -> bool:
         return self is not WeightFormat.DENSE
+
+    @property
+    def float_dtype(self) -> DType:
+        """The element dtype of a k-major float format."""
+        return {WeightFormat.FLOAT16: DType.float16, WeightFormat.FLOAT32: DType.float32}[self]
 
 
 def panels(out_features: int) -> int:
@@ -58,6 +69,8 @@ class PackedShape:
     out_features: int
     in_features: int
     group_size: int = DEFAULT_GROUP_SIZE
+    scale_dtype: DType = DType.float16  # int8: the scales' dtype (float16 or float32)
+    offsets: bool = False  # int8: W = q * scale + offset
 
     def arrays(self) -> list[tuple[str, DType, tuple[int, int]]]:
         p, k = panels(self.out_features), self.in_features
@@ -65,8 +78,16 @@ class PackedShape:
             return [("", DType.bfloat16, (p, -(-k // 2) * 2 * PANEL))]
         if self.format is WeightFormat.INT8:
             kg = padded_k(k, self.group_size)
-            return [(".q", DType.int8, (p, kg * PANEL)), (".scales", DType.float16, (p, kg // self.group_size * PANEL))]
-        raise ValueError("dense weights are not packed")
+            groups = (p, kg // self.group_size * PANEL)
+            offsets = [(".offsets", DType.float32, groups)] if self.offsets else []
+            return [(".q", DType.int8, (p, kg * PANEL)), (".scales", self.scale_dtype, groups), *offsets]
+        if self.format in (WeightFormat.FLOAT16, WeightFormat.FLOAT32):
+            return [("", self.format.float_dtype, (p, k * PANEL))]
+        raise ValueError(f"{self.format.value} weights are not packed tensors")
+
+    @property
+    def stored_bits_per_weight(self) -> float:
+        return 8 * self.nbytes() / (self.out_features * self.in_features)
 
     def nbytes(self) -> int:
         return sum(int(np.prod(shape)) * dtype.size_in_bytes for _, dtype, shape in self.arrays())
@@ -112,6 +133,27 @@ def _float16_at_least(values: np.ndarray) -> np.ndarray:
     return rounded
 
 
+def pack_k_major(values: np.ndarray, dtype: np.dtype | type | None = None) -> np.ndarray:
+    """[N, C] -> [panels, C * 16]: C values of each of a panel's 16 channels, interleaved channel-fastest
+    (the int8 codes' and float panels' layout; with C = groups, the scales' and offsets')."""
+    values = np.asarray(values, dtype) if dtype is not None else np.asarray(values)
+    n, cols = values.shape
+    out = np.empty((panels(n), cols * PANEL), values.dtype)
+    for start in range(0, n, _PACK_CHUNK_CHANNELS):
+        chunk = values[start:start + _PACK_CHUNK_CHANNELS]
+        p = panels(len(chunk))
+        tiles = _padded(chunk, p * PANEL, cols).reshape(p, PANEL, cols)
+        out[start // PANEL:start // PANEL + p] = tiles.transpose(0, 2, 1).reshape(p, cols * PANEL)
+    return out
+
+
+def unpack_k_major(packed: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """The [rows, cols] values pack_k_major packed."""
+    p = packed.shape[0]
+    full = packed.reshape(p, packed.shape[1] // PANEL, PANEL).transpose(0, 2, 1).reshape(p * PANEL, -1)
+    return np.ascontiguousarray(full[:rows, :cols])
+
+
 def quantize_int8(weight: np.ndarray, group_size: int = DEFAULT_GROUP_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """[N, K] float32 -> (q [panels, Kg * 16] int8, scales [panels, Kg / G * 16] float16), symmetric per
     (channel, group): scale = max|w| / 127 rounded up to a float16, q = rint(w / scale) in [-127, 127]; an all-zero
@@ -139,14 +181,18 @@ def quantize_int8(weight: np.ndarray, group_size: int = DEFAULT_GROUP_SIZE) -> t
 
 
 def dequantize_int8(q: np.ndarray, scales: np.ndarray, out_features: int, in_features: int,
-                    group_size: int = DEFAULT_GROUP_SIZE) -> np.ndarray:
-    """The float32 [N, K] matrix an int8-packed weight holds (q * scale, exact in float32)."""
+                    group_size: int = DEFAULT_GROUP_SIZE, offsets: np.ndarray | None = None) -> np.ndarray:
+    """The float32 [N, K] matrix an int8-packed weight holds: q * scale (+ offset), each step rounded to float32
+    as the op's weights are."""
     p = q.shape[0]
     kg = q.shape[1] // PANEL
     groups = kg // group_size
     qs = q.reshape(p, kg, PANEL).transpose(0, 2, 1).reshape(p * PANEL, groups, group_size).astype(np.float32)
     s = scales.reshape(p, groups, PANEL).transpose(0, 2, 1).reshape(p * PANEL, groups, 1).astype(np.float32)
-    return np.ascontiguousarray((qs * s).reshape(p * PANEL, kg)[:out_features, :in_features])
+    w = qs * s
+    if offsets is not None:
+        w = w + offsets.reshape(p, groups, PANEL).transpose(0, 2, 1).reshape(p * PANEL, groups, 1)
+    return np.ascontiguousarray(w.reshape(p * PANEL, kg)[:out_features, :in_features])
 
 
 @dataclass(frozen=True)
@@ -169,7 +215,11 @@ class PackedWeight:
         s = self.shape
         if s.format is WeightFormat.BF16:
             return unpack_bf16(self.arrays[0], s.out_features, s.in_features)
-        return dequantize_int8(*self.arrays, s.out_features, s.in_features, s.group_size)
+        if s.format is WeightFormat.INT8:
+            q, scales, *offsets = self.arrays
+            return dequantize_int8(q, scales, s.out_features, s.in_features, s.group_size,
+                                   offsets[0] if offsets else None)
+        return unpack_k_major(self.arrays[0], s.out_features, s.in_features).astype(np.float32)
 
 
 def pack_weight(weight: np.ndarray, fmt: WeightFormat, group_size: int = DEFAULT_GROUP_SIZE) -> PackedWeight:
@@ -177,34 +227,73 @@ def pack_weight(weight: np.ndarray, fmt: WeightFormat, group_size: int = DEFAULT
     shape = PackedShape(fmt, weight.shape[0], weight.shape[1], group_size)
     if fmt is WeightFormat.BF16:
         return PackedWeight(shape, (pack_bf16(weight),))
+    as_f32 = bf16_bits_to_f32(weight) if weight.dtype == np.uint16 else weight
     if fmt is WeightFormat.INT8:
-        as_f32 = bf16_bits_to_f32(weight) if weight.dtype == np.uint16 else weight
         return PackedWeight(shape, quantize_int8(as_f32, group_size))
-    raise ValueError("dense weights are not packed")
+    if fmt in (WeightFormat.FLOAT16, WeightFormat.FLOAT32):
+        return pack_float(as_f32.astype(fmt.float_dtype.to_numpy()), fmt)
+    raise ValueError(f"{fmt.value} weights are not packed by pack_weight")
+
+
+def pack_grouped(q: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, group_size: int,
+                 scale_dtype: DType = DType.float32) -> PackedWeight:
+    """Int8 codes q [N, K] with per-group scales [N, ceil(K / G)] (and offsets) -> the int8 panel layout, values
+    unchanged: scales must be exact in `scale_dtype` (GGUF's repacked tensors: mili/gguf/repack.py)."""
+    n, k = q.shape
+    groups = -(-k // group_size)
+    if scales.shape != (n, groups) or (offsets is not None and offsets.shape != scales.shape):
+        raise ValueError(f"codes [{n}, {k}] need scales (and offsets) of shape [{n}, {groups}] for groups of "
+                         f"{group_size}, got {list(scales.shape)}")
+    stored = scales.astype(scale_dtype.to_numpy())
+    if not np.array_equal(stored.astype(np.float32), scales.astype(np.float32)):
+        raise ValueError(f"scales are not exact in {scale_dtype}")
+    shape = PackedShape(WeightFormat.INT8, n, k, group_size, scale_dtype, offsets is not None)
+    codes = _padded(np.asarray(q, np.int8), n, groups * group_size)  # inputs past K: code 0, never read
+    arrays = [pack_k_major(codes), pack_k_major(stored)]
+    if offsets is not None:
+        arrays.append(pack_k_major(offsets, np.float32))
+    return PackedWeight(shape, tuple(arrays))
+
+
+def pack_float(weight: np.ndarray, fmt: WeightFormat) -> PackedWeight:
+    """A [N, K] float16 / float32 weight -> k-major panels of the same values (float16 input stays float16)."""
+    dtype = fmt.float_dtype.to_numpy()
+    if weight.dtype != dtype and not np.array_equal(weight.astype(dtype).astype(weight.dtype), weight):
+        raise ValueError(f"weight values are not exact in {fmt.value}")
+    return PackedWeight(PackedShape(fmt, *weight.shape), (pack_k_major(weight, dtype),))
 
 
 # --- graph side --------------------------------------------------------------------------------------------
 
-def linear(x: TensorValue, weight: list[TensorValue], fmt: WeightFormat, out_features: DimLike, *,
-           group_size: int = DEFAULT_GROUP_SIZE, out_dtype: DType | None = None) -> TensorValue:
-    """x [M, K] @ W^T -> [M, out_features] in `out_dtype` (default x's), W packed in `fmt`; `weight` holds the
-    graph values of PackedShape.arrays() in order."""
+def _op_name(kind: str, shape: PackedShape) -> tuple[str, dict[str, int]]:
+    """The custom op that multiplies (kind "linear") or looks up rows of (kind "packed_embedding") a weight
+    packed as `shape` says, and its parameters."""
+    fmt = shape.format
+    if fmt is WeightFormat.BF16:
+        return f"mili_{kind}_bf16", {}
+    if fmt is WeightFormat.INT8:
+        return f"mili_{kind}_int8" + ("_offsets" if shape.offsets else ""), {"group_size": shape.group_size}
+    if fmt in (WeightFormat.FLOAT16, WeightFormat.FLOAT32):
+        return f"mili_{kind}_float", {}
+    raise ValueError(f"{fmt.value} weights are not packed tensors")
+
+
+def linear(x: TensorValue, weight: list[TensorValue], shape: PackedShape, out_features: DimLike, *,
+           out_dtype: DType | None = None) -> TensorValue:
+    """x [M, K] @ W^T -> [M, out_features] in `out_dtype` (default x's), W packed as `shape` says (its format,
+    group size, scale dtype, offsets); `weight` holds the graph values of shape.arrays() in order."""
     out = TensorType(out_dtype or x.dtype, [x.shape[0], out_features], x.device)
-    if fmt is WeightFormat.BF16:
-        return ops.custom("mili_linear_bf16", x.device, [x, *weight], out_types=[out])[0].tensor
-    return ops.custom("mili_linear_int8", x.device, [x, *weight], out_types=[out],
-                      parameters={"group_size": group_size})[0].tensor
+    name, parameters = _op_name("linear", shape)
+    return ops.custom(name, x.device, [x, *weight], out_types=[out], parameters=parameters)[0].tensor
 
 
-def embedding(ids: TensorValue, weight: list[TensorValue], fmt: WeightFormat, hidden: DimLike, out_dtype: DType, *,
-              group_size: int = DEFAULT_GROUP_SIZE) -> TensorValue:
-    """Rows `ids` [T] of a packed [vocab, hidden] weight -> [T, hidden] in `out_dtype` (a tied embedding read
-    from the LM head's packed storage)."""
+def embedding(ids: TensorValue, weight: list[TensorValue], shape: PackedShape, hidden: DimLike,
+              out_dtype: DType) -> TensorValue:
+    """Rows `ids` [T] of a packed [vocab, hidden] weight -> [T, hidden] in `out_dtype` (an untied GGUF embedding,
+    or a tied one read from the LM head's packed storage)."""
     out = TensorType(out_dtype, [ids.shape[0], hidden], ids.device)
-    if fmt is WeightFormat.BF16:
-        return ops.custom("mili_packed_embedding_bf16", ids.device, [ids, *weight], out_types=[out])[0].tensor
-    return ops.custom("mili_packed_embedding_int8", ids.device, [ids, *weight], out_types=[out],
-                      parameters={"group_size": group_size})[0].tensor
+    name, parameters = _op_name("packed_embedding", shape)
+    return ops.custom(name, ids.device, [ids, *weight], out_types=[out], parameters=parameters)[0].tensor
 
 
 def kernel_family(x: TensorValue) -> TensorValue:

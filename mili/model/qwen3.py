@@ -73,6 +73,9 @@ class Qwen3GraphSpec:
     block_size: int = 16
     weights: WeightFormat | None = None
     group_size: int = DEFAULT_GROUP_SIZE
+    # WeightFormat.GGUF: how each packed graph weight is stored, as its file's tensor types make it
+    # (mili/gguf/weights.py); the embedding is then packed too, whether tied or not.
+    tensor_formats: tuple[tuple[str, PackedShape], ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype not in (DType.float32, DType.bfloat16):
@@ -84,6 +87,8 @@ class Qwen3GraphSpec:
         if self.weights is None:
             packed_bf16 = self.dtype == DType.bfloat16 and self.device.is_cpu()
             object.__setattr__(self, "weights", WeightFormat.BF16 if packed_bf16 else WeightFormat.DENSE)
+        if (self.weights is WeightFormat.GGUF) != bool(self.tensor_formats):
+            raise ValueError("tensor_formats go with WeightFormat.GGUF, and only with it")
 
     @property
     def weight_format(self) -> WeightFormat:
@@ -107,8 +112,16 @@ class Qwen3GraphSpec:
         """Whether the token embedding is read from the packed LM head (tied embeddings stored once)."""
         return self.config.tie_word_embeddings and self.weight_format.packed
 
+    def is_packed(self, name: str) -> bool:
+        """Whether graph weight `name` is stored packed for MILI's linear / embedding ops."""
+        if not self.weight_format.packed:
+            return False
+        return is_projection(name) or (self.weight_format is WeightFormat.GGUF and name == "embed_tokens")
+
     def packed_shape(self, name: str) -> PackedShape:
-        return self._packed(_graph_shape(graph_weight_shapes(self.config), name))
+        if self.weight_format is WeightFormat.GGUF:
+            return dict(self.tensor_formats)[name]
+        return self._packed(graph_shape(graph_weight_shapes(self.config), name))
 
     def _packed(self, shape: tuple[int, ...]) -> PackedShape:
         out_features, in_features = shape
@@ -119,12 +132,12 @@ class Qwen3GraphSpec:
         projection `name` is one array (bf16) or `name.q` and `name.scales` (int8)."""
         shapes = graph_weight_shapes(self.config)
         types: dict[str, tuple[DType, tuple[int, ...]]] = {}
-        for name in _graph_names(self):
-            shape = _graph_shape(shapes, name)
-            if not _is_projection(name):
+        for name in graph_names(self):
+            shape = graph_shape(shapes, name)
+            if self.is_packed(name):
+                types |= {name + suffix: (dtype, packed) for suffix, dtype, packed in self.packed_shape(name).arrays()}
+            elif not is_projection(name):
                 types[name] = (self.weight_dtype(name), shape)
-            elif self.weight_format.packed:
-                types |= {name + suffix: (dtype, packed) for suffix, dtype, packed in self._packed(shape).arrays()}
             else:
                 types[name] = (self.dtype, shape[::-1] if self.weights_in_out else shape)
         return types
@@ -147,7 +160,7 @@ class Qwen3GraphSpec:
                                        self.block_size * c.head_dim], self.device)
 
 
-def _graph_shape(shapes: dict[str, tuple[int, ...]], name: str) -> tuple[int, ...]:
+def graph_shape(shapes: dict[str, tuple[int, ...]], name: str) -> tuple[int, ...]:
     """A graph weight's [out, in] shape from graph_weight_shapes; a tied LM head has the embedding's."""
     return shapes[name] if name in shapes else shapes["embed_tokens"]
 
@@ -168,7 +181,7 @@ def _layer_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
-def _is_projection(name: str) -> bool:
+def is_projection(name: str) -> bool:
     return name == "lm_head" or name.endswith("_proj")
 
 
@@ -185,7 +198,7 @@ def graph_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 # Graph weight name -> the Hugging Face tensors it is made of, concatenated along the first axis.
-def _sources(name: str, config: ModelConfig) -> tuple[str, ...]:
+def hf_sources(name: str, config: ModelConfig) -> tuple[str, ...]:
     if name in ("embed_tokens", "norm"):
         return (f"model.{name}.weight",)
     if name == "lm_head":
@@ -205,7 +218,7 @@ def _sources(name: str, config: ModelConfig) -> tuple[str, ...]:
     }[part]
 
 
-def _graph_names(spec: Qwen3GraphSpec) -> list[str]:
+def graph_names(spec: Qwen3GraphSpec) -> list[str]:
     """The graph's weights before packing splits them into arrays (`weight_types` lists the arrays)."""
     names = list(graph_weight_shapes(spec.config))
     if spec.config.tie_word_embeddings and (spec.weights_in_out or spec.weight_format.packed):
@@ -222,7 +235,7 @@ def load_qwen3_weights(model_dir: str | Path, spec: Qwen3GraphSpec) -> dict[str,
     config = spec.config
     hf: dict[str, Buffer] = {}
     registry: dict[str, Buffer] = {}
-    pending = {name: _sources(name, config) for name in _graph_names(spec)}
+    pending = {name: hf_sources(name, config) for name in graph_names(spec)}
     for hf_name, buffer in iter_weights(model_dir, config, spec.dtype):
         hf[hf_name] = buffer
         # Build a graph weight as soon as its parts are loaded, so the unfused copies are dropped early.
@@ -242,13 +255,13 @@ def _graph_weight(name: str, parts: list[Buffer], spec: Qwen3GraphSpec) -> dict[
     """One graph weight's arrays from its checkpoint tensors: fused along the output axis, then packed, or
     transposed if the spec stores dense weights [in, out]. Going through float32 is exact for bfloat16 too;
     bf16 packing of bfloat16 tensors moves their bits without converting."""
-    if _is_projection(name) and spec.weight_format.packed:
+    if spec.is_packed(name):
         if spec.weight_format is WeightFormat.BF16 and all(p.dtype == DType.bfloat16 for p in parts):
             fused = np.concatenate([p.view(DType.uint16).to_numpy() for p in parts], axis=0)
         else:
             fused = np.concatenate([to_numpy_f32(p) for p in parts], axis=0)
         return pack_weight(fused, spec.weight_format, spec.group_size).buffers(name)
-    transpose = spec.weights_in_out and _is_projection(name)
+    transpose = spec.weights_in_out and is_projection(name)
     dtype = spec.weight_dtype(name)
     if len(parts) == 1 and not transpose and parts[0].dtype == dtype:
         return {name: parts[0]}
@@ -300,14 +313,15 @@ def build_qwen3_graph(spec: Qwen3GraphSpec, name: str = "qwen3") -> Graph:
 
         def linear(x: TensorValue, name: str, out_dtype: DType | None = None) -> TensorValue:
             if spec.weight_format.packed:
-                return packed_linear.linear(x, w.packed(name), spec.weight_format, spec.packed_shape(name).out_features,
-                                            group_size=spec.group_size, out_dtype=out_dtype)
+                shape = spec.packed_shape(name)
+                return packed_linear.linear(x, w.packed(name), shape, shape.out_features, out_dtype=out_dtype)
             y = _linear(x, w(name), spec.weights_in_out)
             return y if out_dtype is None or out_dtype == y.dtype else ops.cast(y, out_dtype)
 
-        if spec.embedding_in_head:
-            h = packed_linear.embedding(ids, w.packed("lm_head"), spec.weight_format, c.hidden_size, spec.dtype,
-                                        group_size=spec.group_size)
+        table_name = "lm_head" if spec.embedding_in_head else "embed_tokens"
+        if spec.is_packed(table_name):
+            h = packed_linear.embedding(ids, w.packed(table_name), spec.packed_shape(table_name), c.hidden_size,
+                                        spec.dtype)
         else:
             h = ops.gather(w("embed_tokens"), ids, axis=0)
         x = mili_ops.rms_norm(h, w("layers.0.input_layernorm"), eps)
@@ -335,7 +349,7 @@ def build_qwen3_graph(spec: Qwen3GraphSpec, name: str = "qwen3") -> Graph:
                 h = h + mlp
 
         rows = mili_ops.rms_norm(ops.gather(h, logits_indices, axis=0), w("norm"), eps)
-        head = "lm_head" if "lm_head" in _graph_names(spec) else "embed_tokens"
+        head = "lm_head" if "lm_head" in graph_names(spec) else "embed_tokens"
         # MILI's linear op writes float32 logits directly; MAX's matmul makes them in the run dtype, then a cast.
         graph.output(linear(rows, head, DType.float32))
     return graph

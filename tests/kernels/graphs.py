@@ -113,49 +113,69 @@ def build_attention_graph(device: DeviceRef) -> Graph:
 
 @dataclass(frozen=True)
 class LinearCase:
-    """One specialisation of MILI's linear op: weight format, activation dtype, output dtype, int8 group size."""
+    """One specialisation of MILI's linear op: weight layout, activation dtype, output dtype."""
 
-    weights: WeightFormat
+    layout: PackedShape  # its format, group size, scale dtype and offsets (the sizes are the test's)
     x_dtype: DType
     out_dtype: DType
-    group_size: int = DEFAULT_GROUP_SIZE
 
     @property
     def name(self) -> str:
-        group = f"/g{self.group_size}" if self.weights is WeightFormat.INT8 else ""
-        return f"{self.weights.value}{group} x:{self.x_dtype.name} out:{self.out_dtype.name}"
+        return f"{layout_name(self.layout)} x:{self.x_dtype.name} out:{self.out_dtype.name}"
 
 
+def layout(fmt: WeightFormat, group_size: int = DEFAULT_GROUP_SIZE, scale_dtype: DType = DType.float16,
+           offsets: bool = False) -> PackedShape:
+    return PackedShape(fmt, 1, 1, group_size, scale_dtype, offsets)
+
+
+def layout_name(shape: PackedShape) -> str:
+    if shape.format is not WeightFormat.INT8:
+        return shape.format.value
+    return f"int8/g{shape.group_size}/{shape.scale_dtype.name}" + ("+offsets" if shape.offsets else "")
+
+
+Q6_K_LIKE = layout(WeightFormat.INT8, 16, DType.float32)  # GGUF Q6_K: 16-weight groups, float32 scales
+Q4_K_LIKE = layout(WeightFormat.INT8, 32, DType.float32, offsets=True)  # Q4_K / Q5_K
+Q4_1_LIKE = layout(WeightFormat.INT8, 32, DType.float16, offsets=True)  # Q4_1 / Q5_1
 LINEAR_CASES = (
-    LinearCase(WeightFormat.BF16, DType.float32, DType.float32),
-    LinearCase(WeightFormat.BF16, DType.bfloat16, DType.bfloat16),
-    LinearCase(WeightFormat.BF16, DType.bfloat16, DType.float32),  # the LM head of a bfloat16 run
-    LinearCase(WeightFormat.INT8, DType.float32, DType.float32),
-    LinearCase(WeightFormat.INT8, DType.bfloat16, DType.bfloat16),
-    LinearCase(WeightFormat.INT8, DType.bfloat16, DType.float32),
-    LinearCase(WeightFormat.INT8, DType.float32, DType.float32, group_size=128),
+    LinearCase(layout(WeightFormat.BF16), DType.float32, DType.float32),
+    LinearCase(layout(WeightFormat.BF16), DType.bfloat16, DType.bfloat16),
+    LinearCase(layout(WeightFormat.BF16), DType.bfloat16, DType.float32),  # the LM head of a bfloat16 run
+    LinearCase(layout(WeightFormat.INT8), DType.float32, DType.float32),
+    LinearCase(layout(WeightFormat.INT8), DType.bfloat16, DType.bfloat16),
+    LinearCase(layout(WeightFormat.INT8), DType.bfloat16, DType.float32),
+    LinearCase(layout(WeightFormat.INT8, group_size=128), DType.float32, DType.float32),
+    LinearCase(Q6_K_LIKE, DType.float32, DType.float32),
+    LinearCase(Q6_K_LIKE, DType.bfloat16, DType.float32),
+    LinearCase(Q4_K_LIKE, DType.float32, DType.float32),
+    LinearCase(Q4_K_LIKE, DType.bfloat16, DType.bfloat16),
+    LinearCase(Q4_1_LIKE, DType.float32, DType.float32),
+    LinearCase(layout(WeightFormat.FLOAT16), DType.float32, DType.float32),
+    LinearCase(layout(WeightFormat.FLOAT16), DType.bfloat16, DType.bfloat16),
+    LinearCase(layout(WeightFormat.FLOAT32), DType.bfloat16, DType.float32),
 )
-# (weights, output dtype, group size) of the packed-embedding cases
-EMBEDDING_CASES = ((WeightFormat.BF16, DType.bfloat16, DEFAULT_GROUP_SIZE),
-                   (WeightFormat.INT8, DType.float32, DEFAULT_GROUP_SIZE))
+# (weight layout, output dtype) of the packed-embedding cases
+EMBEDDING_CASES = ((layout(WeightFormat.BF16), DType.bfloat16), (layout(WeightFormat.INT8), DType.float32),
+                   (Q6_K_LIKE, DType.bfloat16), (Q4_K_LIKE, DType.float32), (Q4_1_LIKE, DType.bfloat16),
+                   (layout(WeightFormat.FLOAT16), DType.float32), (layout(WeightFormat.FLOAT32), DType.bfloat16))
 
 
 def linear_input_types(device: DeviceRef) -> list[TensorType]:
     """x [m, k] per activation dtype, n_marker [n] (gives the graph the output width), ids [tokens], then the
-    packed arrays of every distinct (format, group size), in the order linear_weight_keys() lists them."""
+    packed arrays of every distinct layout, in the order linear_layouts() lists them."""
     types = [TensorType(dtype, ["m", "k"], device) for dtype in DTYPES]
     types += [TensorType(DType.int32, ["n"], device), TensorType(DType.int32, ["tokens"], device)]
-    for fmt, group in linear_weight_keys():
-        shape = PackedShape(fmt, 1, 1, group)
+    for i, shape in enumerate(linear_layouts()):
         for suffix, dtype, _ in shape.arrays():
-            key = f"{fmt.value}_{group}{suffix.replace('.', '_')}"
+            key = f"layout{i}{suffix.replace('.', '_')}"
             types.append(TensorType(dtype, [f"{key}_rows", f"{key}_cols"], device))
     return types
 
 
-def linear_weight_keys() -> list[tuple[WeightFormat, int]]:
-    keys = [(c.weights, c.group_size) for c in LINEAR_CASES] + [(f, g) for f, _, g in EMBEDDING_CASES]
-    return list(dict.fromkeys(keys))
+def linear_layouts() -> list[PackedShape]:
+    """Every distinct layout the cases use, in a fixed order."""
+    return list(dict.fromkeys([c.layout for c in LINEAR_CASES] + [shape for shape, _ in EMBEDDING_CASES]))
 
 
 def build_linear_graph(device: DeviceRef) -> Graph:
@@ -167,13 +187,13 @@ def build_linear_graph(device: DeviceRef) -> Graph:
         xs = dict(zip(DTYPES, values[:len(DTYPES)], strict=True))
         marker, ids = values[len(DTYPES)], values[len(DTYPES) + 1]
         arrays, at = {}, len(DTYPES) + 2
-        for fmt, group in linear_weight_keys():
-            count = len(PackedShape(fmt, 1, 1, group).arrays())
-            arrays[fmt, group], at = values[at:at + count], at + count
-        outputs = [packed_linear.linear(xs[c.x_dtype], arrays[c.weights, c.group_size], c.weights, marker.shape[0],
-                                        group_size=c.group_size, out_dtype=c.out_dtype) for c in LINEAR_CASES]
-        outputs += [packed_linear.embedding(ids, arrays[f, g], f, xs[DType.float32].shape[1], out_dtype, group_size=g)
-                    for f, out_dtype, g in EMBEDDING_CASES]
+        for shape in linear_layouts():
+            count = len(shape.arrays())
+            arrays[shape], at = values[at:at + count], at + count
+        outputs = [packed_linear.linear(xs[c.x_dtype], arrays[c.layout], c.layout, marker.shape[0],
+                                        out_dtype=c.out_dtype) for c in LINEAR_CASES]
+        outputs += [packed_linear.embedding(ids, arrays[shape], shape, xs[DType.float32].shape[1], out_dtype)
+                    for shape, out_dtype in EMBEDDING_CASES]
         if device.is_cpu():
             outputs += [packed_linear.kernel_family(ops.reshape(xs[d], [-1])) for d in DTYPES]
         graph.output(*outputs)

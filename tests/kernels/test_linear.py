@@ -8,6 +8,7 @@ accumulation and the output's rounding, bounded element by element.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -17,9 +18,9 @@ from max.driver import Buffer
 from max.dtype import DType
 
 from mili.dtypes import numpy_to_buffer, to_numpy_f32
-from mili.model.packed_linear import PackedWeight, WeightFormat, pack_weight
+from mili.model.packed_linear import PackedShape, PackedWeight, WeightFormat, pack_grouped, pack_weight
 from tests.kernels import reference as ref
-from tests.kernels.graphs import DTYPES, EMBEDDING_CASES, LINEAR_CASES, linear_weight_keys
+from tests.kernels.graphs import DTYPES, EMBEDDING_CASES, LINEAR_CASES, layout_name, linear_layouts
 
 # (M, K, N): M over both the decode tiles (< 16 rows, with their MR tails) and the prefill path; K and N not
 # multiples of the SIMD width, of the 16-channel panel, of the bf16 pair or of the int8 group.
@@ -29,32 +30,77 @@ FLOAT32_UNIT = 2.0 ** -24
 BFLOAT16_UNIT = 2.0 ** -8
 
 
-def packed_weights(rng: np.random.Generator, n: int, k: int) -> dict[tuple[WeightFormat, int], PackedWeight]:
-    """One random [n, k] weight (channels of different magnitudes, a few exact zeros) in every packed form."""
+def grouped_weight(w: np.ndarray, shape: PackedShape) -> PackedWeight:
+    """W in one of the layouts GGUF files repack into, quantised here (not by MILI's code): with offsets, 4-bit
+    codes 0..15 from each group's minimum (as Q4_1 / Q4_K), else 6-bit codes -32..31 (as Q6_K); scales in the
+    layout's dtype."""
+    n, k = w.shape
+    g = shape.group_size
+    groups = np.pad(w, ((0, 0), (0, -k % g))).reshape(n, -1, g)
+    if shape.offsets:
+        low, high = groups.min(axis=2), groups.max(axis=2)
+        scales, offsets, top, bottom = (high - low) / 15, low, 15, 0
+    else:
+        scales, offsets, top, bottom = np.abs(groups).max(axis=2) / 31, None, 31, -32
+    scales = scales.astype(shape.scale_dtype.to_numpy()).astype(np.float32)
+    centred = groups - (0 if offsets is None else offsets[:, :, None])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(scales[:, :, None] > 0, np.rint(centred / scales[:, :, None]), 0)
+    q = np.clip(q, bottom, top).astype(np.int8).reshape(n, -1)[:, :k]
+    return pack_grouped(q, scales, None if offsets is None else offsets.astype(np.float32), g, shape.scale_dtype)
+
+
+def packed_weights(rng: np.random.Generator, n: int, k: int) -> dict[PackedShape, PackedWeight]:
+    """One random [n, k] weight (channels of different magnitudes, a few exact zeros) in every packed layout."""
     w = rng.standard_normal((n, k)) * np.exp(rng.uniform(-4, 1, size=(n, 1)))
     w[rng.random((n, k)) < 0.01] = 0
-    return {(fmt, group): pack_weight(w.astype(np.float32), fmt, group) for fmt, group in linear_weight_keys()}
+    w = w.astype(np.float32)
+    out = {}
+    for shape in linear_layouts():
+        symmetric_int8 = shape == PackedShape(WeightFormat.INT8, 1, 1, shape.group_size)
+        if shape.format is WeightFormat.INT8 and not symmetric_int8:
+            out[shape] = grouped_weight(w, shape)
+        else:
+            out[shape] = pack_weight(w, shape.format, shape.group_size)
+    return out
 
 
 def run_linear(model, x: np.ndarray, n: int, weights: dict, ids: np.ndarray) -> list[np.ndarray]:
     buffers = [numpy_to_buffer(x, dtype) for dtype in DTYPES]
     buffers += [Buffer.from_numpy(np.zeros(n, np.int32)), Buffer.from_numpy(ids.astype(np.int32))]
-    for key in linear_weight_keys():
-        buffers += list(weights[key].buffers("w").values())
+    for shape in linear_layouts():
+        buffers += list(weights[shape].buffers("w").values())
     return [o.to_numpy() if o.dtype in (DType.float32, DType.int32) else to_numpy_f32(o) for o in model.execute(*buffers)]
 
 
-def chain_length(k: int, fmt: WeightFormat, group: int) -> int:
-    """Roundings on any product's way into a float32 output: K for bf16's one chain of K FMAs; for int8, a
-    chain of at most G within the group plus one of ceil(K / G) across the groups (linear.mojo's header)."""
-    return k if fmt is WeightFormat.BF16 else min(k, group) + -(-k // group)
+def chain_length(k: int, shape: PackedShape) -> int:
+    """Roundings on any product's way into a float32 output: K for the float formats' one chain of K FMAs; for
+    int8, a chain of at most G within the group plus one of ceil(K / G) across the groups (linear.mojo's header);
+    with offsets, twice as many across the groups, and the two roundings of the reference's own weights
+    (fl(fl(q * scale) + offset), which the op never forms)."""
+    if shape.format is not WeightFormat.INT8:
+        return k
+    groups = -(-k // shape.group_size)
+    return min(k, shape.group_size) + (2 * groups + 2 if shape.offsets else groups)
 
 
-def error_bound(x64: np.ndarray, w64: np.ndarray, out_dtype: DType, chain: int) -> np.ndarray:
+def magnitudes(packed: PackedWeight) -> np.ndarray:
+    """|W| per weight for the error bound; with offsets |q * scale| + |offset|, the sizes of the terms the op
+    adds (a weight near zero can be a large scaled code and a large offset that cancel)."""
+    if not packed.shape.offsets:
+        return np.abs(packed.dense().astype(np.float64))
+    q, scales, offsets = packed.arrays
+    scaled = PackedWeight(dataclasses.replace(packed.shape, offsets=False), (q, scales)).dense()
+    offset_only = PackedWeight(packed.shape, (np.zeros_like(q), np.zeros_like(scales), offsets)).dense()
+    return np.abs(scaled.astype(np.float64)) + np.abs(offset_only.astype(np.float64))
+
+
+def error_bound(x64: np.ndarray, w64: np.ndarray, out_dtype: DType, chain: int,
+                magnitude: np.ndarray | None = None) -> np.ndarray:
     """|kernel - exact| per element: float32 sums in which each product passes through at most `chain`
     roundings are off by at most chain * u * sum_k |x_k w_k| (u = 2^-24; 1.01 covers the higher-order terms);
     a bfloat16 output adds half an ulp of the result (u = 2^-8 relative)."""
-    accumulation = 1.01 * chain * FLOAT32_UNIT * (np.abs(x64) @ np.abs(w64).T)
+    accumulation = 1.01 * chain * FLOAT32_UNIT * (np.abs(x64) @ (np.abs(w64) if magnitude is None else magnitude).T)
     if out_dtype == DType.bfloat16:
         return accumulation + BFLOAT16_UNIT * (np.abs(x64 @ w64.T) + accumulation)
     return accumulation + FLOAT32_UNIT * np.abs(x64 @ w64.T)
@@ -68,15 +114,16 @@ def test_linear_and_embedding_match_float64(linear_model, m, k, n, rng):
     outputs = run_linear(linear_model, x, n, weights, ids)
     for case, got in zip(LINEAR_CASES, outputs, strict=False):
         x64 = ref.as_dtype(x, case.x_dtype).astype(np.float64)
-        w64 = weights[case.weights, case.group_size].dense().astype(np.float64)
+        packed = weights[case.layout]
+        w64 = packed.dense().astype(np.float64)
         assert got.shape == (m, n), case.name
         error = np.abs(got - x64 @ w64.T)
-        bound = error_bound(x64, w64, case.out_dtype, chain_length(k, case.weights, case.group_size))
+        bound = error_bound(x64, w64, case.out_dtype, chain_length(k, case.layout), magnitudes(packed))
         worst = np.unravel_index(np.argmax(error - bound), error.shape) if error.size else None
         assert np.all(error <= bound), f"{case.name}: error {error[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
-    for (fmt, out_dtype, group), got in zip(EMBEDDING_CASES, outputs[len(LINEAR_CASES):], strict=False):
-        expected = ref.as_dtype(weights[fmt, group].dense()[ids], out_dtype)
-        np.testing.assert_array_equal(got, expected, err_msg=f"embedding {fmt.value} -> {out_dtype.name}")
+    for (shape, out_dtype), got in zip(EMBEDDING_CASES, outputs[len(LINEAR_CASES):], strict=False):
+        expected = ref.as_dtype(weights[shape].dense()[ids], out_dtype)
+        np.testing.assert_array_equal(got, expected, err_msg=f"embedding {layout_name(shape)} -> {out_dtype.name}")
 
 
 def test_rows_are_bit_identical_whatever_the_batch(linear_model, rng):
