@@ -98,7 +98,17 @@ QWEN3_0_6B = CheckpointSpec(
     head_dim=128, intermediate_size=3072, tie_word_embeddings=True, dtype="bfloat16", seed=0,
 )
 
-PRESETS: dict[str, CheckpointSpec] = TEST_CHECKPOINTS | {"qwen3-0.6b": QWEN3_0_6B}
+# Shapes the GGUF tests convert (tests/gguf_files.py): every matrix's rows are whole 256-value super-blocks, so
+# the K-quants fit them all; head_dim 128 (transformers' GGUF reader of qwen3 files assumes it).
+GGUF_TEST_CHECKPOINTS: dict[str, CheckpointSpec] = {
+    spec.name: spec
+    for spec in (
+        CheckpointSpec("tiny-untied-gqa2-h256", hidden_size=256, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=128, intermediate_size=512, tie_word_embeddings=False, seed=6),
+    )
+}
+
+PRESETS: dict[str, CheckpointSpec] = TEST_CHECKPOINTS | GGUF_TEST_CHECKPOINTS | {"qwen3-0.6b": QWEN3_0_6B}
 
 
 def cache_dir() -> Path:

@@ -1,9 +1,9 @@
 """The `mili` command line.
 
-    mili info --model DIR                 what a checkpoint folder holds, as MILI reads it
+    mili info --model DIR_OR_GGUF         what a checkpoint folder or GGUF file holds, as MILI reads it
     mili checkpoint --preset NAME --out DIR   write a random-weight Qwen3 checkpoint (needs test extras)
-    mili generate --prompt TEXT [--model DIR_OR_HF_ID]   greedy generation for one prompt, streamed to stdout
-    mili serve [--model DIR_OR_HF_ID] ... the OpenAI-compatible server (see `mili serve --help`)
+    mili generate --prompt TEXT [--model DIR_GGUF_OR_HF_ID]   greedy generation for one prompt, streamed to stdout
+    mili serve [--model DIR_GGUF_OR_HF_ID] ... the OpenAI-compatible server (see `mili serve --help`)
 
 `generate` and `serve` without --model use the built-in demo model (random weights, real tokenizer).
 """
@@ -35,17 +35,20 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from mili.config import GenerationConfig, ModelConfig
-    from mili.tokenizer import Tokenizer
+    from mili.model_source import ModelSource, ModelSourceError, is_gguf_path
     from mili.weights import checkpoint_files, expected_shapes
 
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():
-        raise SystemExit(f"mili info: --model {model_dir} is not a folder; pass a Hugging Face checkpoint folder")
-    config = ModelConfig.from_pretrained(model_dir)
-    files = checkpoint_files(model_dir)
+    path = Path(args.model)
+    if not path.is_dir() and not is_gguf_path(path):
+        raise SystemExit(f"mili info: --model {path} is neither a folder nor a .gguf file; pass a Hugging Face "
+                         f"checkpoint folder or a GGUF file")
+    try:
+        source = ModelSource.open(path, args.tokenizer)
+    except ModelSourceError as exc:
+        raise SystemExit(f"mili info: {exc}") from None
+    config = source.config
     params = sum(_product(shape) for shape in expected_shapes(config).values())
-    print(f"model folder   {model_dir}")
+    print(f"{'GGUF model' if source.is_gguf else 'model folder':<15}{source.path}")
     attention_block = "q/k/v biases" if config.qkv_bias else "per-head q/k norm"
     print(f"architecture   {config.model_type}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
           f"intermediate {config.intermediate_size}, {attention_block}")
@@ -53,13 +56,28 @@ def _cmd_info(args: argparse.Namespace) -> int:
           f"(GQA x{config.gqa_group_size}), head_dim {config.head_dim}, RoPE theta {config.rope_theta:g}")
     print(f"vocabulary     {config.vocab_size} rows, embeddings {'tied' if config.tie_word_embeddings else 'untied'}")
     print(f"context        {config.max_position_embeddings} positions")
-    print(f"parameters     {params / 1e6:.1f} M, saved as {config.checkpoint_dtype or 'unstated dtype'} "
-          f"in {len(files)} file(s), {sum(f.stat().st_size for f in files) / 1e9:.2f} GB")
-    generation = GenerationConfig.from_pretrained(model_dir)
+    if source.gguf is not None:
+        from mili.gguf.weights import type_usage
+
+        files = source.gguf.paths
+        print(f"parameters     {params / 1e6:.1f} M in {len(files)} file(s), "
+              f"{sum(f.stat().st_size for f in files) / 1e9:.2f} GB: {source.describe()}")
+        for usage in type_usage(source.gguf):
+            print(f"  {usage.type_name:<12} {usage.tensors:>4} tensors  {usage.weights / 1e6:>9.2f} M weights  "
+                  f"{usage.nbytes / 1e6:>9.2f} MB  {8 * usage.nbytes / max(1, usage.weights):.2f} bits/weight")
+    else:
+        files = checkpoint_files(path)
+        print(f"parameters     {params / 1e6:.1f} M, saved as {config.checkpoint_dtype or 'unstated dtype'} "
+              f"in {len(files)} file(s), {sum(f.stat().st_size for f in files) / 1e9:.2f} GB")
+    generation = source.generation_config()
     if generation.sampling_defaults:
         print(f"sampling       {generation.sampling_defaults}")
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    print(f"tokenizer      {tokenizer.vocab_size} tokens, stop ids {sorted(tokenizer.eos_token_ids)}")
+    tokenizer = source.tokenizer()
+    origin = f" (from {source.tokenizer_dir})" if source.tokenizer_dir else (" (from the file)" if source.is_gguf else "")
+    print(f"tokenizer      {tokenizer.vocab_size} tokens{origin}, stop ids {sorted(tokenizer.eos_token_ids)}")
+    specials = [tokenizer.id_to_token(i) for i in tokenizer.special_token_ids()]
+    shown = ", ".join(specials[:12]) + (f", ... ({len(specials)} in all)" if len(specials) > 12 else "")
+    print(f"special tokens {shown or 'none'}")
     return 0
 
 
@@ -97,20 +115,18 @@ GENERATE_BLOCK_SIZE = 16  # tokens per KV block; one prompt needs only a handful
 def _cmd_generate(args: argparse.Namespace) -> int:
     from mili.engine.engine import Engine
     from mili.engine.sampling_params import SamplingParams
-    from mili.server.startup import StartupError, check_checkpoint_folder, resolve_model
-    from mili.tokenizer import Tokenizer
+    from mili.server.startup import StartupError, open_model
 
     if args.max_tokens < 1:
         raise SystemExit(f"mili generate: --max-tokens must be at least 1, got {args.max_tokens}")
     speculative = _speculative_config(args, "generate")
     try:
-        model_dir, _ = resolve_model(args.model)
-        check_checkpoint_folder(model_dir)
+        source, _ = open_model(args.model, args.tokenizer)
     except StartupError as exc:
         raise SystemExit(f"mili generate: {exc}") from None
     if args.model is None:
         log.info("no --model: generating with the built-in demo model (RANDOM weights: the text is gibberish)")
-    tokenizer = Tokenizer.from_pretrained(model_dir)
+    tokenizer = source.tokenizer()
     text = args.prompt
     if args.chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], enable_thinking=False)
@@ -118,11 +134,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not ids:
         raise SystemExit("mili generate: --prompt is empty; give at least one token of text")
     try:
-        engine = Engine.from_pretrained(str(model_dir), dtype=args.dtype, device=args.device,
+        engine = Engine.from_pretrained(source, dtype=args.dtype, device=args.device,
                                         quantization=args.quantization, block_size=GENERATE_BLOCK_SIZE,
                                         num_kv_blocks=-(-(len(ids) + args.max_tokens) // GENERATE_BLOCK_SIZE),
                                         speculative=speculative)
-    except ValueError as exc:  # --device gpu without one, a draft model of another vocabulary
+    except ValueError as exc:  # --device gpu without one, a draft model of another vocabulary, --quantization GGUF
         raise SystemExit(f"mili generate: {exc}") from None
     engine.add_request("generate", ids, SamplingParams.greedy(max_tokens=args.max_tokens))
     while engine.has_unfinished():
@@ -151,7 +167,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         return serve(ServeOptions(
             model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-            quantization=args.quantization,
+            quantization=args.quantization, tokenizer=args.tokenizer,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, prefix_cache=not args.no_prefix_cache,
             api_key=args.api_key, max_queue=args.max_queue, served_model_name=args.served_model_name,
@@ -212,7 +228,11 @@ def _add_format_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default=NONE,
                         help="int8: the linear layers' weights as int8 with a float16 scale per output channel "
                         f"per {DEFAULT_GROUP_SIZE} inputs (~1.06 bytes a weight, vs 2 for bfloat16), activations "
-                        "stay in --dtype; default none: weights in the run dtype")
+                        "stay in --dtype; default none: weights in the run dtype. A GGUF file runs the types it "
+                        "stores and takes no --quantization")
+    parser.add_argument("--tokenizer", metavar="DIR",
+                        help="a Hugging Face tokenizer folder to use instead of the model's own (a GGUF file "
+                        "carries its tokenizer and chat template; this replaces them)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,9 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    info = commands.add_parser("info", help="describe a Qwen3 checkpoint folder as MILI reads it")
-    info.add_argument("--model", required=True, help="a Hugging Face Qwen3 checkpoint folder (config.json, "
-                      "*.safetensors, tokenizer.json)")
+    info = commands.add_parser("info", help="describe a checkpoint folder or GGUF file as MILI reads it")
+    info.add_argument("--model", required=True, help="a Hugging Face Qwen3/Qwen2 checkpoint folder (config.json, "
+                      "*.safetensors, tokenizer.json) or a GGUF file (or a folder holding one)")
+    info.add_argument("--tokenizer", metavar="DIR", help="a Hugging Face tokenizer folder replacing the model's own")
     info.set_defaults(run=_cmd_info)
 
     checkpoint = commands.add_parser("checkpoint", help="write a random-weight Qwen3 checkpoint for tests and "
@@ -236,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.set_defaults(run=_cmd_checkpoint)
 
     generate = commands.add_parser("generate", help="greedy generation for one prompt, streamed to stdout")
-    generate.add_argument("--model", help="a Qwen3 checkpoint folder or a Hugging Face repo id (as for serve); "
+    generate.add_argument("--model", help="a Qwen3/Qwen2 checkpoint folder, a GGUF file or a Hugging Face repo id "
+                          "(as for serve); "
                           "default: the built-in demo with RANDOM weights (gibberish text), as for serve")
     generate.add_argument("--prompt", required=True, help="the text to continue")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the chat template")
@@ -251,8 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "/v1/models, /generate, /health, /status, /metrics. Every --flag can also be set "
                                 "as the environment variable MILI_FLAG (--kv-cache-memory: MILI_KV_CACHE_MEMORY; "
                                 "switches take 1/0); a flag on the command line wins.")
-    serve.add_argument("--model", help="a Qwen3 checkpoint folder or a Hugging Face repo id (from the local HF "
-                       "cache, downloaded when online); default: a small built-in demo with RANDOM weights")
+    serve.add_argument("--model", help="a Qwen3/Qwen2 checkpoint folder, a GGUF file (Q4_K_M, Q8_0, ...; or a folder "
+                       "holding one) or a Hugging Face repo id (from the local HF cache, downloaded when online); "
+                       "default: a small built-in demo with RANDOM weights")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine "
                        "only; 0.0.0.0 to accept other machines)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -300,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.run(args)
-    except (ConfigError, CheckpointError, TokenizerError) as exc:
+    except (ConfigError, CheckpointError, TokenizerError) as exc:  # GGUFError is a ConfigError too
         print(f"mili {args.command}: {exc}", file=sys.stderr)
         return 1
 

@@ -24,6 +24,7 @@ from mili.engine.engine import Engine
 from mili.engine.outputs import RequestOutput
 from mili.engine.sampling_params import SamplingParams
 from mili.engine.speculative import SpeculativeConfig
+from mili.model_source import ModelSource
 
 Message = dict[str, Any]
 
@@ -75,8 +76,9 @@ def speculative_config(value: SpeculativeConfig | dict[str, Any]) -> Speculative
 
 
 class LLM:
-    def __init__(self, model: str, **engine_args: Any) -> None:
-        """`engine_args`: dtype ("auto", the default: the checkpoint's dtype on CPU, bfloat16 on GPU; or
+    def __init__(self, model: str, tokenizer: str | None = None, **engine_args: Any) -> None:
+        """`model`: a checkpoint folder or a GGUF file (`model="qwen3-8b-q4_k_m.gguf"`); `tokenizer`: a Hugging
+        Face tokenizer folder to use instead of the model's own (vLLM's `tokenizer=`). `engine_args`: dtype ("auto", the default: the checkpoint's dtype on CPU, bfloat16 on GPU; or
         "float32", "bfloat16"), quantization ("none", the default, or "int8": int8 weights), device, block_size,
         num_kv_blocks or kv_cache_bytes, max_num_seqs, max_num_batched_tokens, enable_prefix_cache,
         max_model_len (see Engine.from_pretrained and EngineConfig), speculative_config (a SpeculativeConfig or a
@@ -85,7 +87,7 @@ class LLM:
         spec = engine_args.pop("speculative_config", None)
         if spec is not None:
             engine_args["speculative"] = speculative_config(spec)
-        self.engine = Engine.from_pretrained(model, **engine_args)
+        self.engine = Engine.from_pretrained(ModelSource.open(model, tokenizer), **engine_args)
         self.tokenizer = self.engine.tokenizer
 
     def default_sampling_params(self) -> SamplingParams:

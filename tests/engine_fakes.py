@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from mili.config import GenerationConfig
 from mili.engine.batch import Batch
 
 VOCAB = 64
@@ -49,7 +50,9 @@ class FakeRunner:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.config = FakeModelConfig(vocab_size=vocab_size, max_position_embeddings=max_positions)
-        self.model_dir = model_dir or Path("/nonexistent")  # no generation_config.json: no sampling defaults
+        # a folder without generation_config.json: no sampling defaults
+        self.source = SimpleNamespace(generation_config=lambda: GenerationConfig.from_pretrained(
+            model_dir or Path("/nonexistent")))
         self.kv = np.full(num_blocks * block_size, -1, np.int64)
         self.dtype = SimpleNamespace(name="fake")  # what `mili serve` logs about a runner
         self.startup = SimpleNamespace(weights_s=0.0, compile_s=0.0)

@@ -69,17 +69,18 @@ class DraftProposer:
                         quantization: str | None = None) -> DraftProposer:
         """Loads `config.draft_model` beside the `target` runner: same device, dtype, weight format and block
         size, as many KV blocks as the target has (a draft's block is a fraction of the target's)."""
-        from mili.config import ModelConfig
         from mili.engine.model_runner import ModelRunner
+        from mili.model_source import ModelSource
 
-        draft_config = ModelConfig.from_pretrained(config.draft_model)
+        draft = ModelSource.open(config.draft_model)
+        draft_config = draft.config
         if draft_config.vocab_size != target.config.vocab_size:
             raise ValueError(f"the draft model {config.draft_model} has a vocabulary of {draft_config.vocab_size} "
                              f"tokens, the target {target.config.vocab_size}: a draft must share the target's "
                              f"tokenizer (pick a smaller Qwen3 of the same family)")
         log.info("loading the draft model %s (%d layers) for speculative decoding", config.draft_model,
                  draft_config.num_hidden_layers)
-        runner = ModelRunner.from_pretrained(config.draft_model, dtype=dtype, device=target.device_name,
+        runner = ModelRunner.from_pretrained(draft, dtype=dtype, device=target.device_name,
                                              quantization=quantization, block_size=target.block_size,
                                              num_blocks=target.num_blocks)
         return cls(runner, config.num_speculative_tokens)

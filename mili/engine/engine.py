@@ -20,10 +20,10 @@ import itertools
 import logging
 import time
 from collections.abc import Hashable, Iterable, Sequence as Seq
+from pathlib import Path
 
 import numpy as np
 
-from mili.config import GenerationConfig
 from mili.engine.block_audit import audit_blocks
 from mili.engine.block_pool import BlockPool
 from mili.engine.config import EngineConfig
@@ -39,6 +39,7 @@ from mili.engine.sequence import FinishReason, Sequence, SequenceStatus
 from mili.engine.speculative import NgramLookup, Proposal, Proposer, SpeculationStats, SpeculativeConfig
 from mili.engine.structured_output import GrammarBackend, StructuredOutputError
 from mili.engine.verifier import verify
+from mili.model_source import ModelSource
 from mili.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class Engine:
                                                   self.pool.num_blocks * runner.block_size)
         # the checkpoint's suggested sampling settings (Qwen3: temperature 0.6, top_p 0.95, top_k 20), used
         # for whatever a request leaves unset, as transformers and vLLM do
-        self.sampling_defaults = dict(GenerationConfig.from_pretrained(runner.model_dir).sampling_defaults)
+        self.sampling_defaults = dict(runner.source.generation_config().sampling_defaults)
         self._requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.num_aborted = 0
@@ -84,12 +85,14 @@ class Engine:
         self.speculation = SpeculationStats()
 
     @classmethod
-    def from_pretrained(cls, model_dir: str, *, dtype: str | None = None, device: str = "cpu",
+    def from_pretrained(cls, model: str | Path | ModelSource, *, dtype: str | None = None, device: str = "cpu",
                         quantization: str | None = None, block_size: int = 16, num_kv_blocks: int | None = None,
                         kv_cache_bytes: float | None = None, **engine_args: object) -> Engine:
-        """`dtype`: auto (None), float32 or bfloat16; `quantization`: none (None) or int8 (see
+        """`model`: a checkpoint folder, a GGUF file or an opened ModelSource (with its tokenizer override);
+        `dtype`: auto (None), float32 or bfloat16; `quantization`: none (None) or int8 (see
         ModelRunner.from_pretrained); `engine_args`: EngineConfig's fields."""
-        runner = ModelRunner.from_pretrained(model_dir, dtype=dtype, device=device, quantization=quantization,
+        source = model if isinstance(model, ModelSource) else ModelSource.open(model)
+        runner = ModelRunner.from_pretrained(source, dtype=dtype, device=device, quantization=quantization,
                                              block_size=block_size, num_blocks=num_kv_blocks,
                                              kv_cache_bytes=kv_cache_bytes)
         config = EngineConfig(**engine_args)
@@ -97,7 +100,7 @@ class Engine:
         if config.speculative is not None and config.speculative.method == "draft":
             from mili.engine.draft_proposer import DraftProposer
             proposer = DraftProposer.from_pretrained(config.speculative, runner, dtype=dtype, quantization=quantization)
-        return cls(runner, Tokenizer.from_pretrained(model_dir), config, proposer=proposer)
+        return cls(runner, source.tokenizer(), config, proposer=proposer)
 
     def default_sampling_params(self, **overrides: object) -> SamplingParams:
         """The checkpoint's sampling defaults (generation_config.json), then `overrides`."""

@@ -1,6 +1,6 @@
 """The model runner: owns the MAX session, the compiled Qwen3 graph and the KV cache buffer.
 
-    runner = ModelRunner.from_pretrained(model_dir, num_blocks=512)
+    runner = ModelRunner.from_pretrained(model, num_blocks=512)     # a checkpoint folder or a GGUF file
     logits = runner.run(Batch.from_chunks([SequenceChunk(prompt_ids, 0, blocks)], runner.block_size))
 
 It knows nothing of scheduling: it takes a Batch (flat arrays) and returns float32 logits for the
@@ -27,7 +27,8 @@ from mili.config import ModelConfig
 from mili.dtypes import resolve_run_dtype
 from mili.engine.batch import Batch
 from mili.model.packed_linear import WeightFormat
-from mili.model.qwen3 import Qwen3GraphSpec, build_qwen3_graph, load_qwen3_weights
+from mili.model.qwen3 import Qwen3GraphSpec, build_qwen3_graph
+from mili.model_source import ModelSource
 from mili.progress import report_while_slow
 from mili.quantization import describe_run, parse_quantization
 
@@ -145,19 +146,21 @@ class StartupTimes:
 
 
 class ModelRunner:
-    def __init__(self, model_dir: str | Path, config: ModelConfig, *, dtype: DType, device: str,
-                 block_size: int, num_blocks: int, weights: WeightFormat | None = None) -> None:
-        self.model_dir = Path(model_dir)
-        self.config = config
+    def __init__(self, source: ModelSource, *, dtype: DType, device: str, block_size: int, num_blocks: int,
+                 weights: WeightFormat | None = None) -> None:
+        self.source = source
+        self.config = config = source.config
         self.device_name = device
         self.device, _ = resolve_device(device)
-        self.spec = runner_spec(config, dtype=dtype, block_size=block_size, device=self.device, weights=weights)
+        self.spec = source.graph_spec(dtype=dtype, block_size=block_size, device=self.device, weights=weights)
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
 
         started = time.perf_counter()
-        weights = load_qwen3_weights(model_dir, self.spec)
+        if source.is_gguf:
+            log.info("loading %s (%s)", source.path, source.describe())
+        weights = source.load_weights(self.spec)
         if device != "cpu":
             weights = {name: buffer.to(self.device) for name, buffer in weights.items()}
         loaded = time.perf_counter()
@@ -179,26 +182,32 @@ class ModelRunner:
                  cache_shape.bytes(dtype.size_in_bytes) / 1e9, dtype.name)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, *, dtype: DType | str | None = None, device: str = "cpu",
-                        quantization: str | None = None, block_size: int = 16, num_blocks: int | None = None,
-                        kv_cache_bytes: float | None = None) -> ModelRunner:
-        """Reads config.json and the weights. `dtype`: float32, bfloat16, or auto/None (the checkpoint's own on
-        CPU, bfloat16 on GPU: mili.dtypes.resolve_run_dtype); `quantization`: none/None, or int8 for int8
-        weights (mili.quantization). Sizes the KV cache from `num_blocks`, or from `kv_cache_bytes`: bytes, or
-        a fraction (0, 1] of the memory left once the weights are loaded."""
+    def from_pretrained(cls, model: str | Path | ModelSource, *, dtype: DType | str | None = None,
+                        device: str = "cpu", quantization: str | None = None, block_size: int = 16,
+                        num_blocks: int | None = None, kv_cache_bytes: float | None = None) -> ModelRunner:
+        """Reads the model (a checkpoint folder, a GGUF file, or an opened ModelSource) and its weights. `dtype`:
+        float32, bfloat16, or auto/None (the checkpoint's own on CPU, bfloat16 on GPU: mili.dtypes.resolve_run_dtype);
+        `quantization`: none/None, or int8 for int8 weights (mili.quantization; not for GGUF files, which run their
+        own types). Sizes the KV cache from `num_blocks`, or from `kv_cache_bytes`: bytes, or a fraction (0, 1] of
+        the memory left once the weights are loaded."""
         if device not in DEVICES:
             raise ValueError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
-        config = ModelConfig.from_pretrained(model_dir)
-        run_dtype = resolve_run_dtype(dtype, checkpoint_dtype=config.checkpoint_dtype, device=device)
+        source = model if isinstance(model, ModelSource) else ModelSource.open(model)
+        run_dtype = resolve_run_dtype(dtype, checkpoint_dtype=source.checkpoint_dtype, device=device)
         weights = parse_quantization(quantization)
         if num_blocks is not None and kv_cache_bytes is not None:
             raise ValueError("give num_blocks or kv_cache_bytes, not both")
         if num_blocks is None:
             driver_device = resolve_device(device)[0]
-            spec = runner_spec(config, dtype=run_dtype, block_size=block_size, device=driver_device, weights=weights)
+            spec = source.graph_spec(dtype=run_dtype, block_size=block_size, device=driver_device, weights=weights)
             num_blocks = kv_cache_blocks(spec, kv_cache_bytes, driver_device)
-        return cls(model_dir, config, dtype=run_dtype, device=device, block_size=block_size, num_blocks=num_blocks,
+        return cls(source, dtype=run_dtype, device=device, block_size=block_size, num_blocks=num_blocks,
                    weights=weights)
+
+    @property
+    def model_dir(self) -> Path:
+        """The checkpoint folder or GGUF file the model was read from."""
+        return self.source.path
 
     @property
     def block_size(self) -> int:

@@ -14,11 +14,14 @@ from typing import Any
 
 from gguf import GGUFReader
 
+from mili.config import ConfigError
+
 SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
-class GGUFError(ValueError):
-    """A GGUF model MILI cannot run; the message names the file, key or tensor and what is wrong."""
+class GGUFError(ConfigError):
+    """A GGUF model MILI cannot run; the message names the file, key or tensor and what is wrong (a ConfigError:
+    the GGUF file plays config.json's part)."""
 
 
 def _split_set(first: Path) -> list[Path]:

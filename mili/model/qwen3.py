@@ -150,6 +150,11 @@ class Qwen3GraphSpec:
     def weight_bytes(self) -> int:
         return sum(int(np.prod(shape)) * dtype.size_in_bytes for dtype, shape in self.weight_types().values())
 
+    def weight_bytes_per_token(self) -> int:
+        """The weight bytes a decode step reads: every array but an untied embedding's (a row of it per token)."""
+        return sum(int(np.prod(shape)) * dtype.size_in_bytes for name, (dtype, shape) in self.weight_types().items()
+                   if name.partition(".")[0] != "embed_tokens" and name != ROPE_TABLE)
+
     def cache_shape(self, num_blocks: int) -> KVCacheShape:
         c = self.config
         return KVCacheShape(c.num_hidden_layers, num_blocks, c.num_key_value_heads, self.block_size, c.head_dim)

@@ -92,6 +92,7 @@ def create_app(state: ServerState) -> FastAPI:
         return {
             "model": settings.model_name, "device": settings.device, "dtype": settings.dtype,
             "weights": settings.weights, "weight_group_size": settings.weight_group_size,
+            "model_format": settings.model_format, "weight_bytes_per_token": settings.weight_bytes_per_token,
             "health": state.health, "model_loaded": state.engine is not None,
             "uptime_s": round(time.monotonic() - state.started, 1), **snapshot,
             "prefix_cache_hit_rate": state.cached_tokens_seen / state.prompt_tokens_seen
@@ -105,7 +106,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/get_server_info")
     async def server_info() -> dict[str, Any]:
         return {"served_model_name": settings.model_name, "model_path": settings.model_path,
-                "tokenizer_path": settings.model_path, "device": settings.device, "dtype": settings.dtype,
+                "tokenizer_path": settings.tokenizer_path or settings.model_path, "device": settings.device, "dtype": settings.dtype,
                 "max_model_len": state.engine.engine.max_model_len if state.engine is not None else None,
                 "version": app.version}
 
@@ -113,7 +114,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/get_model_info")
     async def model_info() -> dict[str, Any]:
         return {"served_model_name": settings.model_name, "model_path": settings.model_path,
-                "tokenizer_path": settings.model_path, "is_generation": True}
+                "tokenizer_path": settings.tokenizer_path or settings.model_path, "is_generation": True}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -21,8 +21,8 @@ from mili.engine.speculative import SpeculativeConfig
 from mili.quantization import describe_run, weight_group_size
 from mili.server.app import create_app
 from mili.server.state import ServerSettings, ServerState
-from mili.server.startup import (ModelNotFound, StartupError, bind_listening_socket, check_checkpoint_folder,
-                                 check_draft_model, plan_kv_cache_blocks, resolve_model)
+from mili.server.startup import (ModelNotFound, StartupError, bind_listening_socket, check_draft_model, open_model,
+                                 plan_kv_cache_blocks, resolve_model)
 
 __all__ = ["ModelNotFound", "ServeOptions", "StartupError", "resolve_model", "serve"]
 
@@ -38,6 +38,7 @@ class ServeOptions:
     device: str = "cpu"
     dtype: str = "auto"  # auto: the checkpoint's dtype on CPU, bfloat16 on GPU (mili.dtypes.resolve_run_dtype)
     quantization: str = "none"  # or int8: int8 weights (mili/quantization.py)
+    tokenizer: str | None = None  # a Hugging Face tokenizer folder replacing the model's own (GGUF files)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     kv_cache_memory: str = "1GiB"  # as typed: bytes with an optional unit, or a fraction (mili/memory_size.py)
@@ -59,9 +60,8 @@ def serve(options: ServeOptions) -> int:
     # or more cold), and fails with a StartupError naming its flag.
     listening = bind_listening_socket(options.host, options.port)
     try:
-        model_dir, default_name = resolve_model(options.model)
-        check_checkpoint_folder(model_dir)
-        plan = plan_kv_cache_blocks(model_dir, kv_cache_memory=options.kv_cache_memory, dtype=options.dtype,
+        source, default_name = open_model(options.model, options.tokenizer)
+        plan = plan_kv_cache_blocks(source, kv_cache_memory=options.kv_cache_memory, dtype=options.dtype,
                                     quantization=options.quantization, device=options.device,
                                     block_size=options.block_size)
         if options.speculative is not None and options.speculative.draft_model is not None:
@@ -76,9 +76,11 @@ def serve(options: ServeOptions) -> int:
         listening.close()
         raise
     # /status reports the resolved formats from the start, also while the model loads.
-    settings = ServerSettings(model_name=options.served_model_name or default_name, model_path=str(model_dir),
+    settings = ServerSettings(model_name=options.served_model_name or default_name, model_path=str(source.path),
+                              tokenizer_path=str(source.tokenizer_dir or source.path), model_format=source.describe(),
                               device=options.device, dtype=plan.spec.dtype.name, weights=plan.spec.weight_format.value,
-                              weight_group_size=weight_group_size(plan.spec), api_key=options.api_key,
+                              weight_group_size=weight_group_size(plan.spec),
+                              weight_bytes_per_token=plan.spec.weight_bytes_per_token(), api_key=options.api_key,
                               max_queue=options.max_queue, reasoning_parser=options.reasoning_parser,
                               tool_call_parser=options.tool_call_parser)
     state = ServerState(settings)
@@ -110,7 +112,7 @@ def serve(options: ServeOptions) -> int:
     try:
         engine = Engine.from_pretrained(
             # the plan's resolved dtype, so the engine builds the very spec the KV cache was sized for
-            str(model_dir), dtype=plan.spec.dtype.name, quantization=options.quantization, device=options.device,
+            source, dtype=plan.spec.dtype.name, quantization=options.quantization, device=options.device,
             block_size=options.block_size, num_kv_blocks=plan.num_blocks, max_num_seqs=options.max_num_seqs,
             max_num_batched_tokens=options.max_num_batched_tokens, enable_prefix_cache=options.prefix_cache,
             max_model_len=options.max_model_len, speculative=options.speculative)

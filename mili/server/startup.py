@@ -18,6 +18,7 @@ from mili.memory_size import HOW_TO_PASS, MemorySizeError, parse_memory_size
 
 if TYPE_CHECKING:
     from mili.model.qwen3 import Qwen3GraphSpec
+    from mili.model_source import ModelSource
 
 
 class StartupError(ValueError):
@@ -29,16 +30,18 @@ class ModelNotFound(StartupError):
 
 
 def resolve_model(model: str | None) -> tuple[Path, str]:
-    """(checkpoint folder, name to serve it as) for a folder, a Hugging Face repo id, or None (the demo)."""
+    """(model path, name to serve it as) for a folder, a GGUF file, a Hugging Face repo id, or None (the demo)."""
     if model is None:
         from mili.server.demo import DEMO_NAME, demo_model_dir
         return demo_model_dir(), DEMO_NAME
     path = Path(model).expanduser()
     if path.is_dir():
         return path, path.name
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path, path.stem
     if model.count("/") != 1 or path.exists():
-        raise ModelNotFound(f"--model {model}: no such folder (pass a Qwen3 checkpoint folder or a Hugging Face "
-                            f"repo id such as Qwen/Qwen3-0.6B)")
+        raise ModelNotFound(f"--model {model}: no such folder or .gguf file (pass a Qwen3 checkpoint folder, a GGUF "
+                            f"file or a Hugging Face repo id such as Qwen/Qwen3-0.6B)")
     hub = Path(os.environ.get("HF_HUB_CACHE", Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
                               / "hub"))
     repo = hub / ("models--" + model.replace("/", "--"))
@@ -77,21 +80,40 @@ def check_checkpoint_folder(model_dir: Path) -> None:
                            f"Qwen3 checkpoint folder (config.json, *.safetensors, tokenizer.json)")
 
 
-def check_draft_model(draft_dir: Path, target_vocab_size: int) -> None:
-    """--draft-model: a checkpoint folder whose vocabulary is the target's (checked before any compile)."""
-    from mili.config import ModelConfig
+def open_model(model: str | None, tokenizer: str | None = None) -> tuple[ModelSource, str]:
+    """(the model, the name to serve it as) for --model (and --tokenizer): a checkpoint folder's files checked, a
+    GGUF file's metadata checked against its tensors. Every failure is a StartupError naming the flag."""
+    from mili.model_source import ModelSource, ModelSourceError, is_gguf_path
 
-    if not draft_dir.is_dir():
-        raise StartupError(f"--draft-model {draft_dir}: no such folder; pass a smaller Qwen3 checkpoint folder "
-                           f"with the target's tokenizer (e.g. a Qwen3-0.6B for a Qwen3-8B)")
-    if not (draft_dir / "config.json").is_file() or not any(draft_dir.glob("*.safetensors")):
-        raise StartupError(f"--draft-model {draft_dir}: needs config.json and *.safetensors in that folder")
+    path, name = resolve_model(model)
+    gguf = is_gguf_path(path)
+    if not gguf:
+        check_checkpoint_folder(path)
     try:
-        vocab = ModelConfig.from_pretrained(draft_dir).vocab_size
-    except ValueError as exc:  # ConfigError: a field MILI cannot run
-        raise StartupError(f"--draft-model {draft_dir}: {exc}") from None
+        source = ModelSource.open(path, tokenizer)
+    except ModelSourceError as exc:  # names its flag
+        raise StartupError(str(exc)) from None
+    except ValueError as exc:  # GGUFError, ConfigError: a file MILI cannot run
+        raise StartupError(f"--model {model}: {exc}") from None
+    return source, (source.name if gguf and path.is_dir() else name)
+
+
+def check_draft_model(draft: Path, target_vocab_size: int) -> None:
+    """--draft-model: a checkpoint folder or GGUF file whose vocabulary is the target's (checked before any
+    compile)."""
+    from mili.model_source import ModelSource, is_gguf_path
+
+    if not draft.exists():
+        raise StartupError(f"--draft-model {draft}: no such folder or file; pass a smaller Qwen3 checkpoint folder "
+                           f"or GGUF file with the target's tokenizer (e.g. a Qwen3-0.6B for a Qwen3-8B)")
+    if not is_gguf_path(draft) and (not (draft / "config.json").is_file() or not any(draft.glob("*.safetensors"))):
+        raise StartupError(f"--draft-model {draft}: needs config.json and *.safetensors in that folder")
+    try:
+        vocab = ModelSource.open(draft).config.vocab_size
+    except ValueError as exc:  # ConfigError, GGUFError: a model MILI cannot run
+        raise StartupError(f"--draft-model {draft}: {exc}") from None
     if vocab != target_vocab_size:
-        raise StartupError(f"--draft-model {draft_dir}: its vocabulary has {vocab} tokens, the model's "
+        raise StartupError(f"--draft-model {draft}: its vocabulary has {vocab} tokens, the model's "
                            f"{target_vocab_size}; a draft must share the target's tokenizer")
 
 
@@ -136,14 +158,14 @@ class KvCachePlan:
     num_blocks: int
 
 
-def plan_kv_cache_blocks(model_dir: Path, *, kv_cache_memory: str, dtype: str | None, device: str,
+def plan_kv_cache_blocks(model: Path | ModelSource, *, kv_cache_memory: str, dtype: str | None, device: str,
                          block_size: int, quantization: str | None = None) -> KvCachePlan:
     """KV blocks for `--kv-cache-memory` as typed (see mili/memory_size.py), sized as the engine would size
-    them (the same run dtype and weight format) but from config.json alone, so a budget that cannot be
-    allocated fails before the compile."""
-    from mili.config import ModelConfig
+    them (the same run dtype and weight format) but from the config alone (config.json, or a GGUF file's
+    metadata), so a budget that cannot be allocated fails before the compile."""
     from mili.dtypes import resolve_run_dtype
-    from mili.engine.model_runner import KvCacheSizeError, kv_cache_blocks, resolve_device, runner_spec
+    from mili.engine.model_runner import KvCacheSizeError, kv_cache_blocks, resolve_device
+    from mili.model_source import ModelSource, ModelSourceError
     from mili.quantization import parse_quantization
 
     try:
@@ -158,12 +180,15 @@ def plan_kv_cache_blocks(model_dir: Path, *, kv_cache_memory: str, dtype: str | 
         weights = parse_quantization(quantization)
     except ValueError as exc:
         raise StartupError(f"--quantization {quantization}: {exc}") from None
-    config = ModelConfig.from_pretrained(model_dir)
+    source = model if isinstance(model, ModelSource) else ModelSource.open(model)
     try:
-        run_dtype = resolve_run_dtype(dtype, checkpoint_dtype=config.checkpoint_dtype, device=device)
+        run_dtype = resolve_run_dtype(dtype, checkpoint_dtype=source.checkpoint_dtype, device=device)
     except ValueError as exc:
         raise StartupError(f"--dtype {dtype}: {exc}") from None
-    spec = runner_spec(config, dtype=run_dtype, block_size=block_size, device=driver_device, weights=weights)
+    try:
+        spec = source.graph_spec(dtype=run_dtype, block_size=block_size, device=driver_device, weights=weights)
+    except ModelSourceError as exc:  # --quantization for a GGUF file
+        raise StartupError(str(exc)) from None
     try:
         return KvCachePlan(spec, kv_cache_blocks(spec, size, driver_device))
     except KvCacheSizeError as exc:

@@ -13,11 +13,14 @@ from mili.server.metrics import ServerMetrics
 @dataclass
 class ServerSettings:
     model_name: str
-    model_path: str = ""               # the checkpoint folder served (routers read it from /server_info)
+    model_path: str = ""               # the checkpoint folder or GGUF file served (routers read it from /server_info)
+    tokenizer_path: str = ""           # where the tokenizer comes from (model_path unless --tokenizer)
+    model_format: str = ""             # "safetensors checkpoint" or "GGUF Q4_K_M, 4.9 bits/weight"
     device: str = "cpu"
     dtype: str = "float32"             # the run dtype (activations and KV cache), resolved
-    weights: str = "dense"             # the weight format: "dense", "bf16" (packed) or "int8" (WeightFormat values)
+    weights: str = "dense"             # the weight format: "dense", "bf16" (packed), "int8" or "gguf" (WeightFormat)
     weight_group_size: int | None = None  # int8: inputs per float16 scale; None otherwise
+    weight_bytes_per_token: int = 0    # the weight bytes one decode step reads (all but an untied embedding)
     api_key: str | None = None
     max_queue: int = 256               # requests in flight beyond this get 429
     max_body_bytes: int = 4 << 20

@@ -44,7 +44,7 @@ def test_info_on_a_folder_without_config_names_the_file(tmp_path, capsys):
 
 
 def test_info_on_a_missing_folder_names_the_flag(tmp_path):
-    with pytest.raises(SystemExit, match="--model .* is not a folder"):
+    with pytest.raises(SystemExit, match="--model .* is neither a folder nor a .gguf file"):
         main(["info", "--model", str(tmp_path / "nope")])
 
 

@@ -2,13 +2,13 @@
 
 The GGUF files are written here as llama.cpp's converter writes a Qwen3 file (convert_hf_to_gguf.py's gpt2 vocab:
 every id in order, added tokens typed control or user-defined as it decides, [PAD] fillers up to the embedding's
-rows), with gguf-py's own SpecialVocab adding the merges, special ids and chat template. The reference is the
-official Qwen3 tokenizer.json read by `tokenizers` (through mili.tokenizer.Tokenizer.from_pretrained).
+rows), with gguf-py's own SpecialVocab adding the merges, special ids and chat template: tests.gguf_files'
+add_qwen3_tokenizer. The reference is the official Qwen3 tokenizer.json read by `tokenizers` (through
+mili.tokenizer.Tokenizer.from_pretrained).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import gguf
@@ -18,8 +18,8 @@ import pytest
 from mili.checkpoints import qwen3_tokenizer_dir
 from mili.gguf.files import GGUFError, GGUFModel
 from mili.tokenizer import Tokenizer
+from tests.gguf_files import add_qwen3_tokenizer
 
-EMBEDDING_ROWS = 151_936  # Qwen3's vocab_size: the tokenizer's 151,669 tokens, padded
 CORPUS = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",
     "MILI's tokenizer doesn't change: we'll see, they're sure, I'd say it's 1,234,567.89 (or 3.14e-10).",
@@ -36,28 +36,6 @@ CORPUS = [
 ]
 
 
-def llama_cpp_token_types(tokenizer_json: dict) -> tuple[list[str], list[int]]:
-    """Token strings and types in id order as convert_hf_to_gguf.py's get_vocab_base writes them."""
-    vocab = tokenizer_json["model"]["vocab"]
-    added = {t["id"]: t for t in tokenizer_json["added_tokens"]}
-    by_id = {i: token for token, i in vocab.items()} | {i: t["content"] for i, t in added.items()}
-    tokens, types = [], []
-    for i in range(EMBEDDING_ROWS):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            text = added[i]["content"]
-            looks_special = text.startswith("<|") and text.endswith("|>")  # its does_token_look_special
-            tokens.append(text)
-            control = added[i]["special"] or looks_special
-            types.append(gguf.TokenType.CONTROL if control else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL)
-    return tokens, types
-
-
 def write_gguf(path: Path, fill=None) -> Path:
     """A GGUF file with no tensors whose metadata `fill(writer)` adds."""
     writer = gguf.GGUFWriter(path, "qwen3")
@@ -68,15 +46,6 @@ def write_gguf(path: Path, fill=None) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
-
-
-def add_qwen3_tokenizer(writer: gguf.GGUFWriter, source: Path) -> None:
-    tokens, types = llama_cpp_token_types(json.loads((source / "tokenizer.json").read_text()))
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    gguf.SpecialVocab(source, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ from mili.config import ModelConfig
 from mili.engine.engine import Engine
 from mili.engine.model_runner import runner_spec
 from mili.model.packed_linear import WeightFormat
+from mili.model_source import ModelSource
 from mili.server import serve as serve_module
 from mili.server.app import create_app
 from mili.server.demo import DEMO_CONFIG
@@ -189,8 +190,8 @@ def serve_with_client(monkeypatch, engine: Engine, tmp_path, grace_s: float, cli
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     spec = runner_spec(ModelConfig.from_dict(DEMO_CONFIG), dtype=DType.bfloat16, block_size=4, weights=weights)
-    monkeypatch.setattr(serve_module, "resolve_model", lambda model: (model_dir, MODEL))
-    monkeypatch.setattr(serve_module, "check_checkpoint_folder", lambda folder: None)
+    source = ModelSource(model_dir, ModelConfig.from_dict(DEMO_CONFIG))
+    monkeypatch.setattr(serve_module, "open_model", lambda model, tokenizer: (source, MODEL))
     monkeypatch.setattr(serve_module, "plan_kv_cache_blocks",
                         lambda *args, **kwargs: KvCachePlan(spec, engine.pool.num_blocks))
     monkeypatch.setattr(serve_module.Engine, "from_pretrained", classmethod(lambda cls, *args, **kwargs: engine))

@@ -1,0 +1,202 @@
+"""A GGUF model's tensors as the Qwen3 graph's weights, each run as its file stores it.
+
+    formats = gguf_tensor_formats(model, config)          # how each packed graph weight is laid out
+    spec = Qwen3GraphSpec(config, dtype, weights=WeightFormat.GGUF, tensor_formats=formats)
+    registry = load_gguf_weights(model, spec)              # the arrays, for session.load(...)
+
+Every projection, the LM head and the embedding are packed for MILI's linear / embedding ops without losing a
+bit (mili/model/packed_linear.py has the layouts):
+- F32 / F16 tensors: k-major float32 / float16 panels of the very values; BF16: the bf16 panels;
+- quantized tensors (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K): int8 codes with a scale (and an offset)
+  per group of 16 or 32 inputs (mili/gguf/repack.py), equal to gguf-py's dequantization in every bit.
+The graph fuses q/k/v and gate/up into one projection; a file may store the parts in different types (a Q4_K_M
+file keeps attn_v in Q6_K beside Q4_K q and k). Parts that are all quantized join in the finest group with
+offsets if any part has them; float parts of one type stay that type; any other mix is stored as float32, which
+holds every type's values exactly. Norm weights and the Qwen2 q/k/v biases are small and take the run dtype
+(biases float32), as they do for safetensors checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType, LlamaFileType, ReaderTensor
+from gguf.quants import dequantize
+from max.driver import Buffer
+from max.dtype import DType
+
+from mili.config import ModelConfig
+from mili.dtypes import bf16_bits_to_f32, numpy_to_buffer
+from mili.gguf.files import GGUFError, GGUFModel
+from mili.gguf.model_config import hf_tensor_names
+from mili.gguf.repack import QUANTIZED_TYPES, grouped_codes, join_rows
+from mili.model.packed_linear import PackedShape, PackedWeight, WeightFormat, pack_bf16, pack_float, pack_grouped
+from mili.model.qwen3 import ROPE_TABLE, Qwen3GraphSpec, graph_names, graph_shape, graph_weight_shapes, \
+    hf_sources, is_projection
+from mili.model.rope import rope_table
+
+GGML = GGMLQuantizationType
+FLOAT_TYPES = {GGML.F32: WeightFormat.FLOAT32, GGML.F16: WeightFormat.FLOAT16, GGML.BF16: WeightFormat.BF16}
+SUPPORTED_TYPES = frozenset(FLOAT_TYPES) | QUANTIZED_TYPES
+# Quantized types whose scales are float16 values (the K-quants' are products of two scales: float32).
+FLOAT16_SCALE_TYPES = frozenset({GGML.Q8_0, GGML.Q4_0, GGML.Q5_0, GGML.Q4_1, GGML.Q5_1})
+OFFSET_TYPES = frozenset({GGML.Q4_1, GGML.Q5_1, GGML.Q4_K, GGML.Q5_K})
+GROUP_SIZES = {GGML.Q6_K: 16}  # every other quantized type: 32
+
+
+def supported_type_names() -> str:
+    return ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
+
+
+def packed_weight_names(config: ModelConfig) -> list[str]:
+    """The graph weights a GGUF model packs: every projection, the LM head (the embedding's tensor when tied) and,
+    when untied, the embedding."""
+    names = [name for name in graph_weight_shapes(config) if is_projection(name)]
+    if config.tie_word_embeddings:
+        names.append("lm_head")
+    else:
+        names.append("embed_tokens")
+    return names
+
+
+class _Tensors:
+    """The model's tensors by graph weight: which GGUF tensors make each one (fused along the output axis)."""
+
+    def __init__(self, model: GGUFModel, config: ModelConfig) -> None:
+        self.model = model
+        self.config = config
+        self.by_name: dict[str, ReaderTensor] = {t.name: t for reader in model.readers for t in reader.tensors}
+        self.gguf_name = {hf: gguf for gguf, hf in hf_tensor_names(config).items()}
+
+    def parts(self, graph_name: str) -> list[ReaderTensor]:
+        return [self.by_name[self.gguf_name[hf]] for hf in hf_sources(graph_name, self.config)]
+
+
+def tensor_layout(types: list[GGMLQuantizationType], out_features: int, in_features: int) -> PackedShape:
+    """How a graph weight made of tensors of `types` is packed (module docstring)."""
+    unique = set(types)
+    if len(unique) == 1 and types[0] in FLOAT_TYPES:
+        return PackedShape(FLOAT_TYPES[types[0]], out_features, in_features)
+    if unique <= QUANTIZED_TYPES:
+        group = min(GROUP_SIZES.get(t, 32) for t in types)
+        scale_dtype = DType.float16 if unique <= FLOAT16_SCALE_TYPES else DType.float32
+        return PackedShape(WeightFormat.INT8, out_features, in_features, group, scale_dtype,
+                           offsets=bool(unique & OFFSET_TYPES))
+    return PackedShape(WeightFormat.FLOAT32, out_features, in_features)
+
+
+def gguf_tensor_formats(model: GGUFModel, config: ModelConfig) -> tuple[tuple[str, PackedShape], ...]:
+    """(graph weight, layout) for every weight the model packs, from its tensors' types; a tensor of a type MILI
+    does not run is a GGUFError naming it, its type and the types MILI runs."""
+    tensors = _Tensors(model, config)
+    shapes = graph_weight_shapes(config)
+    formats = []
+    for name in packed_weight_names(config):
+        parts = tensors.parts(name)
+        for tensor in parts:
+            if tensor.tensor_type not in SUPPORTED_TYPES:
+                raise GGUFError(f"{model.name}: tensor '{tensor.name}' is {tensor.tensor_type.name}, a type MILI does "
+                                f"not run; supported: {supported_type_names()}")
+        out_features, in_features = graph_shape(shapes, name)
+        formats.append((name, tensor_layout([t.tensor_type for t in parts], out_features, in_features)))
+    return tuple(formats)
+
+
+def _float32(tensor: ReaderTensor) -> np.ndarray:
+    """A tensor's values as float32 [rows, cols] (or [n]), exact for every supported type."""
+    rows_cols = tuple(int(d) for d in reversed(tensor.shape))
+    if tensor.tensor_type == GGML.BF16:
+        return bf16_bits_to_f32(np.asarray(tensor.data).view(np.uint16).reshape(rows_cols))
+    if tensor.tensor_type in (GGML.F32, GGML.F16):
+        return np.asarray(tensor.data, np.float32).reshape(rows_cols)
+    return dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(rows_cols)
+
+
+def _matrix_size(tensor: ReaderTensor) -> tuple[int, int]:
+    cols, rows = (int(d) for d in tensor.shape)
+    return rows, cols
+
+
+def pack_parts(parts: list[ReaderTensor], layout: PackedShape) -> PackedWeight:
+    """The graph weight made of `parts` (fused along the output axis) in `layout`, every value unchanged."""
+    if layout.format is WeightFormat.BF16:
+        return PackedWeight(layout, (pack_bf16(np.concatenate(
+            [np.asarray(p.data).view(np.uint16).reshape(_matrix_size(p)) for p in parts])),))
+    if layout.format in (WeightFormat.FLOAT16, WeightFormat.FLOAT32):
+        if layout.format is WeightFormat.FLOAT16:
+            values = np.concatenate([np.asarray(p.data, np.float16).reshape(_matrix_size(p)) for p in parts])
+        else:
+            values = np.concatenate([_float32(p) for p in parts])
+        return pack_float(values, layout.format)
+    joined = join_rows([grouped_codes(p.tensor_type, np.asarray(p.data), *_matrix_size(p)) for p in parts])
+    if joined.group != layout.group_size or (joined.offsets is not None) != layout.offsets:
+        raise AssertionError(f"{parts[0].name}: repacked as groups of {joined.group}, the layout says "
+                             f"{layout.group_size}")
+    return pack_grouped(joined.q, joined.scales, joined.offsets, joined.group, layout.scale_dtype)
+
+
+def load_gguf_weights(model: GGUFModel, spec: Qwen3GraphSpec) -> dict[str, Buffer]:
+    """The weights registry of `build_qwen3_graph(spec)` for a GGUF model (spec.weights is WeightFormat.GGUF)."""
+    config = spec.config
+    tensors = _Tensors(model, config)
+    registry: dict[str, Buffer] = {}
+    for name in graph_names(spec):
+        parts = tensors.parts(name)
+        if spec.is_packed(name):
+            registry |= pack_parts(parts, spec.packed_shape(name)).buffers(name)
+        else:
+            values = np.concatenate([_float32(p) for p in parts])
+            registry[name] = numpy_to_buffer(values, spec.weight_dtype(name))
+    registry[ROPE_TABLE] = Buffer.from_numpy(rope_table(config.head_dim, config.rope_theta, spec.rope_positions))
+    return registry
+
+
+@dataclass(frozen=True)
+class TypeUsage:
+    """How much of a model one tensor type stores."""
+
+    type_name: str
+    tensors: int
+    weights: int
+    nbytes: int
+
+
+def type_usage(model: GGUFModel) -> list[TypeUsage]:
+    """Per tensor type, its tensors, weights and stored bytes, most bytes first (`mili info`)."""
+    usage: dict[str, list[int]] = {}
+    for reader in model.readers:
+        for tensor in reader.tensors:
+            entry = usage.setdefault(tensor.tensor_type.name, [0, 0, 0])
+            entry[0] += 1
+            entry[1] += int(tensor.n_elements)
+            entry[2] += int(tensor.n_bytes)
+    rows = [TypeUsage(name, *counts) for name, counts in usage.items()]
+    return sorted(rows, key=lambda row: -row.nbytes)
+
+
+def matrix_types(model: GGUFModel) -> set[str]:
+    """The types of the model's matrices (its 1-D norms and biases are F32 in every file)."""
+    return {t.tensor_type.name for reader in model.readers for t in reader.tensors if len(t.shape) > 1}
+
+
+def bits_per_weight(model: GGUFModel) -> float:
+    usage = type_usage(model)
+    return 8 * sum(u.nbytes for u in usage) / max(1, sum(u.weights for u in usage))
+
+
+def file_type_name(model: GGUFModel) -> str:
+    """`general.file_type` as llama.cpp names it (`Q4_K_M`), else the types of the matrices (`Q8_0+F16`)."""
+    code = model.value("general.file_type", int, None)
+    try:
+        file_type = LlamaFileType(code)
+    except ValueError:
+        file_type = LlamaFileType.GUESSED
+    if file_type is LlamaFileType.GUESSED:  # llama.cpp writes it for mixes it has no name for
+        return "+".join(sorted(matrix_types(model))) or "unknown"
+    return file_type.name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+def file_type_summary(model: GGUFModel) -> str:
+    """`GGUF Q4_K_M, 4.9 bits/weight` (the stored bytes of every tensor over its weights, as llama.cpp counts)."""
+    return f"GGUF {file_type_name(model)}, {bits_per_weight(model):.1f} bits/weight"
