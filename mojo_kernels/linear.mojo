@@ -7,15 +7,24 @@
 #         A panel is one 64-byte row per pair of k in which each channel's two weights share a 32-bit lane:
 #         the layout vdpbf16ps (AVX512_BF16) and AMX B tiles read, and that AVX2 splits with a shift and a mask.
 #   int8  q[panels, Kg * 16] int8, Kg = K rounded up to the group size G:  q[n, k] at ((n // 16) * Kg + k) * 16 + n % 16
-#         scales[panels, (Kg / G) * 16] float16:  scale[n, g] at ((n // 16) * (Kg / G) + g) * 16 + n % 16
-#         W[n, k] = q[n, k] * scale[n, k // G], q in [-127, 127] (a GGUF Q8_0 block is G = 32 with a float16 scale).
-# Padding (k >= K, n >= N) holds zeros and is never read into an output.
+#         scales[panels, (Kg / G) * 16] float16 or float32:  scale[n, g] at ((n // 16) * (Kg / G) + g) * 16 + n % 16
+#         W[n, k] = q[n, k] * scale[n, k // G] (MILI's own int8: q in [-127, 127], float16 scales; GGUF's Q8_0,
+#         Q4_0, Q5_0 are G = 32 with float16 scales, Q6_K G = 16 with float32 ones: mili/gguf/repack.py)
+#   int8 with offsets (mili_linear_int8_offsets: GGUF's Q4_1, Q5_1, Q4_K, Q5_K):
+#         q and scales as above, offsets[panels, (Kg / G) * 16] float32 laid out as the scales;
+#         W[n, k] = q[n, k] * scale[n, k // G] + offset[n, k // G]
+#   float k-major (mili_linear_float: GGUF's F16 and F32 tensors, as stored)
+#         w[panels, K * 16] float16 or float32:  W[n, k] at ((n // 16) * K + k) * 16 + n % 16
+# Padding (k >= K, n >= N) is never read into an output.
 #
 # Accumulation, and why a row's output is bit-identical whatever M is: every bf16 output (m, n) is one float32
 # chain acc = fma(x[m, k], W[n, k], acc) over k = 0, 1, ..., K-1 in order, with W[n, k] decoded exactly to
 # float32 (a bfloat16 is the top half of a float32). An int8 output sums each group unscaled first:
 # part_g = chain of fma(x[m, k], q[n, k], part) over the group's k in order from 0 (q is exact in float32), then
 # acc = fma(part_g, scale[n, g], acc) over g in order: one FMA per weight instead of a multiply and an FMA.
+# With offsets each group then adds acc = fma(xsum[m, g], offset[n, g], acc), xsum[m, g] the row's inputs over
+# the group summed in k order from 0 (sum_k x_k (q_k s + o) = s sum_k x_k q_k + o sum_k x_k). A float k-major
+# output is one chain of K FMAs like bf16's.
 # Rows never share an accumulator and K is never split, so the blocking (1..MR rows per micro-kernel call,
 # threads over panels, row blocks for cache reuse) changes which rows share a weight load, never a row's
 # arithmetic.
