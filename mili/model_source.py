@@ -57,9 +57,12 @@ class ModelSource:
         if is_gguf_path(path):
             from mili.gguf.files import GGUFModel
             from mili.gguf.model_config import model_config_from_gguf
+            from mili.gguf.weights import check_tensor_types
 
             gguf = GGUFModel.open(path)
-            source = cls(gguf.paths[0], model_config_from_gguf(gguf), gguf)
+            config = model_config_from_gguf(gguf)
+            check_tensor_types(gguf)
+            source = cls(gguf.paths[0], config, gguf)
         else:
             source = cls(path, ModelConfig.from_pretrained(path))
         return source.with_tokenizer(tokenizer) if tokenizer is not None else source

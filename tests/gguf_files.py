@@ -280,3 +280,67 @@ def cached_gguf(checkpoint_name: str, types_name: str) -> Path:
             scratch.unlink(missing_ok=True)
             raise
     return target
+
+
+# --- small hand-written files ---------------------------------------------------------------------------------
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FF, VOCAB = 32, 2, 1, 24, 64, 16  # head_dim != hidden / heads, as in Qwen3
+
+
+def tiny_tensors(arch: str = "qwen3", tied: bool = True) -> dict[str, tuple[int, ...]]:
+    """One layer's tensors by llama.cpp name, with their numpy ([out, in]) shapes, written out by hand."""
+    head_dim = HEAD_DIM if arch == "qwen3" else HIDDEN // HEADS
+    q, kv = HEADS * head_dim, KV_HEADS * head_dim
+    tensors = {
+        "token_embd.weight": (VOCAB, HIDDEN), "output_norm.weight": (HIDDEN,), "blk.0.attn_norm.weight": (HIDDEN,),
+        "blk.0.attn_q.weight": (q, HIDDEN), "blk.0.attn_k.weight": (kv, HIDDEN), "blk.0.attn_v.weight": (kv, HIDDEN),
+        "blk.0.attn_output.weight": (HIDDEN, q), "blk.0.ffn_norm.weight": (HIDDEN,),
+        "blk.0.ffn_gate.weight": (FF, HIDDEN), "blk.0.ffn_up.weight": (FF, HIDDEN),
+        "blk.0.ffn_down.weight": (HIDDEN, FF),
+    }
+    if arch == "qwen3":
+        tensors |= {"blk.0.attn_q_norm.weight": (head_dim,), "blk.0.attn_k_norm.weight": (head_dim,)}
+    else:
+        tensors |= {"blk.0.attn_q.bias": (q,), "blk.0.attn_k.bias": (kv,), "blk.0.attn_v.bias": (kv,)}
+    if not tied:
+        tensors["output.weight"] = (VOCAB, HIDDEN)
+    return tensors
+
+
+def tiny_metadata(arch: str = "qwen3") -> dict[str, Any]:
+    keys = {"block_count": 1, "context_length": 256, "embedding_length": HIDDEN, "feed_forward_length": FF,
+            "attention.head_count": HEADS, "attention.head_count_kv": KV_HEADS, "rope.freq_base": 1e6,
+            "attention.layer_norm_rms_epsilon": 1e-6}
+    if arch == "qwen3":
+        keys |= {"attention.key_length": HEAD_DIM, "attention.value_length": HEAD_DIM}
+    return {f"{arch}.{key}": value for key, value in keys.items()} | {
+        "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
+
+
+def write_tiny(path: Path, arch: str = "qwen3", metadata: dict[str, Any] | None = None,
+               tensors: dict[str, tuple[int, ...]] | None = None, types: dict[str, T] | None = None) -> Path:
+    """A file of zero tensors named and shaped as `tensors` says (numpy order), with `metadata` (ints as uint32,
+    floats as float32, as the converter writes them); `types` stores some tensors as zero blocks of another type."""
+    writer = gguf.GGUFWriter(path, arch)
+    for key, value in (tiny_metadata(arch) if metadata is None else metadata).items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, list):
+            writer.add_array(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_uint32(key, value)
+    for name, shape in (tiny_tensors(arch) if tensors is None else tensors).items():
+        qtype = (types or {}).get(name, T.F32)
+        if qtype == T.F32:
+            writer.add_tensor(name, np.zeros(shape, np.float32))
+        else:
+            block_size, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+            rows, cols = shape
+            writer.add_tensor(name, np.zeros((rows, cols // block_size * block_bytes), np.uint8), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

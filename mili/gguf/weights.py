@@ -86,18 +86,24 @@ def tensor_layout(types: list[GGMLQuantizationType], out_features: int, in_featu
     return PackedShape(WeightFormat.FLOAT32, out_features, in_features)
 
 
+def check_tensor_types(model: GGUFModel) -> None:
+    """A GGUFError naming the first tensor of a type MILI does not run (e.g. IQ2_XXS), its type and the types MILI
+    runs; checked when a model is opened, before anything is loaded."""
+    for reader in model.readers:
+        for tensor in reader.tensors:
+            if tensor.tensor_type not in SUPPORTED_TYPES:
+                raise GGUFError(f"{model.name}: tensor '{tensor.name}' is {tensor.tensor_type.name}, a type MILI does "
+                                f"not run; supported: {supported_type_names()}")
+
+
 def gguf_tensor_formats(model: GGUFModel, config: ModelConfig) -> tuple[tuple[str, PackedShape], ...]:
-    """(graph weight, layout) for every weight the model packs, from its tensors' types; a tensor of a type MILI
-    does not run is a GGUFError naming it, its type and the types MILI runs."""
+    """(graph weight, layout) for every weight the model packs, from its tensors' types."""
+    check_tensor_types(model)
     tensors = _Tensors(model, config)
     shapes = graph_weight_shapes(config)
     formats = []
     for name in packed_weight_names(config):
         parts = tensors.parts(name)
-        for tensor in parts:
-            if tensor.tensor_type not in SUPPORTED_TYPES:
-                raise GGUFError(f"{model.name}: tensor '{tensor.name}' is {tensor.tensor_type.name}, a type MILI does "
-                                f"not run; supported: {supported_type_names()}")
         out_features, in_features = graph_shape(shapes, name)
         formats.append((name, tensor_layout([t.tensor_type for t in parts], out_features, in_features)))
     return tuple(formats)
