@@ -13,9 +13,13 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from mili.engine.model_runner import ModelRunner
 from mili.checkpoints import TEST_CHECKPOINTS, cached_checkpoint
+from tests.gguf_files import cached_gguf
 
 NUM_BLOCKS = 192
-FP32_CHECKPOINTS = sorted(name for name, spec in TEST_CHECKPOINTS.items() if spec.dtype == "float32")
+# GGUF files (checkpoint:type recipe, tests/gguf_files.py) run beside the checkpoints: every supported tensor type
+# somewhere, fused q/k/v and gate/up of mixed types, Qwen3 untied and Qwen2 tied.
+GGUF_FILES = ["tiny-untied-gqa2-h256:mixed", "tiny-qwen2-tied-gqa2-d64:mixed"]
+FP32_CHECKPOINTS = sorted(name for name, spec in TEST_CHECKPOINTS.items() if spec.dtype == "float32") + GGUF_FILES
 BF16_CHECKPOINT = next(name for name, spec in TEST_CHECKPOINTS.items() if spec.dtype == "bfloat16")
 
 
@@ -24,7 +28,7 @@ class ModelPair:
     """MILI's runner and transformers' model for one checkpoint."""
 
     name: str
-    path: Path
+    path: Path  # the checkpoint folder, or the GGUF file
     runner: ModelRunner
     reference: PreTrainedModel  # Qwen3ForCausalLM or Qwen2ForCausalLM, float64 on CPU
 
@@ -50,11 +54,16 @@ class BlockAllocator:
 
 @functools.cache
 def model_pair(name: str) -> ModelPair:
-    """MILI in float32 beside transformers in float64, for one test checkpoint (built once per session)."""
-    path = cached_checkpoint(name)
+    """MILI in float32 beside transformers in float64, for one test checkpoint or GGUF file ("checkpoint:recipe",
+    which transformers dequantizes with gguf-py as it loads it), built once per session."""
+    if ":" in name:
+        path = cached_gguf(*name.split(":"))
+        reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float64)
+    else:
+        path = cached_checkpoint(name)
+        reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
     runner = ModelRunner.from_pretrained(path, dtype="float32", num_blocks=NUM_BLOCKS)
-    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
-    return ModelPair(name, path, runner, reference)
+    return ModelPair(name, path, runner, reference.eval())
 
 
 @pytest.fixture(scope="session", params=FP32_CHECKPOINTS)
