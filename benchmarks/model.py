@@ -49,12 +49,8 @@ class ModelRow:
 
 
 def weight_bytes(runner: ModelRunner) -> int:
-    """Bytes of weights one decode step reads: every array the graph binds except an embedding table of which
-    the step gathers one row (a tied embedding read from the LM head is read in full, by the head)."""
-    types = runner.spec.weight_types()
-    has_head = any(name.startswith("lm_head") for name in types)
-    return sum(int(np.prod(shape)) * dtype.size_in_bytes for name, (dtype, shape) in types.items()
-               if name != "rope_table" and not (name == "embed_tokens" and has_head))
+    """Bytes of weights one decode step reads (Qwen3GraphSpec.weight_bytes_per_token)."""
+    return runner.spec.weight_bytes_per_token()
 
 
 def transformers_bytes(model) -> int:

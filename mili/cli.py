@@ -73,7 +73,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if generation.sampling_defaults:
         print(f"sampling       {generation.sampling_defaults}")
     tokenizer = source.tokenizer()
-    origin = f" (from {source.tokenizer_dir})" if source.tokenizer_dir else (" (from the file)" if source.is_gguf else "")
+    origin = " (from the file)" if source.is_gguf else ""
+    if source.tokenizer_dir is not None:
+        origin = f" (from {source.tokenizer_dir})"
     print(f"tokenizer      {tokenizer.vocab_size} tokens{origin}, stop ids {sorted(tokenizer.eos_token_ids)}")
     specials = [tokenizer.id_to_token(i) for i in tokenizer.special_token_ids()]
     shown = ", ".join(specials[:12]) + (f", ... ({len(specials)} in all)" if len(specials) > 12 else "")

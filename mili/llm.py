@@ -78,7 +78,8 @@ def speculative_config(value: SpeculativeConfig | dict[str, Any]) -> Speculative
 class LLM:
     def __init__(self, model: str, tokenizer: str | None = None, **engine_args: Any) -> None:
         """`model`: a checkpoint folder or a GGUF file (`model="qwen3-8b-q4_k_m.gguf"`); `tokenizer`: a Hugging
-        Face tokenizer folder to use instead of the model's own (vLLM's `tokenizer=`). `engine_args`: dtype ("auto", the default: the checkpoint's dtype on CPU, bfloat16 on GPU; or
+        Face tokenizer folder to use instead of the model's own (vLLM's `tokenizer=`). `engine_args`: dtype
+        ("auto", the default: the checkpoint's dtype on CPU, bfloat16 on GPU; or
         "float32", "bfloat16"), quantization ("none", the default, or "int8": int8 weights), device, block_size,
         num_kv_blocks or kv_cache_bytes, max_num_seqs, max_num_batched_tokens, enable_prefix_cache,
         max_model_len (see Engine.from_pretrained and EngineConfig), speculative_config (a SpeculativeConfig or a

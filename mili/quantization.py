@@ -38,10 +38,13 @@ def weight_group_size(spec: Qwen3GraphSpec) -> int | None:
 
 
 def describe_weights(spec: Qwen3GraphSpec) -> str:
-    """`int8 weights (group 32)`, `packed bf16 weights` or `dense float32 weights`."""
+    """`int8 weights (group 32)`, `packed bf16 weights`, `dense float32 weights`, or for a GGUF file `GGUF
+    weights as stored, 0.41 GB read per token`."""
     fmt = spec.weight_format
     if fmt is WeightFormat.INT8:
         return f"int8 weights (group {spec.group_size})"
+    if fmt is WeightFormat.GGUF:
+        return f"GGUF weights as stored, {spec.weight_bytes_per_token() / 1e9:.2f} GB read per token"
     return "packed bf16 weights" if fmt is WeightFormat.BF16 else f"dense {spec.dtype.name} weights"
 
 

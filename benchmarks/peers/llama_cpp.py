@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +55,26 @@ def run(command: list[str]) -> str:
 class BenchResult:
     prefill_s: float  # the whole prompt
     decode_s: float  # per token, after a prompt of the same length
+
+
+@dataclass
+class LoadProbe:
+    seconds: float  # llama-bench started, model loaded, one 1-token prompt run, exited
+    max_rss_bytes: int
+
+
+def load_probe(model_gguf: Path) -> LoadProbe:
+    """What loading the file costs llama.cpp: the wall time and peak resident memory of a llama-bench run that
+    only prefills one token (mmap'd weights count as they are touched, as for MILI's)."""
+    started = time.monotonic()
+    process = subprocess.Popen([str(tool("llama-bench")), "-m", str(model_gguf), "-t", str(THREADS), "-r", "1",
+                                "-p", "1", "-n", "0", "-o", "json"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"llama-bench failed to load {model_gguf} (exit {process.returncode})")
+    return LoadProbe(time.monotonic() - started, usage.ru_maxrss * 1024)
 
 
 def bench(model_gguf: Path, prompt: int, decode: int) -> BenchResult:

@@ -151,9 +151,12 @@ class Qwen3GraphSpec:
         return sum(int(np.prod(shape)) * dtype.size_in_bytes for dtype, shape in self.weight_types().values())
 
     def weight_bytes_per_token(self) -> int:
-        """The weight bytes a decode step reads: every array but an untied embedding's (a row of it per token)."""
-        return sum(int(np.prod(shape)) * dtype.size_in_bytes for name, (dtype, shape) in self.weight_types().items()
-                   if name.partition(".")[0] != "embed_tokens" and name != ROPE_TABLE)
+        """The weight bytes a decode step reads: every array but the embedding's where an LM head of its own is
+        read instead (a step gathers one row of the table; a tied head read from the embedding reads it all)."""
+        types = self.weight_types()
+        has_head = any(name.partition(".")[0] == "lm_head" for name in types)
+        return sum(int(np.prod(shape)) * dtype.size_in_bytes for name, (dtype, shape) in types.items()
+                   if not (has_head and name.partition(".")[0] == "embed_tokens"))
 
     def cache_shape(self, num_blocks: int) -> KVCacheShape:
         c = self.config

@@ -106,7 +106,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/get_server_info")
     async def server_info() -> dict[str, Any]:
         return {"served_model_name": settings.model_name, "model_path": settings.model_path,
-                "tokenizer_path": settings.tokenizer_path or settings.model_path, "device": settings.device, "dtype": settings.dtype,
+                "tokenizer_path": settings.tokenizer_path or settings.model_path, "device": settings.device,
+                "dtype": settings.dtype,
                 "max_model_len": state.engine.engine.max_model_len if state.engine is not None else None,
                 "version": app.version}
 

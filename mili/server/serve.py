@@ -107,8 +107,8 @@ def serve(options: ServeOptions) -> int:
     # here on the main thread, because MAX builds graphs in the thread that owns its MLIR context.
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, name="mili-http", daemon=True)
     thread.start()
-    log.info("starting the server for %s (%s) on http://%s:%d (model loading: /health answers 503 until ready)",
-             settings.model_name, describe_run(plan.spec), options.host, options.port)
+    log.info("starting the server for %s (%s; %s) on http://%s:%d (model loading: /health answers 503 until ready)",
+             settings.model_name, source.describe(), describe_run(plan.spec), options.host, options.port)
     try:
         engine = Engine.from_pretrained(
             # the plan's resolved dtype, so the engine builds the very spec the KV cache was sized for

@@ -20,6 +20,7 @@ from mili.gguf.files import GGUFError, _Reader
 from mili.gguf.weights import _Tensors, gguf_tensor_formats, pack_parts, tensor_layout
 from mili.model.packed_linear import PackedShape, WeightFormat
 from mili.model_source import ModelSource, ModelSourceError
+from mili.quantization import describe_run
 from mili.server.startup import StartupError, open_model, plan_kv_cache_blocks
 from tests.gguf_files import cached_gguf, tiny_metadata, tiny_tensors, write_tiny
 from tests.servers import free_port
@@ -122,6 +123,8 @@ def test_quantization_is_refused_for_a_gguf_file(tmp_path):
                              quantization="int8")
     plan = plan_kv_cache_blocks(source, kv_cache_memory="16MiB", dtype=None, device="cpu", block_size=16)
     assert plan.spec.weight_format is WeightFormat.GGUF and plan.spec.dtype == DType.float32  # an all-F32 file
+    assert describe_run(plan.spec) == (f"float32 activations, GGUF weights as stored, "
+                                       f"{plan.spec.weight_bytes_per_token() / 1e9:.2f} GB read per token")
 
 
 def test_info_lists_the_types_and_special_tokens(mixed: ModelSource, capsys):

@@ -1,8 +1,10 @@
-"""MILI as a benchmark worker (see protocol.py): `python mili_worker.py MODEL_DIR DTYPE QUANTIZATION KV_BYTES
-PREFIX_CACHE` in MILI's own environment, through its offline API (mili.LLM)."""
+"""MILI as a benchmark worker (see protocol.py): `python mili_worker.py MODEL DTYPE QUANTIZATION KV_BYTES
+PREFIX_CACHE` in MILI's own environment, through its offline API (mili.LLM); MODEL is a checkpoint folder or a GGUF
+file."""
 
 from __future__ import annotations
 
+import resource
 import sys
 from typing import Any
 
@@ -19,7 +21,10 @@ class MiliWorker:
     def facts(self) -> dict[str, Any]:
         from benchmarks.model import weight_bytes
         runner = self.llm.engine.runner
-        return {"weight_bytes": weight_bytes(runner), "compile_s": runner.startup.compile_s}
+        return {"weight_bytes": weight_bytes(runner), "compile_s": runner.startup.compile_s,
+                "weights_s": runner.startup.weights_s,
+                # the peak resident memory of the loaded model, KV cache allocated (Linux reports KiB)
+                "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
     def generate(self, prompts: list[list[int]], max_tokens: list[int]) -> int:
         params = [SamplingParams.greedy(max_tokens=n, ignore_eos=True) for n in max_tokens]
