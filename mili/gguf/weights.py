@@ -109,13 +109,21 @@ def gguf_tensor_formats(model: GGUFModel, config: ModelConfig) -> tuple[tuple[st
     return tuple(formats)
 
 
+def _stored(tensor: ReaderTensor, dtype: type) -> np.ndarray:
+    """A float tensor's values as stored, [rows, cols] (or [n]): GGUFReader hands F32 / F16 over typed and BF16 as
+    bytes, so the bytes are viewed as `dtype` either way."""
+    return np.asarray(tensor.data).view(dtype).reshape(tuple(int(d) for d in reversed(tensor.shape)))
+
+
 def _float32(tensor: ReaderTensor) -> np.ndarray:
     """A tensor's values as float32 [rows, cols] (or [n]), exact for every supported type."""
-    rows_cols = tuple(int(d) for d in reversed(tensor.shape))
     if tensor.tensor_type == GGML.BF16:
-        return bf16_bits_to_f32(np.asarray(tensor.data).view(np.uint16).reshape(rows_cols))
-    if tensor.tensor_type in (GGML.F32, GGML.F16):
-        return np.asarray(tensor.data, np.float32).reshape(rows_cols)
+        return bf16_bits_to_f32(_stored(tensor, np.uint16))
+    if tensor.tensor_type == GGML.F16:
+        return _stored(tensor, np.float16).astype(np.float32)
+    if tensor.tensor_type == GGML.F32:
+        return _stored(tensor, np.float32)
+    rows_cols = tuple(int(d) for d in reversed(tensor.shape))
     return dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(rows_cols)
 
 
@@ -127,11 +135,10 @@ def _matrix_size(tensor: ReaderTensor) -> tuple[int, int]:
 def pack_parts(parts: list[ReaderTensor], layout: PackedShape) -> PackedWeight:
     """The graph weight made of `parts` (fused along the output axis) in `layout`, every value unchanged."""
     if layout.format is WeightFormat.BF16:
-        return PackedWeight(layout, (pack_bf16(np.concatenate(
-            [np.asarray(p.data).view(np.uint16).reshape(_matrix_size(p)) for p in parts])),))
+        return PackedWeight(layout, (pack_bf16(np.concatenate([_stored(p, np.uint16) for p in parts])),))
     if layout.format in (WeightFormat.FLOAT16, WeightFormat.FLOAT32):
         if layout.format is WeightFormat.FLOAT16:
-            values = np.concatenate([np.asarray(p.data, np.float16).reshape(_matrix_size(p)) for p in parts])
+            values = np.concatenate([_stored(p, np.float16) for p in parts])
         else:
             values = np.concatenate([_float32(p) for p in parts])
         return pack_float(values, layout.format)

@@ -11,16 +11,22 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as GGML
+from gguf.quants import dequantize
 from max.driver import Buffer
 from max.dtype import DType
 
 from mili.dtypes import numpy_to_buffer, to_numpy_f32
+from mili.gguf.weights import pack_parts, tensor_layout
 from mili.model.packed_linear import PackedShape, PackedWeight, WeightFormat, pack_grouped, pack_weight
 from tests.kernels import reference as ref
-from tests.kernels.graphs import DTYPES, EMBEDDING_CASES, LINEAR_CASES, layout_name, linear_layouts
+from tests.gguf_blocks import random_blocks
+from tests.kernels.graphs import (DTYPES, EMBEDDING_CASES, LINEAR_CASES, Q4_1_LIKE, Q4_K_LIKE, Q6_K_LIKE, layout,
+                                  layout_name, linear_layouts)
 
 # (M, K, N): M over both the decode tiles (< 16 rows, with their MR tails) and the prefill path; K and N not
 # multiples of the SIMD width, of the 16-channel panel, of the bf16 pair or of the int8 group.
@@ -172,3 +178,43 @@ def test_the_kernel_this_cpu_has_is_the_one_that_runs(linear_model, rng):
     got = {dtype: int(f[0]) for dtype, f in zip(DTYPES, families, strict=True)}
     print(f"kernel families: {got} (simd width {width}, avx512_bf16: {'avx512_bf16' in flags})")
     assert got == expected
+
+
+# Each GGUF type, and the layout of the test graph it repacks into (mili/gguf/weights.py's tensor_layout).
+GGUF_TYPE_LAYOUTS = {
+    GGML.Q8_0: layout(WeightFormat.INT8), GGML.Q4_0: layout(WeightFormat.INT8), GGML.Q5_0: layout(WeightFormat.INT8),
+    GGML.Q4_1: Q4_1_LIKE, GGML.Q5_1: Q4_1_LIKE, GGML.Q4_K: Q4_K_LIKE, GGML.Q5_K: Q4_K_LIKE, GGML.Q6_K: Q6_K_LIKE,
+    GGML.F16: layout(WeightFormat.FLOAT16), GGML.F32: layout(WeightFormat.FLOAT32), GGML.BF16: layout(WeightFormat.BF16),
+}
+
+
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_gguf_blocks_through_the_op_match_gguf_py(linear_model, m, rng):
+    """GGUF tensors of every type (valid random blocks, tests/gguf_blocks.py), repacked as a model load repacks
+    them and multiplied by the op, against float64 numpy over gguf.quants.dequantize of the same bytes; the
+    packed embedding returns gguf-py's values exactly."""
+    k, n = 512, 37  # K: two super-blocks of 256; N: not a whole number of panels
+    x = rng.standard_normal((m, k)) * np.exp(rng.uniform(-3, 3, size=(m, 1)))
+    ids = rng.integers(0, n, size=5)
+    compared = set()
+    for gguf_type, shape in GGUF_TYPE_LAYOUTS.items():
+        raw = random_blocks(gguf_type, n, k, rng)
+        tensor = SimpleNamespace(name=gguf_type.name, tensor_type=gguf_type, data=raw, shape=[k, n])
+        packed = pack_parts([tensor], dataclasses.replace(tensor_layout([gguf_type], n, k), out_features=n))
+        assert dataclasses.replace(packed.shape, out_features=1, in_features=1) == shape, gguf_type.name
+        reference = dequantize(raw, gguf_type).reshape(n, k).astype(np.float64)
+        weights = packed_weights(rng, n, k) | {shape: packed}
+        outputs = run_linear(linear_model, x, n, weights, ids)
+        for case, got in zip(LINEAR_CASES, outputs, strict=False):
+            if case.layout != shape:
+                continue
+            x64 = ref.as_dtype(x, case.x_dtype).astype(np.float64)
+            error = np.abs(got - x64 @ reference.T)
+            bound = error_bound(x64, reference, case.out_dtype, chain_length(k, shape), magnitudes(packed))
+            assert np.all(error <= bound), f"{gguf_type.name} {case.name}: worst {np.max(error - bound):.3g} over"
+            compared.add(gguf_type)
+        for (embedding_shape, out_dtype), got in zip(EMBEDDING_CASES, outputs[len(LINEAR_CASES):], strict=False):
+            if embedding_shape == shape:
+                np.testing.assert_array_equal(got, ref.as_dtype(reference[ids].astype(np.float32), out_dtype),
+                                              err_msg=f"{gguf_type.name} embedding -> {out_dtype.name}")
+    assert compared == set(GGUF_TYPE_LAYOUTS)
