@@ -54,6 +54,8 @@ class ModelSource:
     def open(cls, model: str | Path, tokenizer: str | Path | None = None) -> ModelSource:
         """Reads a checkpoint folder's config.json, or a GGUF model's metadata (checked against its tensors)."""
         path = Path(model).expanduser()
+        if not path.exists():
+            raise ModelSourceError(f"{path} does not exist: pass a checkpoint folder or a GGUF file")
         if is_gguf_path(path):
             from mili.gguf.files import GGUFModel
             from mili.gguf.model_config import model_config_from_gguf

@@ -149,3 +149,8 @@ def test_the_fast_metadata_reader_reads_what_gguf_py_reads(tmp_path, rng):
     assert ours.fields["tokenizer.ggml.tokens"].contents() == metadata["tokenizer.ggml.tokens"]
     assert [(t.name, t.tensor_type, t.n_bytes, t.data_offset) for t in ours.tensors] == [
         (t.name, t.tensor_type, t.n_bytes, t.data_offset) for t in theirs.tensors]
+
+
+def test_a_missing_model_is_named(tmp_path):
+    with pytest.raises(ModelSourceError, match=r"missing.gguf does not exist: pass a checkpoint folder or a GGUF file"):
+        ModelSource.open(tmp_path / "missing.gguf")
