@@ -12,7 +12,7 @@
 #         Q4_0, Q5_0 are G = 32 with float16 scales, Q6_K G = 16 with float32 ones: mili/gguf/repack.py)
 #   int8 with offsets (mili_linear_int8_offsets: GGUF's Q4_1, Q5_1, Q4_K, Q5_K):
 #         q and scales as above, offsets[panels, (Kg / G) * 16] float32 laid out as the scales;
-#         W[n, k] = q[n, k] * scale[n, k // G] + offset[n, k // G]
+#         W[n, k] = q[n, k] * scale[n, k // G] + offset[n, k // G] (rounded after the multiply and after the add)
 #   float k-major (mili_linear_float: GGUF's F16 and F32 tensors, as stored)
 #         w[panels, K * 16] float16 or float32:  W[n, k] at ((n // 16) * K + k) * 16 + n % 16
 # Padding (k >= K, n >= N) is never read into an output.
@@ -22,9 +22,10 @@
 # float32 (a bfloat16 is the top half of a float32). An int8 output sums each group unscaled first:
 # part_g = chain of fma(x[m, k], q[n, k], part) over the group's k in order from 0 (q is exact in float32), then
 # acc = fma(part_g, scale[n, g], acc) over g in order: one FMA per weight instead of a multiply and an FMA.
-# With offsets each group then adds acc = fma(xsum[m, g], offset[n, g], acc), xsum[m, g] the row's inputs over
-# the group summed in k order from 0 (sum_k x_k (q_k s + o) = s sum_k x_k q_k + o sum_k x_k). A float k-major
-# output is one chain of K FMAs like bf16's.
+# Layouts with offsets or float32 scales (GGUF's Q4_1, Q5_1 and K-quants) instead decode every weight exactly as
+# gguf-py dequantizes it, W = (q * scale, rounded) + offset, rounded, and run one chain of K FMAs like bf16's, as
+# does a float k-major layout: the values the op multiplies are gguf-py's, bit for bit, and a prefill multiplies
+# a panel decoded once at the bf16 path's speed.
 # Rows never share an accumulator and K is never split, so the blocking (1..MR rows per micro-kernel call,
 # threads over panels, row blocks for cache reuse) changes which rows share a weight load, never a row's
 # arithmetic.
@@ -42,10 +43,10 @@ from max.gpu import block_idx, thread_idx, block_dim, grid_dim
 from std.math import ceildiv
 from .convert import narrow, widen
 from .linear_layout import (
-    PANEL, LinearShape, bf16_panel_stride, int8_padded_k, packed_bf16_weight, packed_float_weight, packed_int8_q,
-    packed_int8_scale,
+    PANEL, LinearShape, bf16_panel_stride, exact_int8_weights, int8_padded_k, packed_bf16_weight, packed_float_weight,
+    packed_int8_q, packed_int8_scale,
 )
-from .linear_cpu import linear_bf16_cpu, linear_int8_cpu, linear_float_cpu, kernel_family_code
+from .linear_cpu import linear_bf16_cpu, linear_int8_cpu, linear_float_cpu, kernel_family_code, exact_int8_arithmetic
 
 comptime GPU_THREADS = 256
 
@@ -82,16 +83,21 @@ def linear_int8_gpu_kernel[x_dtype: DType, out_dtype: DType, scale_dtype: DType,
         var n = i - m * Int(n_len)
         var padded_k = int8_padded_k(Int(k_len), group)
         var acc: Float32 = 0
-        for g in range(padded_k // group):
-            var part: Float32 = 0
-            var x_sum: Float32 = 0
-            for k in range(g * group, min(Int(k_len), (g + 1) * group)):
-                var x = widen(x_ptr.unsafe_load(m * Int(k_len) + k))
-                part = x.fma(packed_int8_q(q_ptr, padded_k, n, k), part)
-                x_sum += x
-            acc = part.fma(packed_int8_scale[group](scale_ptr, padded_k, n, g), acc)
-            comptime if OFFSETS:
-                acc = x_sum.fma(packed_int8_scale[group](offset_ptr, padded_k, n, g), acc)
+        comptime if exact_int8_arithmetic[scale_dtype, OFFSETS]():
+            for k in range(Int(k_len)):
+                var g = k // group
+                var offset: Float32 = 0
+                comptime if OFFSETS:
+                    offset = packed_int8_scale[group](offset_ptr, padded_k, n, g)
+                var q = q_ptr.unsafe_load(((n // PANEL) * padded_k + k) * PANEL + n % PANEL)
+                var w = exact_int8_weights[OFFSETS](q, packed_int8_scale[group](scale_ptr, padded_k, n, g), offset)
+                acc = widen(x_ptr.unsafe_load(m * Int(k_len) + k)).fma(w, acc)
+        else:
+            for g in range(padded_k // group):
+                var part: Float32 = 0
+                for k in range(g * group, min(Int(k_len), (g + 1) * group)):
+                    part = widen(x_ptr.unsafe_load(m * Int(k_len) + k)).fma(packed_int8_q(q_ptr, padded_k, n, k), part)
+                acc = part.fma(packed_int8_scale[group](scale_ptr, padded_k, n, g), acc)
         out_ptr.unsafe_store(i, narrow[out_dtype](acc))
         i += stride
 

@@ -7,7 +7,7 @@ from std.sys.intrinsics import llvm_intrinsic
 from std.math import ceildiv
 from .cpu_parallel import parallel_ranges, for_row_groups
 from .convert import narrow, widen
-from .linear_layout import PANEL, LinearShape, bf16_panel_stride, int8_padded_k
+from .linear_layout import PANEL, LinearShape, bf16_panel_stride, exact_int8_weights, int8_padded_k
 
 comptime F32_WIDTH = simd_width_of[DType.float32]()
 comptime VECTORS_PER_PANEL = PANEL // F32_WIDTH
@@ -206,13 +206,11 @@ def bf16_tile_dot[out_dtype: DType, MR: Int, NP: Int, EVEN_K: Bool](
 
 
 @always_inline
-def fold_group[S: DType, //, MR: Int, NP: Int, OFFSETS: Bool](
-    acc: MutPointer[Float32, ...], part: Pointer[Float32, ...], scale_ptr: Pointer[Scalar[S], ...],
-    offset_ptr: Pointer[Float32, ...], sums: Pointer[Float32, ...], groups: Int, panel: Int, g: Int, row: Int,
+def fold_group[S: DType, //, MR: Int, NP: Int](
+    acc: MutPointer[Float32, ...], part: Pointer[Float32, ...], scale_ptr: Pointer[Scalar[S], ...], groups: Int,
+    panel: Int, g: Int,
 ):
-    """Adds a group's unscaled sums into the tile: acc[m, n] = fma(part[m, n], scale[n, g], acc[m, n]); with
-    OFFSETS then acc[m, n] = fma(sums[m, g], offset[n, g], acc[m, n]), where sums[m, g] is the sum of row m's x
-    over the group (group_sums): sum_k x_k (q_k s + o) = s sum_k x_k q_k + o sum_k x_k."""
+    """Adds a group's unscaled sums into the tile: acc[m, n] = fma(part[m, n], scale[n, g], acc[m, n])."""
     comptime V = NP * VECTORS_PER_PANEL
     comptime for v in range(V):
         var at = ((panel + v // VECTORS_PER_PANEL) * groups + g) * PANEL + (v % VECTORS_PER_PANEL) * F32_WIDTH
@@ -220,22 +218,42 @@ def fold_group[S: DType, //, MR: Int, NP: Int, OFFSETS: Bool](
         comptime for m in range(MR):
             var i = (m * V + v) * F32_WIDTH
             acc.unsafe_store(i, part.unsafe_load[width=F32_WIDTH](i).fma(scale, acc.unsafe_load[width=F32_WIDTH](i)))
+
+
+@always_inline
+def exact_int8_arithmetic[S: DType, OFFSETS: Bool]() -> Bool:
+    """Which arithmetic an int8 layout gets (linear.mojo's header): its weights decoded exactly and one FMA chain
+    (offsets, or float32 scales: GGUF's Q4_1, Q5_1, K-quants), or group sums folded in with their scale."""
+    return OFFSETS or S == DType.float32
+
+
+@always_inline
+def load_exact_int8_weights[S: DType, //, NP: Int, OFFSETS: Bool](
+    weights: MutPointer[Float32, ...], q_ptr: Pointer[Int8, ...], scale_ptr: Pointer[Scalar[S], ...],
+    offset_ptr: Pointer[Float32, ...], panel: Int, padded_k: Int, groups: Int, k: Int, group: Int,
+):
+    """Weights[v] = the NP panels' exact float32 weights of input k (exact_int8_weights)."""
+    comptime for v in range(NP * VECTORS_PER_PANEL):
+        var p = v // VECTORS_PER_PANEL
+        var lane = (v % VECTORS_PER_PANEL) * F32_WIDTH
+        var at = ((panel + p) * groups + k // group) * PANEL + lane
+        var q = q_ptr.unsafe_load[width=F32_WIDTH](((panel + p) * padded_k + k) * PANEL + lane)
+        var offset = SIMD[DType.float32, F32_WIDTH](0)
         comptime if OFFSETS:
-            var offset = offset_ptr.unsafe_load[width=F32_WIDTH](at)
-            comptime for m in range(MR):
-                var i = (m * V + v) * F32_WIDTH
-                var x_sum = SIMD[DType.float32, F32_WIDTH](sums.unsafe_load((row + m) * groups + g))
-                acc.unsafe_store(i, x_sum.fma(offset, acc.unsafe_load[width=F32_WIDTH](i)))
+            offset = offset_ptr.unsafe_load[width=F32_WIDTH](at)
+        weights.unsafe_store(v * F32_WIDTH, exact_int8_weights[OFFSETS](
+            q, scale_ptr.unsafe_load[width=F32_WIDTH](at).cast[DType.float32](), offset))
 
 
 @always_inline
 def int8_tile[S: DType, //, out_dtype: DType, MR: Int, NP: Int, group: Int, OFFSETS: Bool](
     out_ptr: MutPointer[Scalar[out_dtype], ...], x32: Pointer[Float32, ...],
     q_ptr: Pointer[Int8, ...], scale_ptr: Pointer[Scalar[S], ...], offset_ptr: Pointer[Float32, ...],
-    sums: Pointer[Float32, ...], shape: LinearShape, row: Int, panel: Int,
+    shape: LinearShape, row: Int, panel: Int,
 ):
-    """Int8 weights as float32(q) (exact) in registers: each group's products summed unscaled from zero, then
-    folded in with its scale (and offset: fold_group): one FMA per weight and one or two per group."""
+    """Int8 weights in registers: exactly decoded into one FMA chain (exact_int8_arithmetic), or as float32(q)
+    (exact) with each group's products summed unscaled from zero and folded in with its scale (fold_group): one
+    FMA per weight and one per group."""
     var acc = stack_allocation[MR * NP * PANEL, Float32]()
     var part = stack_allocation[MR * NP * PANEL, Float32]()
     var weights = stack_allocation[NP * PANEL, Float32]()
@@ -244,16 +262,22 @@ def int8_tile[S: DType, //, out_dtype: DType, MR: Int, NP: Int, group: Int, OFFS
     var padded_k = int8_padded_k(k_len, group)
     var groups = padded_k // group
     var x_row = row * k_len
-    for g in range(groups):
-        zero_tile[MR, NP](part)
-        for k in range(g * group, min(k_len, (g + 1) * group)):
-            comptime for v in range(NP * VECTORS_PER_PANEL):
-                var p = v // VECTORS_PER_PANEL
-                var q = q_ptr.unsafe_load[width=F32_WIDTH](((panel + p) * padded_k + k) * PANEL
-                                                            + (v % VECTORS_PER_PANEL) * F32_WIDTH)
-                weights.unsafe_store(v * F32_WIDTH, q.cast[DType.float32]())
-            fma_decoded_k[MR, NP](part, weights, x32, x_row + k, k_len)
-        fold_group[MR, NP, OFFSETS](acc, part, scale_ptr, offset_ptr, sums, groups, panel, g, row)
+    comptime if exact_int8_arithmetic[S, OFFSETS]():
+        for k in range(k_len):
+            load_exact_int8_weights[NP, OFFSETS](weights, q_ptr, scale_ptr, offset_ptr, panel, padded_k, groups, k,
+                                                 group)
+            fma_decoded_k[MR, NP](acc, weights, x32, x_row + k, k_len)
+    else:
+        for g in range(groups):
+            zero_tile[MR, NP](part)
+            for k in range(g * group, min(k_len, (g + 1) * group)):
+                comptime for v in range(NP * VECTORS_PER_PANEL):
+                    var p = v // VECTORS_PER_PANEL
+                    var q = q_ptr.unsafe_load[width=F32_WIDTH](((panel + p) * padded_k + k) * PANEL
+                                                                + (v % VECTORS_PER_PANEL) * F32_WIDTH)
+                    weights.unsafe_store(v * F32_WIDTH, q.cast[DType.float32]())
+                fma_decoded_k[MR, NP](part, weights, x32, x_row + k, k_len)
+            fold_group[MR, NP](acc, part, scale_ptr, groups, panel, g)
     store_tile[out_dtype, MR, NP](out_ptr, acc, shape, row, panel)
 
 
@@ -307,6 +331,17 @@ def decode_int8_panel(dst: MutPointer[Float32, ...], q_ptr: Pointer[Int8, ...], 
             dst.unsafe_store(k * PANEL + c * F32_WIDTH, q.cast[DType.float32]())
 
 
+def decode_exact_int8_panel[S: DType, //, OFFSETS: Bool](
+    dst: MutPointer[Float32, ...], q_ptr: Pointer[Int8, ...], scale_ptr: Pointer[Scalar[S], ...],
+    offset_ptr: Pointer[Float32, ...], panel: Int, k_len: Int, padded_k: Int, group: Int,
+):
+    """Writes dst[k * 16 + j] = W[panel * 16 + j, k], the exact float32 weights (exact_int8_weights)."""
+    var groups = padded_k // group
+    for k in range(k_len):
+        load_exact_int8_weights[1, OFFSETS](dst.unsafe_offset(k * PANEL), q_ptr, scale_ptr, offset_ptr, panel,
+                                            padded_k, groups, k, group)
+
+
 def decode_float_panel[E: DType, //](dst: MutPointer[Float32, ...], w_ptr: Pointer[Scalar[E], ...], panel: Int,
                                       k_len: Int):
     """Writes dst[k * 16 + j] = W[panel * 16 + j, k] as float32 from the k-major float layout."""
@@ -344,10 +379,9 @@ def decoded_tile[out_dtype: DType, MR: Int, NP: Int](
 
 
 @always_inline
-def decoded_int8_tile[S: DType, //, out_dtype: DType, MR: Int, NP: Int, group: Int, OFFSETS: Bool](
+def decoded_int8_tile[S: DType, //, out_dtype: DType, MR: Int, NP: Int, group: Int](
     out_ptr: MutPointer[Scalar[out_dtype], ...], x32: Pointer[Float32, ...], decoded: Pointer[Float32, ...],
-    scale_ptr: Pointer[Scalar[S], ...], offset_ptr: Pointer[Float32, ...], sums: Pointer[Float32, ...],
-    shape: LinearShape, row: Int, panel: Int,
+    scale_ptr: Pointer[Scalar[S], ...], shape: LinearShape, row: Int, panel: Int,
 ):
     """MR rows x NP decoded int8 panels (unscaled q as float32), group by group like int8_tile."""
     var acc = stack_allocation[MR * NP * PANEL, Float32]()
@@ -358,7 +392,7 @@ def decoded_int8_tile[S: DType, //, out_dtype: DType, MR: Int, NP: Int, group: I
     for g in range(groups):
         zero_tile[MR, NP](part)
         decoded_fmas[MR, NP](part, x32, decoded, k_len, row * k_len, g * group, min(k_len, (g + 1) * group))
-        fold_group[MR, NP, OFFSETS](acc, part, scale_ptr, offset_ptr, sums, groups, panel, g, row)
+        fold_group[MR, NP](acc, part, scale_ptr, groups, panel, g)
     store_tile[out_dtype, MR, NP](out_ptr, acc, shape, row, panel)
 
 
@@ -505,20 +539,6 @@ def linear_bf16_cpu[x_dtype: DType, out_dtype: DType](
         with_float32_rows(x_ptr, shape.rows * shape.k, run)
 
 
-def group_sums(x32: Pointer[Float32, ...], rows: Int, k_len: Int, group: Int) -> List[Float32]:
-    """[rows, groups]: each row's x summed over each group of `group` inputs, in k order from zero (what an
-    offset multiplies; one chain per row and group, so the sums do not depend on the blocking)."""
-    var groups = int8_padded_k(k_len, group) // group
-    var sums = List[Float32](length=rows * groups, fill=0)
-    for m in range(rows):
-        for g in range(groups):
-            var total: Float32 = 0
-            for k in range(g * group, min(k_len, (g + 1) * group)):
-                total += x32.unsafe_load(m * k_len + k)
-            sums[m * groups + g] = total
-    return sums^
-
-
 def linear_int8_cpu[S: DType, //, x_dtype: DType, out_dtype: DType, group: Int, OFFSETS: Bool](
     out_ptr: MutPointer[Scalar[out_dtype], ...], x_ptr: Pointer[Scalar[x_dtype], ...],
     q_ptr: Pointer[Int8, ...], scale_ptr: Pointer[Scalar[S], ...], offset_ptr: Pointer[Float32, ...],
@@ -527,26 +547,30 @@ def linear_int8_cpu[S: DType, //, x_dtype: DType, out_dtype: DType, group: Int, 
     """W = q * scale (+ offset with OFFSETS; offset_ptr is not read without)."""
     var k_len = shape.k
     var padded_k = int8_padded_k(k_len, group)
+    # read-only views, so that the decode and the tile closures may both hold them
+    var scales = rebind[Pointer[Scalar[S], ImmutAnyOrigin]](scale_ptr)
+    var offsets = rebind[Pointer[Float32, ImmutAnyOrigin]](offset_ptr)
 
-    def decode(panel: Int, dst: ScratchPointer) {imm q_ptr, imm k_len, imm padded_k}:
-        decode_int8_panel(dst, q_ptr, panel, k_len, padded_k)
+    def decode(panel: Int, dst: ScratchPointer) {imm q_ptr, imm scales, imm offsets, imm k_len, imm padded_k}:
+        comptime if exact_int8_arithmetic[S, OFFSETS]():
+            decode_exact_int8_panel[OFFSETS](dst, q_ptr, scales, offsets, panel, k_len, padded_k, group)
+        else:
+            decode_int8_panel(dst, q_ptr, panel, k_len, padded_k)
 
-    def run(x32: Pointer[Float32, ImmutAnyOrigin]) raises {imm out_ptr, imm q_ptr, imm scale_ptr, imm offset_ptr, imm shape, imm decode, ref ctx}:
-        var sums_list = group_sums(x32, shape.rows, shape.k, group) if OFFSETS else List[Float32]()
-        var sums = rebind[Pointer[Float32, ImmutAnyOrigin]](sums_list.unsafe_ptr())
+    def run(x32: Pointer[Float32, ImmutAnyOrigin]) raises {imm out_ptr, imm q_ptr, imm scales, imm offsets, imm shape, imm decode, ref ctx}:
         if shape.rows < GEMM_MIN_ROWS:
-            def tile[MR: Int, NP: Int](row: Int, panel: Int) {imm out_ptr, imm x32, imm q_ptr, imm scale_ptr, imm offset_ptr, imm sums, imm shape}:
-                int8_tile[out_dtype, MR, NP, group, OFFSETS](out_ptr, x32, q_ptr, scale_ptr, offset_ptr, sums, shape,
-                                                             row, panel)
+            def tile[MR: Int, NP: Int](row: Int, panel: Int) {imm out_ptr, imm x32, imm q_ptr, imm scales, imm offsets, imm shape}:
+                int8_tile[out_dtype, MR, NP, group, OFFSETS](out_ptr, x32, q_ptr, scales, offsets, shape, row, panel)
 
             for_each_tile[decode_tile_rows()](shape, 4, tile, ctx)
         else:
-            def gemm_tile[MR: Int, NP: Int](decoded: ScratchPointer, row: Int, panel: Int) {imm out_ptr, imm x32, imm scale_ptr, imm offset_ptr, imm sums, imm shape}:
-                decoded_int8_tile[out_dtype, MR, NP, group, OFFSETS](out_ptr, x32, decoded, scale_ptr, offset_ptr, sums,
-                                                                     shape, row, panel)
+            def gemm_tile[MR: Int, NP: Int](decoded: ScratchPointer, row: Int, panel: Int) {imm out_ptr, imm x32, imm scales, imm shape}:
+                comptime if exact_int8_arithmetic[S, OFFSETS]():  # decoded holds the weights themselves
+                    decoded_tile[out_dtype, MR, NP](out_ptr, x32, decoded, shape, row, panel)
+                else:
+                    decoded_int8_tile[out_dtype, MR, NP, group](out_ptr, x32, decoded, scales, shape, row, panel)
 
             gemm_decoded[max_tile_rows(), tile_panels[max_tile_rows()]()](shape, decode, gemm_tile, ctx)
-        _ = sums_list^
 
     with_float32_rows(x_ptr, shape.rows * shape.k, run)
 

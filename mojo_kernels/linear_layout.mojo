@@ -56,16 +56,34 @@ def packed_int8_weight[S: DType, //, group: Int](q_ptr: Pointer[Int8, ...], scal
 
 
 @always_inline
+def separately_rounded[w: SIMDLength, //](v: SIMD[DType.float32, w]) -> SIMD[DType.float32, w]:
+    """V as computed, never fused with the operation that uses it: LLVM would contract q * scale + offset into one
+    FMA (one rounding: other bits than gguf-py's two)."""
+    return llvm_intrinsic["llvm.arithmetic.fence", SIMD[DType.float32, w]](v)
+
+
+@always_inline
+def exact_int8_weights[w: SIMDLength, //, OFFSETS: Bool](
+    q: SIMD[DType.int8, w], scale: SIMD[DType.float32, w], offset: SIMD[DType.float32, w]
+) -> SIMD[DType.float32, w]:
+    """W = q * scale (+ offset), rounded after the multiply and after the add, as gguf-py dequantizes."""
+    var scaled = separately_rounded(q.cast[DType.float32]() * scale)
+    comptime if OFFSETS:
+        return scaled + offset
+    else:
+        return scaled
+
+
+@always_inline
 def packed_int8_offset_weight[S: DType, //, group: Int](
     q_ptr: Pointer[Int8, ...], scale_ptr: Pointer[Scalar[S], ...], offset_ptr: Pointer[Float32, ...], k_len: Int, n: Int,
     k: Int,
 ) -> Float32:
-    """W[n, k] = q * scale + offset from the int8 panel layout with offsets, rounded twice as gguf-py computes it:
-    the fence keeps LLVM from contracting the multiply and the add into one FMA (one rounding, other bits)."""
+    """W[n, k] = q * scale + offset from the int8 panel layout with offsets (exact_int8_weights)."""
     var padded_k = int8_padded_k(k_len, group)
-    var scaled = llvm_intrinsic["llvm.arithmetic.fence.f32", Float32](
-        packed_int8_weight[group](q_ptr, scale_ptr, k_len, n, k))
-    return scaled + packed_int8_scale[group](offset_ptr, padded_k, n, k // group)
+    var at = ((n // PANEL) * padded_k + k) * PANEL + n % PANEL
+    return exact_int8_weights[True](q_ptr.unsafe_load(at), packed_int8_scale[group](scale_ptr, padded_k, n, k // group),
+                                    packed_int8_scale[group](offset_ptr, padded_k, n, k // group))
 
 
 @always_inline

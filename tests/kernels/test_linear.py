@@ -79,34 +79,23 @@ def run_linear(model, x: np.ndarray, n: int, weights: dict, ids: np.ndarray) -> 
     return [o.to_numpy() if o.dtype in (DType.float32, DType.int32) else to_numpy_f32(o) for o in model.execute(*buffers)]
 
 
+def exact_arithmetic(shape: PackedShape) -> bool:
+    """Layouts whose weights the op decodes exactly and multiplies in one chain (linear.mojo's header): the float
+    ones, bf16, and int8 with offsets or float32 scales (GGUF's Q4_1, Q5_1, K-quants)."""
+    return shape.format is not WeightFormat.INT8 or shape.offsets or shape.scale_dtype == DType.float32
+
+
 def chain_length(k: int, shape: PackedShape) -> int:
-    """Roundings on any product's way into a float32 output: K for the float formats' one chain of K FMAs; for
-    int8, a chain of at most G within the group plus one of ceil(K / G) across the groups (linear.mojo's header);
-    with offsets, twice as many across the groups, and the two roundings of the reference's own weights
-    (fl(fl(q * scale) + offset), which the op never forms)."""
-    if shape.format is not WeightFormat.INT8:
-        return k
-    groups = -(-k // shape.group_size)
-    return min(k, shape.group_size) + (2 * groups + 2 if shape.offsets else groups)
+    """Roundings on any product's way into a float32 output: K for one chain of K FMAs; for int8 folded by group, a
+    chain of at most G within the group plus one of ceil(K / G) across the groups (linear.mojo's header)."""
+    return k if exact_arithmetic(shape) else min(k, shape.group_size) + -(-k // shape.group_size)
 
 
-def magnitudes(packed: PackedWeight) -> np.ndarray:
-    """|W| per weight for the error bound; with offsets |q * scale| + |offset|, the sizes of the terms the op
-    adds (a weight near zero can be a large scaled code and a large offset that cancel)."""
-    if not packed.shape.offsets:
-        return np.abs(packed.dense().astype(np.float64))
-    q, scales, offsets = packed.arrays
-    scaled = PackedWeight(dataclasses.replace(packed.shape, offsets=False), (q, scales)).dense()
-    offset_only = PackedWeight(packed.shape, (np.zeros_like(q), np.zeros_like(scales), offsets)).dense()
-    return np.abs(scaled.astype(np.float64)) + np.abs(offset_only.astype(np.float64))
-
-
-def error_bound(x64: np.ndarray, w64: np.ndarray, out_dtype: DType, chain: int,
-                magnitude: np.ndarray | None = None) -> np.ndarray:
+def error_bound(x64: np.ndarray, w64: np.ndarray, out_dtype: DType, chain: int) -> np.ndarray:
     """|kernel - exact| per element: float32 sums in which each product passes through at most `chain`
     roundings are off by at most chain * u * sum_k |x_k w_k| (u = 2^-24; 1.01 covers the higher-order terms);
     a bfloat16 output adds half an ulp of the result (u = 2^-8 relative)."""
-    accumulation = 1.01 * chain * FLOAT32_UNIT * (np.abs(x64) @ (np.abs(w64) if magnitude is None else magnitude).T)
+    accumulation = 1.01 * chain * FLOAT32_UNIT * (np.abs(x64) @ np.abs(w64).T)
     if out_dtype == DType.bfloat16:
         return accumulation + BFLOAT16_UNIT * (np.abs(x64 @ w64.T) + accumulation)
     return accumulation + FLOAT32_UNIT * np.abs(x64 @ w64.T)
@@ -124,7 +113,7 @@ def test_linear_and_embedding_match_float64(linear_model, m, k, n, rng):
         w64 = packed.dense().astype(np.float64)
         assert got.shape == (m, n), case.name
         error = np.abs(got - x64 @ w64.T)
-        bound = error_bound(x64, w64, case.out_dtype, chain_length(k, case.layout), magnitudes(packed))
+        bound = error_bound(x64, w64, case.out_dtype, chain_length(k, case.layout))
         worst = np.unravel_index(np.argmax(error - bound), error.shape) if error.size else None
         assert np.all(error <= bound), f"{case.name}: error {error[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
     for (shape, out_dtype), got in zip(EMBEDDING_CASES, outputs[len(LINEAR_CASES):], strict=False):
@@ -210,7 +199,7 @@ def test_gguf_blocks_through_the_op_match_gguf_py(linear_model, m, rng):
                 continue
             x64 = ref.as_dtype(x, case.x_dtype).astype(np.float64)
             error = np.abs(got - x64 @ reference.T)
-            bound = error_bound(x64, reference, case.out_dtype, chain_length(k, shape), magnitudes(packed))
+            bound = error_bound(x64, reference, case.out_dtype, chain_length(k, shape))
             assert np.all(error <= bound), f"{gguf_type.name} {case.name}: worst {np.max(error - bound):.3g} over"
             compared.add(gguf_type)
         for (embedding_shape, out_dtype), got in zip(EMBEDDING_CASES, outputs[len(LINEAR_CASES):], strict=False):
