@@ -18,21 +18,18 @@ that loads the file and prefills one token. vLLM's CPU build does not run GGUF f
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.latency import Contender, worker_contender
+from benchmarks.latency import Contender, medians, run_rounds, worker_contender
 from benchmarks.machine import measure
 from benchmarks.peers import arguments, llama_cpp
 from benchmarks.peers.engines import mili_worker
 from benchmarks.peers.home import PeerHome
-from benchmarks.peers.rounds import interleaved
 from benchmarks.peers.servers import unwind_on_sigterm
-from benchmarks.peers.spotlight import Spotlight
 from benchmarks.peers.workers import WorkerSpec, start_all
 from benchmarks.report import RunRecord, markdown_table
 
@@ -52,6 +49,8 @@ class GGUFRow:
     file_gb: float | None  # the GGUF file (None: the safetensors baseline)
     weight_gb: float  # what one decode step reads
     load_s: float | None
+    weights_s: float | None  # MILI: reading and repacking the weights (within load_s)
+    compile_s: float | None  # MILI: the graph compile, or its load from MAX's cache (within load_s)
     max_rss_gb: float | None
     prefill_tok_s: float
     decode_tok_s: float
@@ -95,38 +94,31 @@ def main(argv: list[str] | None = None) -> None:
     workers = start_all(specs, record.skipped)
     contenders: list[Contender] = [worker_contender(w, prompt, args.decode, w.facts["weight_bytes"])
                                    for w in workers.values()]
-    loads: dict[str, tuple[float, int]] = {name: (w.facts["startup_s"], w.facts["max_rss_bytes"])
-                                           for name, w in workers.items()}
+    loads: dict[str, tuple[float, int, float | None, float | None]] = {
+        name: (w.facts["startup_s"], w.facts["max_rss_bytes"], w.facts["weights_s"], w.facts["compile_s"])
+        for name, w in workers.items()}
     if "llama.cpp" in engines:
         for fmt, path in files.items():
             name = f"llama.cpp {fmt}"
             probe = llama_cpp.load_probe(path)
-            loads[name] = (probe.seconds, probe.max_rss_bytes)
+            loads[name] = (probe.seconds, probe.max_rss_bytes, None, None)
 
             def once(path: Path = path) -> tuple[float, float]:
                 result = llama_cpp.bench(path, args.prompt, args.decode)
                 return result.prefill_s, result.decode_s
             contenders.append(Contender(name, path.stat().st_size, once))
 
-    try:
-        samples = interleaved({c.name: lambda _warm_up, c=c: c.measure() for c in contenders}, args.rounds,
-                              record.skipped, spotlight=Spotlight(workers))
-    finally:
-        for worker in workers.values():
-            worker.close()
-
-    limits = record.machine.best_of(measure())
-    record.machine = limits
-    record.finish()
+    samples = run_rounds(contenders, workers, args.rounds, record)
+    limits = record.machine
     rows = []
     for c in (c for c in contenders if c.name in samples):
-        prefill_s = statistics.median(s[0] for s in samples[c.name])
-        decode_s = statistics.median(s[1] for s in samples[c.name])
+        prefill_s, decode_s = medians(samples[c.name])
         fmt = c.name.rsplit(" ", 1)[-1]
-        load_s, rss = loads.get(c.name, (None, None))
+        load_s, rss, weights_s, compile_s = loads.get(c.name, (None, None, None, None))
         rows.append(GGUFRow(
             engine=c.name, file_gb=files[fmt].stat().st_size / 1e9 if fmt in files else None,
-            weight_gb=c.weight_bytes / 1e9, load_s=load_s, max_rss_gb=rss / 1e9 if rss else None,
+            weight_gb=c.weight_bytes / 1e9, load_s=load_s, weights_s=weights_s, compile_s=compile_s,
+            max_rss_gb=rss / 1e9 if rss else None,
             prefill_tok_s=args.prompt / prefill_s, decode_tok_s=1 / decode_s,
             decode_gb_s=c.weight_bytes / decode_s / 1e9,
             roofline_share=c.weight_bytes / decode_s / 1e9 / limits.read_gb_s,
@@ -149,10 +141,12 @@ def table(rows: list[GGUFRow], skipped: dict[str, str]) -> str:
             versus = f"prefill {r.prefill_tok_s / peer.prefill_tok_s:.2f}x, decode {r.decode_tok_s / peer.decode_tok_s:.2f}x"
         lines.append([r.engine, f"{r.file_gb:.2f}" if r.file_gb else "", f"{r.weight_gb:.2f}",
                       f"{r.load_s:.1f}" if r.load_s is not None else "",
+                      f"{r.weights_s:.1f} + {r.compile_s:.1f}" if r.weights_s is not None else "",
                       f"{r.max_rss_gb:.2f}" if r.max_rss_gb is not None else "",
                       f"{r.prefill_tok_s:.0f}", f"{r.decode_tok_s:.1f}", f"{r.decode_gb_s:.1f}",
                       f"{r.roofline_share:.0%}", versus])
-    text = markdown_table(["engine", "file GB", "read GB/token", "load s", "peak RSS GB", "prefill tok/s",
+    text = markdown_table(["engine", "file GB", "read GB/token", "load s", "of which weights + compile s",
+                           "peak RSS GB", "prefill tok/s",
                            "decode tok/s", "decode GB/s", "% of read bw", "vs llama.cpp, same file"], lines)
     for name, reason in skipped.items():
         text += f"\n- {name}: not measured: {reason}"

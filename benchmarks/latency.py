@@ -94,6 +94,26 @@ def llama_contenders(model: Path, prompt: int, decode: int, skipped: dict[str, s
     return contenders
 
 
+def run_rounds(contenders: list[Contender], workers: dict[str, WorkerProcess], rounds: int,
+               record: RunRecord) -> dict[str, list[tuple[float, float]]]:
+    """Every contender timed in interleaved rounds after an untimed warm-up (the workers closed after), then the
+    machine measured again into the record, which is finished: (prefill s, decode s per token) samples by name."""
+    try:
+        samples = interleaved({c.name: lambda _warm_up, c=c: c.measure() for c in contenders}, rounds,
+                              record.skipped, spotlight=Spotlight(workers))
+    finally:
+        for worker in workers.values():
+            worker.close()
+    record.machine = record.machine.best_of(measure())
+    record.finish()
+    return samples
+
+
+def medians(samples: list[tuple[float, float]]) -> tuple[float, float]:
+    """(median prefill s, median decode s per token)."""
+    return statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
@@ -139,20 +159,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             contenders += llama_contenders(model, args.prompt, args.decode, record.skipped)
 
-    try:
-        samples = interleaved({c.name: lambda _warm_up, c=c: c.measure() for c in contenders}, args.rounds,
-                              record.skipped, spotlight=Spotlight(workers))
-    finally:
-        for worker in workers.values():
-            worker.close()
-
-    limits = record.machine.best_of(measure())
-    record.machine = limits
-    record.finish()
+    samples = run_rounds(contenders, workers, args.rounds, record)
+    limits = record.machine
     rows = []
     for c in (c for c in contenders if c.name in samples):
-        prefill_s = statistics.median(s[0] for s in samples[c.name])
-        decode_s = statistics.median(s[1] for s in samples[c.name])
+        prefill_s, decode_s = medians(samples[c.name])
         rows.append(LatencyRow(
             engine=c.name, weight_gb=c.weight_bytes / 1e9, startup_s=c.startup_s,
             prefill_tok_s=args.prompt / prefill_s, decode_tok_s=1 / decode_s,

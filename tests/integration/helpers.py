@@ -1,11 +1,14 @@
-"""Small drivers of the model runner for tests: greedy decoding and per-sequence runs."""
+"""Small drivers of the model runner and the engine for tests: greedy decoding, per-sequence runs, running an
+engine until every request has finished."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from mili.engine.batch import Batch, LogitRows, SequenceChunk
+from mili.engine.engine import Engine
 from mili.engine.model_runner import ModelRunner
+from mili.engine.outputs import RequestOutput
 
 
 def run_chunk(runner: ModelRunner, token_ids, start: int, blocks: list[int],
@@ -30,3 +33,15 @@ def greedy_generate(runner: ModelRunner, prompt: np.ndarray, new_tokens: int,
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     """Largest absolute difference, relative to the largest reference magnitude."""
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+def run_all(engine: Engine) -> dict[str, RequestOutput]:
+    """Steps the engine until every request has finished; their last outputs by request id. The block
+    bookkeeping is checked after every step, not just at the end."""
+    finished: dict[str, RequestOutput] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+        engine.check_blocks()
+    return finished

@@ -13,6 +13,7 @@ from mili.engine.outputs import RequestOutput
 from mili.engine.sampling_params import SamplingParams
 from mili.tokenizer import Tokenizer
 from tests.integration.conftest import ModelPair, model_pair
+from tests.integration.helpers import run_all
 
 CHECKPOINT = "tiny-tied-gqa2-d64"
 
@@ -25,16 +26,6 @@ def pair() -> ModelPair:
 def new_engine(pair: ModelPair, num_blocks: int | None = None, **config) -> Engine:
     config.setdefault("debug_checks", True)
     return Engine(pair.runner, Tokenizer.from_pretrained(pair.path), EngineConfig(**config), num_blocks=num_blocks)
-
-
-def run_all(engine: Engine) -> dict[str, RequestOutput]:
-    finished: dict[str, RequestOutput] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                finished[out.request_id] = out
-        engine.check_blocks()  # the bookkeeping holds after every step, not just at the end
-    return finished
 
 
 def prompts(rng: np.random.Generator, count: int, low: int = 4, high: int = 70) -> list[list[int]]:

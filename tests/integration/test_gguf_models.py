@@ -16,11 +16,11 @@ import pytest
 
 from mili.engine.config import EngineConfig
 from mili.engine.engine import Engine
-from mili.engine.outputs import RequestOutput
 from mili.engine.sampling_params import SamplingParams
 from mili.engine.speculative import SpeculativeConfig
 from mili.model_source import ModelSource
 from tests.integration.conftest import GGUF_FILES, ModelPair, model_pair
+from tests.integration.helpers import run_all
 from tests.servers import mili_serve
 
 GGUF_FILE = GGUF_FILES[0]  # Qwen3, untied: its embedding is packed apart from the head
@@ -39,16 +39,6 @@ def source(pair: ModelPair) -> ModelSource:
 
 def new_engine(pair: ModelPair, source: ModelSource, **config) -> Engine:
     return Engine(pair.runner, source.tokenizer(), EngineConfig(debug_checks=True, **config))
-
-
-def run_all(engine: Engine) -> dict[str, RequestOutput]:
-    finished: dict[str, RequestOutput] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                finished[out.request_id] = out
-        engine.check_blocks()
-    return finished
 
 
 def prompts(rng: np.random.Generator, count: int, low: int = 4, high: int = 70) -> list[list[int]]:

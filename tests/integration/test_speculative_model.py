@@ -20,6 +20,7 @@ from mili.engine.outputs import RequestOutput
 from mili.engine.sampling_params import SamplingParams
 from mili.engine.speculative import SpeculativeConfig
 from mili.tokenizer import Tokenizer
+from tests.integration import helpers
 
 CHECKPOINT = "tiny-tied-gqa4-d128"
 NUM_BLOCKS = 96
@@ -56,12 +57,7 @@ def make_engine(spec: SpeculativeConfig | None, proposer=None, num_blocks: int |
 def run_all(engine: Engine, requests: list[tuple[str, list[int], SamplingParams]]) -> dict[str, RequestOutput]:
     for request_id, prompt, params in requests:
         engine.add_request(request_id, prompt, params)
-    finished: dict[str, RequestOutput] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                finished[out.request_id] = out
-        engine.check_blocks()
+    finished = helpers.run_all(engine)
     engine.cache.clear()
     assert engine.pool.num_free == engine.pool.num_blocks, "KV blocks leaked"
     return finished
