@@ -20,12 +20,12 @@ from max.dtype import DType
 from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
 from mili.checkpoints import cached_checkpoint
-from mili.config import ModelConfig
 from mili.engine.config import EngineConfig
 from mili.engine.engine import Engine
 from mili.engine.model_runner import ModelRunner
 from mili.engine.sampling_params import SamplingParams
 from mili.model.packed_linear import WeightFormat, pack_weight
+from mili.model_source import ModelSource
 from mili.tokenizer import Tokenizer
 from tests.integration.conftest import BF16_CHECKPOINT, NUM_BLOCKS, BlockAllocator, ModelPair, model_pair
 from tests.integration.helpers import greedy_generate, relative_error, run_chunk
@@ -42,8 +42,7 @@ INT8_MAX_MEAN_KL = 1e-3
 
 
 def runner_for(name: str, dtype: DType, weights: WeightFormat) -> ModelRunner:
-    path = cached_checkpoint(name)
-    return ModelRunner(path, ModelConfig.from_pretrained(path), dtype=dtype, device="cpu", block_size=16,
+    return ModelRunner(ModelSource.open(cached_checkpoint(name)), dtype=dtype, device="cpu", block_size=16,
                        num_blocks=NUM_BLOCKS, weights=weights)
 
 

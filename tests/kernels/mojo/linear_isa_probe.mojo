@@ -3,13 +3,13 @@
 # product per path against a hand-computed value.
 from std.sys import argv
 from max.gpu.host import DeviceContext
-from mojo_kernels.linear_cpu import linear_bf16_cpu, linear_int8_cpu
+from mojo_kernels.linear_cpu import linear_bf16_cpu, linear_float_cpu, linear_int8_cpu
 from mojo_kernels.linear_layout import LinearShape, bf16_panel_stride, int8_padded_k
 
 
 def run_all(rows: Int) raises -> Float32:
     """Runs every path with x = 1 and W[n, k] = 1 for every k: each output is K (exact), whatever the path; returns the sum of the
-    first output of every path (5 * K when all agree)."""
+    first output of every path (8 * K when all agree)."""
     comptime K = 40
     comptime N = 20
     var ctx = DeviceContext(api="cpu")
@@ -19,6 +19,9 @@ def run_all(rows: Int) raises -> Float32:
     var w = List[BFloat16](length=2 * bf16_panel_stride(K), fill=1)
     var q = List[Int8](length=2 * int8_padded_k(K, 32) * 16, fill=1)
     var scales = List[Float16](length=2 * (int8_padded_k(K, 32) // 32) * 16, fill=1)
+    var scales32 = List[Float32](length=2 * (int8_padded_k(K, 32) // 32) * 16, fill=1)
+    var offsets = List[Float32](length=2 * (int8_padded_k(K, 32) // 32) * 16, fill=0)
+    var w16 = List[Float16](length=2 * K * 16, fill=1)
     var out32 = List[Float32](length=rows * N, fill=0)
     var out16 = List[BFloat16](length=rows * N, fill=0)
     var total: Float32 = 0
@@ -28,18 +31,27 @@ def run_all(rows: Int) raises -> Float32:
     total += Float32(out16[0])
     linear_bf16_cpu[DType.bfloat16, DType.float32](out32.unsafe_ptr(), x16.unsafe_ptr(), w.unsafe_ptr(), shape, ctx)
     total += out32[0]
-    linear_int8_cpu[DType.float32, DType.float32, 32](out32.unsafe_ptr(), x32.unsafe_ptr(), q.unsafe_ptr(),
-                                                      scales.unsafe_ptr(), shape, ctx)
+    linear_int8_cpu[DType.float32, DType.float32, 32, False](out32.unsafe_ptr(), x32.unsafe_ptr(), q.unsafe_ptr(),
+                                                             scales.unsafe_ptr(), offsets.unsafe_ptr(), shape, ctx)
     total += out32[0]
-    linear_int8_cpu[DType.bfloat16, DType.bfloat16, 32](out16.unsafe_ptr(), x16.unsafe_ptr(), q.unsafe_ptr(),
-                                                        scales.unsafe_ptr(), shape, ctx)
+    linear_int8_cpu[DType.bfloat16, DType.bfloat16, 32, False](out16.unsafe_ptr(), x16.unsafe_ptr(), q.unsafe_ptr(),
+                                                               scales.unsafe_ptr(), offsets.unsafe_ptr(), shape, ctx)
     total += Float32(out16[0])
+    # GGUF's layouts: exact decoding with float32 scales and offsets, and float16 k-major panels
+    linear_int8_cpu[DType.bfloat16, DType.float32, 32, True](out32.unsafe_ptr(), x16.unsafe_ptr(), q.unsafe_ptr(),
+                                                             scales32.unsafe_ptr(), offsets.unsafe_ptr(), shape, ctx)
+    total += out32[0]
+    linear_int8_cpu[DType.float32, DType.float32, 32, False](out32.unsafe_ptr(), x32.unsafe_ptr(), q.unsafe_ptr(),
+                                                             scales32.unsafe_ptr(), offsets.unsafe_ptr(), shape, ctx)
+    total += out32[0]
+    linear_float_cpu[DType.bfloat16, DType.float32](out32.unsafe_ptr(), x16.unsafe_ptr(), w16.unsafe_ptr(), shape, ctx)
+    total += out32[0]
     return total
 
 
 def main() raises:
     for rows in [1, 3, 40]:  # decode tiles, their row tail, the prefill path
         var total = run_all(rows)
-        if total != 5 * 40:
-            raise Error("rows=", rows, ": paths summed to ", total, ", expected 200")
+        if total != 8 * 40:
+            raise Error("rows=", rows, ": paths summed to ", total, ", expected 320")
     print("linear paths agree")
