@@ -15,6 +15,7 @@ so a bad file fails here, before anything is loaded or compiled.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -105,6 +106,11 @@ class ModelSource:
         return "float32" if matrix_types(self.gguf) == {"F32"} else "bfloat16"
 
     def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer, built on first use (a GGUF file's takes a second or two) and then shared."""
+        return self._tokenizer
+
+    @cached_property
+    def _tokenizer(self) -> Tokenizer:
         from mili.tokenizer import Tokenizer
 
         if self.tokenizer_dir is not None:

@@ -109,10 +109,15 @@ def gguf_tensor_formats(model: GGUFModel, config: ModelConfig) -> tuple[tuple[st
     return tuple(formats)
 
 
+def _shape(tensor: ReaderTensor) -> tuple[int, ...]:
+    """[rows, cols] (or [n]): GGUF stores dimensions fastest first, the reverse of numpy's order."""
+    return tuple(int(d) for d in reversed(tensor.shape))
+
+
 def _stored(tensor: ReaderTensor, dtype: type) -> np.ndarray:
-    """A float tensor's values as stored, [rows, cols] (or [n]): GGUFReader hands F32 / F16 over typed and BF16 as
-    bytes, so the bytes are viewed as `dtype` either way."""
-    return np.asarray(tensor.data).view(dtype).reshape(tuple(int(d) for d in reversed(tensor.shape)))
+    """A float tensor's values as stored: GGUFReader hands F32 / F16 over typed and BF16 as bytes, so the bytes are
+    viewed as `dtype` either way."""
+    return np.asarray(tensor.data).view(dtype).reshape(_shape(tensor))
 
 
 def _float32(tensor: ReaderTensor) -> np.ndarray:
@@ -123,13 +128,7 @@ def _float32(tensor: ReaderTensor) -> np.ndarray:
         return _stored(tensor, np.float16).astype(np.float32)
     if tensor.tensor_type == GGML.F32:
         return _stored(tensor, np.float32)
-    rows_cols = tuple(int(d) for d in reversed(tensor.shape))
-    return dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(rows_cols)
-
-
-def _matrix_size(tensor: ReaderTensor) -> tuple[int, int]:
-    cols, rows = (int(d) for d in tensor.shape)
-    return rows, cols
+    return dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(_shape(tensor))
 
 
 def pack_parts(parts: list[ReaderTensor], layout: PackedShape) -> PackedWeight:
@@ -142,10 +141,10 @@ def pack_parts(parts: list[ReaderTensor], layout: PackedShape) -> PackedWeight:
         else:
             values = np.concatenate([_float32(p) for p in parts])
         return pack_float(values, layout.format)
-    joined = join_rows([grouped_codes(p.tensor_type, np.asarray(p.data), *_matrix_size(p)) for p in parts])
+    joined = join_rows([grouped_codes(p.tensor_type, np.asarray(p.data), *_shape(p)) for p in parts])
     if joined.group != layout.group_size or (joined.offsets is not None) != layout.offsets:
-        raise AssertionError(f"{parts[0].name}: repacked as groups of {joined.group}, the layout says "
-                             f"{layout.group_size}")
+        raise AssertionError(f"{parts[0].name}: repacked as groups of {joined.group} (offsets: "
+                             f"{joined.offsets is not None}), the layout says {layout.group_size} ({layout.offsets})")
     return pack_grouped(joined.q, joined.scales, joined.offsets, joined.group, layout.scale_dtype)
 
 

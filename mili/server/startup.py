@@ -95,7 +95,7 @@ def open_model(model: str | None, tokenizer: str | None = None) -> tuple[ModelSo
         raise StartupError(str(exc)) from None
     except ValueError as exc:  # GGUFError, ConfigError: a file MILI cannot run
         raise StartupError(f"--model {model}: {exc}") from None
-    return source, (source.name if gguf and path.is_dir() else name)
+    return source, (source.name if gguf else name)
 
 
 def check_draft_model(draft: Path, target_vocab_size: int) -> None:
