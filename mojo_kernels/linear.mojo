@@ -13,6 +13,14 @@
 #   int8 with offsets (mili_linear_int8_offsets: GGUF's Q4_1, Q5_1, Q4_K, Q5_K):
 #         q and scales as above, offsets[panels, (Kg / G) * 16] float32 laid out as the scales;
 #         W[n, k] = q[n, k] * scale[n, k // G] + offset[n, k // G] (rounded after the multiply and after the add)
+#   int4 (mili_linear_int4, mili_linear_int4_offsets: GGUF's Q4_0, Q4_1, Q4_K; `--quantization int4`):
+#         codes[panels, Kg * 8] uint8, Kg = K rounded up to 32: per panel, a 64-byte block per 8 inputs in which
+#         channel j's four bytes (4j .. 4j + 3) hold codes k = 8b + i in their low nibbles and k = 8b + 4 + i in their
+#         high ones (i = 0..3): the lanes pmaddubsw / vpdpbusd dot with four activations;
+#         scales (and offsets) [panels, Kg / 32 * 16] float16 or float32, laid out as int8's;
+#         W[n, k] = (q[n, k] - 8) * scale[n, k // 32], or q[n, k] * scale + offset with offsets (q unsigned, 0..15).
+#         Activations are quantized to int8 per row per 32 inputs and the products summed in integers
+#         (linear_int4.mojo has the arithmetic; a row's result still depends on that row alone).
 #   float k-major (mili_linear_float: GGUF's F16 and F32 tensors, as stored)
 #         w[panels, K * 16] float16 or float32:  W[n, k] at ((n // 16) * K + k) * 16 + n % 16
 # Padding (k >= K, n >= N) is never read into an output.
@@ -44,9 +52,10 @@ from std.math import ceildiv
 from .convert import narrow, widen
 from .linear_layout import (
     PANEL, LinearShape, bf16_panel_stride, exact_int8_weights, int8_padded_k, packed_bf16_weight, packed_float_weight,
-    packed_int8_q, packed_int8_scale,
+    packed_int8_q, packed_int8_scale, INT4_GROUP, INT4_ZERO_POINT, int4_panel_bytes, packed_int4_code,
 )
 from .linear_cpu import linear_bf16_cpu, linear_int8_cpu, linear_float_cpu, kernel_family_code, exact_int8_arithmetic
+from .linear_int4 import linear_int4_cpu, int4_kernel_code
 
 comptime GPU_THREADS = 256
 
@@ -115,6 +124,43 @@ def linear_float_gpu_kernel[x_dtype: DType, out_dtype: DType, w_dtype: DType](
         var acc: Float32 = 0
         for k in range(Int(k_len)):
             acc = widen(x_ptr.unsafe_load(m * Int(k_len) + k)).fma(packed_float_weight(w_ptr, Int(k_len), n, k), acc)
+        out_ptr.unsafe_store(i, narrow[out_dtype](acc))
+        i += stride
+
+
+def linear_int4_gpu_kernel[x_dtype: DType, out_dtype: DType, scale_dtype: DType, OFFSETS: Bool](
+    out_ptr: Pointer[Scalar[out_dtype], MutAnyOrigin], x_ptr: Pointer[Scalar[x_dtype], ImmutAnyOrigin],
+    codes: Pointer[UInt8, ImmutAnyOrigin], scale_ptr: Pointer[Scalar[scale_dtype], ImmutAnyOrigin],
+    offset_ptr: Pointer[Scalar[scale_dtype], ImmutAnyOrigin], rows: Int32, k_len: Int32, n_len: Int32,
+):
+    """The CPU path's formula (linear_int4.mojo's header), each thread quantizing its row's groups itself."""
+    var total = Int(rows) * Int(n_len)
+    var i = Int(block_idx.x) * Int(block_dim.x) + Int(thread_idx.x)
+    var stride = Int(grid_dim.x) * Int(block_dim.x)
+    var k_total = Int(k_len)
+    var padded_k = int8_padded_k(k_total, INT4_GROUP)
+    while i < total:
+        var m = i // Int(n_len)
+        var n = i - m * Int(n_len)
+        var acc: Float32 = 0
+        for g in range(padded_k // INT4_GROUP):
+            var end = min(k_total, (g + 1) * INT4_GROUP)
+            var amax: Float32 = 0
+            var xsum: Float32 = 0
+            for k in range(g * INT4_GROUP, end):
+                var x = widen(x_ptr.unsafe_load(m * k_total + k))
+                amax = max(amax, abs(x))
+                xsum += x
+            var inverse = Float32(127) / amax if amax > 0 else Float32(0)
+            var isum = 0
+            for k in range(g * INT4_GROUP, end):
+                var xq = max(min(round(widen(x_ptr.unsafe_load(m * k_total + k)) * inverse), 127), -127)
+                isum += Int(xq) * Int(packed_int4_code(codes, k_total, n, k))
+            var scale = packed_int8_scale[INT4_GROUP](scale_ptr, padded_k, n, g)
+            var offset = scale * -Float32(INT4_ZERO_POINT)
+            comptime if OFFSETS:
+                offset = packed_int8_scale[INT4_GROUP](offset_ptr, padded_k, n, g)
+            acc = offset.fma(xsum, Float32(isum).fma(scale * (amax / 127), acc))
         out_ptr.unsafe_store(i, narrow[out_dtype](acc))
         i += stride
 
@@ -242,6 +288,78 @@ struct LinearInt8Offsets[group_size: Int]:
                                                    (offsets.dim_size(0), offsets.dim_size(1)), ctx)
 
 
+def linear_int4[OFFSETS: Bool, target: StaticString](
+    op: StaticString, output: OutputTensor[rank=2, ...], x: InputTensor[rank=2, ...],
+    codes: InputTensor[dtype=DType.uint8, rank=2, ...], scales: InputTensor[rank=2, ...],
+    offsets: InputTensor[rank=2, ...], ctx: DeviceContext,
+) raises:
+    """Both 4-bit ops; without OFFSETS `offsets` is a stand-in that is never read."""
+    check_scale_dtype(op, scales.dtype)
+    var shape = LinearShape(x.dim_size(0), x.dim_size(1), output.dim_size(1))
+    var groups = int8_padded_k(shape.k, INT4_GROUP) // INT4_GROUP
+    check_packed(op, shape.rows, output.dim_size(0), shape, codes.dim_size(0), codes.dim_size(1),
+                 int4_panel_bytes(shape.k))
+    check_packed(op, shape.rows, output.dim_size(0), shape, scales.dim_size(0), scales.dim_size(1), groups * PANEL)
+    comptime if OFFSETS:
+        if offsets.dtype != scales.dtype:
+            raise Error(op, ": offsets must have the scales' dtype ", scales.dtype, ", got ", offsets.dtype)
+        check_packed(op, shape.rows, output.dim_size(0), shape, offsets.dim_size(0), offsets.dim_size(1),
+                     groups * PANEL)
+    if shape.rows == 0 or shape.n == 0:
+        return
+    var offset_ptr = rebind[Pointer[Scalar[scales.dtype], ImmutAnyOrigin]](
+        offsets.unsafe_ptr().unsafe_bitcast[Scalar[scales.dtype]]())
+    comptime if target == "cpu":
+        linear_int4_cpu[x.dtype, output.dtype, OFFSETS](
+            output.unsafe_ptr(), x.unsafe_ptr(), codes.unsafe_ptr(), scales.unsafe_ptr(), offset_ptr, shape, ctx)
+    elif target == "gpu":
+        ctx.enqueue_function[linear_int4_gpu_kernel[x.dtype, output.dtype, scales.dtype, OFFSETS]](
+            output.unsafe_ptr(), x.unsafe_ptr(), codes.unsafe_ptr(), scales.unsafe_ptr(), offset_ptr,
+            Int32(shape.rows), Int32(shape.k), Int32(shape.n),
+            grid_dim=gpu_blocks(shape.rows * shape.n), block_dim=GPU_THREADS,
+        )
+    else:
+        raise Error(op, ": unsupported target ", target)
+
+
+@extensibility.register("mili_linear_int4")
+struct LinearInt4:
+    """Computes out [M, N] = x [M, K] @ W^T with W = (q - 8) * scale (GGUF's Q4_0): 4-bit codes in panels, one
+    float16 or float32 scale per channel per 32 inputs, activations quantized to int8 (linear_int4.mojo)."""
+
+    @staticmethod
+    def execute[
+        target: StaticString,
+    ](
+        output: OutputTensor[rank=2, ...],
+        x: InputTensor[rank=2, ...],
+        codes: InputTensor[dtype=DType.uint8, rank=2, ...],
+        scales: InputTensor[rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        linear_int4[False, target]("mili_linear_int4", output, x, codes, scales, scales, ctx)
+
+
+@extensibility.register("mili_linear_int4_offsets")
+struct LinearInt4Offsets:
+    """Computes out [M, N] = x [M, K] @ W^T with W = q * scale + offset (GGUF's Q4_1 and Q4_K, MILI's int4): 4-bit
+    codes in panels, a scale and an offset (both float16 or both float32) per channel per 32 inputs, activations
+    quantized to int8 (linear_int4.mojo)."""
+
+    @staticmethod
+    def execute[
+        target: StaticString,
+    ](
+        output: OutputTensor[rank=2, ...],
+        x: InputTensor[rank=2, ...],
+        codes: InputTensor[dtype=DType.uint8, rank=2, ...],
+        scales: InputTensor[rank=2, ...],
+        offsets: InputTensor[rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        linear_int4[True, target]("mili_linear_int4_offsets", output, x, codes, scales, offsets, ctx)
+
+
 @extensibility.register("mili_linear_float")
 struct LinearFloat:
     """Computes out [M, N] = x [M, K] @ W^T with W float16 or float32 in k-major panels (GGUF's F16 and F32
@@ -277,8 +395,9 @@ struct LinearFloat:
 
 @extensibility.register("mili_linear_kernel_family")
 struct LinearKernelFamily:
-    """[1] int32: which CPU micro-kernel mili_linear_bf16 runs for `x_dtype` activations here
-    (kernel_family_code). Lets tests check that the path this machine has is the one that ran."""
+    """[2] int32: which CPU micro-kernel mili_linear_bf16 runs for `x_dtype` activations here (kernel_family_code),
+    and which the 4-bit ops run (int4_kernel_code). Lets tests check that the path this machine has is the one
+    that ran."""
 
     @staticmethod
     def execute[
@@ -290,5 +409,6 @@ struct LinearKernelFamily:
     ) raises:
         comptime if target == "cpu":
             output.unsafe_ptr().unsafe_store(0, Int32(kernel_family_code[x.dtype]()))
+            output.unsafe_ptr().unsafe_store(1, Int32(int4_kernel_code()))
         else:
             raise Error("mili_linear_kernel_family: CPU only")

@@ -90,3 +90,39 @@ def packed_int8_offset_weight[S: DType, //, group: Int](
 def packed_float_weight[E: DType, //](w_ptr: Pointer[Scalar[E], ...], k_len: Int, n: Int, k: Int) -> Float32:
     """W[n, k] from the k-major float panel layout (float16 widened exactly)."""
     return w_ptr.unsafe_load(((n // PANEL) * k_len + k) * PANEL + n % PANEL).cast[DType.float32]()
+
+
+# --- The 4-bit layout (linear.mojo's header) ---------------------------------------------------------------
+
+comptime INT4_GROUP = 32  # inputs per scale, and per activation scale
+comptime INT4_ZERO_POINT = 8  # without stored offsets, W = (q - 8) * scale
+
+
+@always_inline
+def int4_panel_bytes(k: Int) -> Int:
+    """Bytes of one panel's codes: K rounded up to 32, two codes a byte, 16 channels."""
+    return int8_padded_k(k, INT4_GROUP) // 2 * PANEL
+
+
+@always_inline
+def packed_int4_code(codes: Pointer[UInt8, ...], k_len: Int, n: Int, k: Int) -> Float32:
+    """Q[n, k] (the unsigned 4-bit code) from the 4-bit panel layout."""
+    var at = (n // PANEL) * int4_panel_bytes(k_len) + (k // 8) * 4 * PANEL + (n % PANEL) * 4 + k % 4
+    var byte = codes.unsafe_load(at)
+    return ((byte >> 4) if k % 8 >= 4 else (byte & 0x0F)).cast[DType.float32]()
+
+
+@always_inline
+def packed_int4_weight[S: DType, //, OFFSETS: Bool](
+    codes: Pointer[UInt8, ...], scale_ptr: Pointer[Scalar[S], ...], offset_ptr: Pointer[Scalar[S], ...], k_len: Int,
+    n: Int, k: Int,
+) -> Float32:
+    """W[n, k] as gguf-py dequantizes it: (q - 8) * scale (one rounding), or q * scale + offset (two)."""
+    var padded_k = int8_padded_k(k_len, INT4_GROUP)
+    var q = packed_int4_code(codes, k_len, n, k)
+    var scale = packed_int8_scale[INT4_GROUP](scale_ptr, padded_k, n, k // INT4_GROUP)
+    comptime if OFFSETS:
+        return separately_rounded(SIMD[DType.float32, 1](q * scale))[0] + packed_int8_scale[INT4_GROUP](
+            offset_ptr, padded_k, n, k // INT4_GROUP)
+    else:
+        return (q - Float32(INT4_ZERO_POINT)) * scale

@@ -5,8 +5,10 @@
 # mili_packed_embedding_int8:          ids [T] int32, q, scales (linear.mojo, group G)           -> out [T, hidden]
 # mili_packed_embedding_int8_offsets:  ids [T] int32, q, scales, offsets (linear.mojo, group G)  -> out [T, hidden]
 # mili_packed_embedding_float:         ids [T] int32, w [panels, K * 16] float16 / float32       -> out [T, hidden]
+# mili_packed_embedding_int4:          ids [T] int32, codes, scales (linear.mojo's 4-bit layout)  -> out [T, hidden]
+# mili_packed_embedding_int4_offsets:  ids [T] int32, codes, scales, offsets                      -> out [T, hidden]
 # out[t, k] = W[ids[t], k] rounded to out's dtype (exact for bf16 -> float32 / bfloat16; int8 rows are
-# q * scale (+ offset) in float32, then rounded). An id outside the packed rows [0, panels * 16) is an error (ids in
+# q * scale (+ offset) in float32, then rounded; 4-bit rows (q - 8) * scale or q * scale + offset). An id outside the packed rows [0, panels * 16) is an error (ids in
 # [vocab, panels * 16) read the zero padding; mili's ModelRunner refuses ids >= vocab before they get here).
 # CPU: tokens split across cores when there are enough of them. GPU: one thread per output element.
 import extensibility
@@ -18,7 +20,7 @@ from .convert import narrow
 from .linear import GPU_THREADS, gpu_blocks
 from .linear_layout import (
     PANEL, packed_bf16_weight, packed_float_weight, packed_int8_offset_weight, packed_int8_weight, int8_padded_k,
-    bf16_panel_stride,
+    bf16_panel_stride, INT4_GROUP, int4_panel_bytes, packed_int4_weight,
 )
 
 
@@ -99,6 +101,21 @@ def embedding_float_gpu_kernel[out_dtype: DType, w_dtype: DType](
     while i < Int(tokens) * Int(hidden):
         gpu_position(hidden, t, k, i)
         out_ptr.unsafe_store(i, narrow[out_dtype](packed_float_weight(w_ptr, Int(hidden), Int(ids.unsafe_load(t)), k)))
+        i += Int(grid_dim.x) * Int(block_dim.x)
+
+
+def embedding_int4_gpu_kernel[out_dtype: DType, scale_dtype: DType, OFFSETS: Bool](
+    out_ptr: Pointer[Scalar[out_dtype], MutAnyOrigin], ids: Pointer[Int32, ImmutAnyOrigin],
+    codes: Pointer[UInt8, ImmutAnyOrigin], scale_ptr: Pointer[Scalar[scale_dtype], ImmutAnyOrigin],
+    offset_ptr: Pointer[Scalar[scale_dtype], ImmutAnyOrigin], tokens: Int32, hidden: Int32,
+):
+    var i = Int(block_idx.x) * Int(block_dim.x) + Int(thread_idx.x)
+    var t = 0
+    var k = 0
+    while i < Int(tokens) * Int(hidden):
+        gpu_position(hidden, t, k, i)
+        var w = packed_int4_weight[OFFSETS](codes, scale_ptr, offset_ptr, Int(hidden), Int(ids.unsafe_load(t)), k)
+        out_ptr.unsafe_store(i, narrow[out_dtype](w))
         i += Int(grid_dim.x) * Int(block_dim.x)
 
 
@@ -251,3 +268,76 @@ struct PackedEmbeddingFloat:
             )
         else:
             raise Error(op, ": unsupported target ", target)
+
+
+def embedding_int4[OFFSETS: Bool, target: StaticString](
+    op: StaticString, output: OutputTensor[rank=2, ...], ids: InputTensor[dtype=DType.int32, rank=1, ...],
+    codes: InputTensor[dtype=DType.uint8, rank=2, ...], scales: InputTensor[rank=2, ...],
+    offsets: InputTensor[rank=2, ...], ctx: DeviceContext,
+) raises:
+    """Both 4-bit embeddings; without OFFSETS `offsets` is a stand-in that is never read."""
+    if scales.dtype != DType.float16 and scales.dtype != DType.float32:
+        raise Error(op, ": scales must be float16 or float32, got ", scales.dtype)
+    comptime if OFFSETS:
+        if offsets.dtype != scales.dtype or offsets.dim_size(0) != scales.dim_size(0) or \
+                offsets.dim_size(1) != scales.dim_size(1):
+            raise Error(op, ": offsets must have the scales' dtype and shape")
+    var tokens = ids.dim_size(0)
+    var hidden = output.dim_size(1)
+    check_columns(op, codes.dim_size(1), int4_panel_bytes(hidden), hidden)
+    check_columns(op, scales.dim_size(1), int8_padded_k(hidden, INT4_GROUP) // INT4_GROUP * PANEL, hidden)
+    if tokens == 0:
+        return
+    var offset_ptr = rebind[Pointer[Scalar[scales.dtype], ImmutAnyOrigin]](
+        offsets.unsafe_ptr().unsafe_bitcast[Scalar[scales.dtype]]())
+    comptime if target == "cpu":
+        var code_ptr = codes.unsafe_ptr()
+        var scale_ptr = rebind[Pointer[Scalar[scales.dtype], ImmutAnyOrigin]](scales.unsafe_ptr())
+
+        def weight(n: Int, k: Int) {imm code_ptr, imm scale_ptr, imm offset_ptr, imm hidden} -> Float32:
+            return packed_int4_weight[OFFSETS](code_ptr, scale_ptr, offset_ptr, hidden, n, k)
+
+        embedding_rows_cpu(op, output.unsafe_ptr(), ids.unsafe_ptr(), tokens, hidden, codes.dim_size(0) * PANEL,
+                           weight, ctx)
+    elif target == "gpu":
+        ctx.enqueue_function[embedding_int4_gpu_kernel[output.dtype, scales.dtype, OFFSETS]](
+            output.unsafe_ptr(), ids.unsafe_ptr(), codes.unsafe_ptr(), scales.unsafe_ptr(), offset_ptr,
+            Int32(tokens), Int32(hidden), grid_dim=gpu_blocks(tokens * hidden), block_dim=GPU_THREADS,
+        )
+    else:
+        raise Error(op, ": unsupported target ", target)
+
+
+@extensibility.register("mili_packed_embedding_int4")
+struct PackedEmbeddingInt4:
+    """Rows `ids` of a 4-bit [vocab, hidden] weight with zero point 8: (q - 8) * scale."""
+
+    @staticmethod
+    def execute[
+        target: StaticString,
+    ](
+        output: OutputTensor[rank=2, ...],
+        ids: InputTensor[dtype=DType.int32, rank=1, ...],
+        codes: InputTensor[dtype=DType.uint8, rank=2, ...],
+        scales: InputTensor[rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        embedding_int4[False, target]("mili_packed_embedding_int4", output, ids, codes, scales, scales, ctx)
+
+
+@extensibility.register("mili_packed_embedding_int4_offsets")
+struct PackedEmbeddingInt4Offsets:
+    """Rows `ids` of a 4-bit [vocab, hidden] weight with offsets: q * scale + offset."""
+
+    @staticmethod
+    def execute[
+        target: StaticString,
+    ](
+        output: OutputTensor[rank=2, ...],
+        ids: InputTensor[dtype=DType.int32, rank=1, ...],
+        codes: InputTensor[dtype=DType.uint8, rank=2, ...],
+        scales: InputTensor[rank=2, ...],
+        offsets: InputTensor[rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        embedding_int4[True, target]("mili_packed_embedding_int4_offsets", output, ids, codes, scales, offsets, ctx)

@@ -11,6 +11,11 @@ The layouts are the contract with mojo_kernels/linear.mojo (its header has the i
   a panel), scales [panels, Kg / group_size * 16] float16 or float32; `--quantization int8` makes symmetric ones
   (q in [-127, 127], float16 scales). GGUF's quantized types repack into it exactly (mili/gguf/repack.py), those
   with a minimum (Q4_1, Q5_1, Q4_K, Q5_K) with float32 offsets beside the scales: W = q * scale + offset;
+- int4: 4-bit codes two to a byte, [panels, Kg * 8] uint8 (Kg: K rounded up to 32), in 64-byte blocks of 8 inputs
+  x 16 channels (channel j's bytes 4j..4j+3 hold inputs i and i + 4 of the block in their low and high nibbles),
+  with a float16 or float32 scale per channel per 32 inputs and either offsets beside them (W = q * scale +
+  offset, q 0..15: GGUF's Q4_1 and Q4_K, `--quantization int4`) or zero point 8 (W = (q - 8) * scale: Q4_0);
+  the op quantizes activations to int8 per row per 32 inputs (mojo_kernels/linear_int4.mojo);
 - float16 / float32: k-major panels of the values themselves, [panels, K * 16] (GGUF's F16 and F32 tensors).
 Padding (channels past N, inputs past K) is zero. numpy has no bfloat16, so bf16 data travels as uint16 bits.
 """
@@ -29,6 +34,9 @@ from mili.dtypes import bf16_bits_to_f32, f32_to_bf16_bits
 
 PANEL = 16
 DEFAULT_GROUP_SIZE = 32  # a GGUF Q8_0 block: 32 weights, one float16 scale
+INT4_GROUP = 32  # the 4-bit layout's inputs per scale (and the op's activation group)
+INT4_ZERO_POINT = 8  # 4-bit codes without offsets: W = (q - 8) * scale
+INT4_MAX = 15
 INT8_MAX = 127
 _PACK_CHUNK_CHANNELS = 8192  # pack this many output channels at a time, so temporaries stay small
 
@@ -39,6 +47,7 @@ class WeightFormat(enum.Enum):
     DENSE = "dense"  # the run dtype, [out, in] or [in, out], through MAX's ops.matmul
     BF16 = "bf16"  # bf16 panels, MILI's linear op
     INT8 = "int8"  # int8 weight-only with group scales (and offsets), MILI's linear op
+    INT4 = "int4"  # 4-bit codes with group scales and offsets (or zero point 8), MILI's linear op
     FLOAT16 = "float16"  # float16 k-major panels, MILI's linear op (GGUF F16 tensors)
     FLOAT32 = "float32"  # float32 k-major panels, MILI's linear op (GGUF F32 tensors)
     GGUF = "gguf"  # a model's format only: each tensor as its GGUF file stores it (one of the above)
@@ -69,8 +78,12 @@ class PackedShape:
     out_features: int
     in_features: int
     group_size: int = DEFAULT_GROUP_SIZE
-    scale_dtype: DType = DType.float16  # int8: the scales' dtype (float16 or float32)
-    offsets: bool = False  # int8: W = q * scale + offset
+    scale_dtype: DType = DType.float16  # int8 / int4: the scales' (and int4 offsets') dtype: float16 or float32
+    offsets: bool = False  # int8 / int4: W = q * scale + offset (int4 without: W = (q - 8) * scale)
+
+    def __post_init__(self) -> None:
+        if self.format is WeightFormat.INT4 and self.group_size != INT4_GROUP:
+            raise ValueError(f"4-bit weights are in groups of {INT4_GROUP}, not {self.group_size}")
 
     def arrays(self) -> list[tuple[str, DType, tuple[int, int]]]:
         p, k = panels(self.out_features), self.in_features
@@ -81,6 +94,11 @@ class PackedShape:
             groups = (p, kg // self.group_size * PANEL)
             offsets = [(".offsets", DType.float32, groups)] if self.offsets else []
             return [(".q", DType.int8, (p, kg * PANEL)), (".scales", self.scale_dtype, groups), *offsets]
+        if self.format is WeightFormat.INT4:
+            kg = padded_k(k, INT4_GROUP)
+            groups = (p, kg // INT4_GROUP * PANEL)
+            offsets = [(".offsets", self.scale_dtype, groups)] if self.offsets else []
+            return [(".codes", DType.uint8, (p, kg // 2 * PANEL)), (".scales", self.scale_dtype, groups), *offsets]
         if self.format in (WeightFormat.FLOAT16, WeightFormat.FLOAT32):
             return [("", self.format.float_dtype, (p, k * PANEL))]
         raise ValueError(f"{self.format.value} weights are not packed tensors")
@@ -219,6 +237,9 @@ class PackedWeight:
             q, scales, *offsets = self.arrays
             return dequantize_int8(q, scales, s.out_features, s.in_features, s.group_size,
                                    offsets[0] if offsets else None)
+        if s.format is WeightFormat.INT4:
+            codes, scales, *offsets = self.arrays
+            return dequantize_int4(codes, scales, offsets[0] if offsets else None, s.out_features, s.in_features)
         return unpack_k_major(self.arrays[0], s.out_features, s.in_features).astype(np.float32)
 
 
@@ -230,6 +251,8 @@ def pack_weight(weight: np.ndarray, fmt: WeightFormat, group_size: int = DEFAULT
     as_f32 = bf16_bits_to_f32(weight) if weight.dtype == np.uint16 else weight
     if fmt is WeightFormat.INT8:
         return PackedWeight(shape, quantize_int8(as_f32, group_size))
+    if fmt is WeightFormat.INT4:
+        return quantize_int4(as_f32)
     if fmt in (WeightFormat.FLOAT16, WeightFormat.FLOAT32):
         return pack_float(as_f32.astype(fmt.float_dtype.to_numpy()), fmt)
     raise ValueError(f"{fmt.value} weights are not packed by pack_weight")
@@ -255,6 +278,103 @@ def pack_grouped(q: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, 
     return PackedWeight(shape, tuple(arrays))
 
 
+def _float16_at_most(values: np.ndarray) -> np.ndarray:
+    """float16 values rounded down, never up (the int4 offsets: then no weight lies below its group's offset)."""
+    rounded = values.astype(np.float16)
+    high = rounded.astype(np.float32) > values
+    rounded[high] = np.nextafter(rounded[high], np.float16(-np.inf))
+    return rounded
+
+
+def pack_int4_codes(codes: np.ndarray) -> np.ndarray:
+    """[N, K] uint8 codes 0..15 -> [panels, Kg * 8] uint8 (Kg = K rounded up to 32; padding codes are 0): per panel,
+    per block of 8 inputs, channel j's bytes 4j + i = code(k = 8b + i) | code(k = 8b + 4 + i) << 4."""
+    n, k = codes.shape
+    kg = padded_k(k, INT4_GROUP)
+    out = np.empty((panels(n), kg // 2 * PANEL), np.uint8)
+    for start in range(0, n, _PACK_CHUNK_CHANNELS):
+        chunk = np.asarray(codes[start:start + _PACK_CHUNK_CHANNELS], np.uint8)
+        p = panels(len(chunk))
+        halves = _padded(chunk, p * PANEL, kg).reshape(p, PANEL, kg // 8, 2, 4)
+        packed = halves[:, :, :, 0, :] | (halves[:, :, :, 1, :] << 4)
+        out[start // PANEL:start // PANEL + p] = packed.transpose(0, 2, 1, 3).reshape(p, kg // 2 * PANEL)
+    return out
+
+
+def unpack_int4_codes(packed: np.ndarray, out_features: int, in_features: int) -> np.ndarray:
+    """The [N, K] uint8 codes pack_int4_codes packed."""
+    p = packed.shape[0]
+    kg = packed.shape[1] * 2 // PANEL
+    blocks = packed.reshape(p, kg // 8, PANEL, 4).transpose(0, 2, 1, 3)
+    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=3).reshape(p * PANEL, kg)
+    return np.ascontiguousarray(codes[:out_features, :in_features])
+
+
+def dequantize_int4(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, out_features: int,
+                    in_features: int) -> np.ndarray:
+    """The float32 [N, K] matrix a 4-bit weight holds: (q - 8) * scale, or q * scale + offset (each step rounded
+    to float32, as gguf-py dequantizes Q4_0 / Q4_1 / Q4_K)."""
+    q = unpack_int4_codes(codes, out_features, in_features).astype(np.float32)
+    groups = -(-in_features // INT4_GROUP)
+
+    def per_weight(values: np.ndarray) -> np.ndarray:
+        grouped = unpack_k_major(values, out_features, groups).astype(np.float32)
+        return np.repeat(grouped, INT4_GROUP, axis=1)[:, :in_features]
+
+    if offsets is None:
+        return (q - INT4_ZERO_POINT) * per_weight(scales)
+    return q * per_weight(scales) + per_weight(offsets)
+
+
+def pack_int4(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None,
+              scale_dtype: DType = DType.float16) -> PackedWeight:
+    """4-bit codes [N, K] (0..15) with per-32-input scales [N, ceil(K / 32)] and offsets (None: zero point 8)
+    -> the 4-bit layout, values unchanged: scales and offsets must be exact in `scale_dtype`."""
+    n, k = codes.shape
+    groups = -(-k // INT4_GROUP)
+    if scales.shape != (n, groups) or (offsets is not None and offsets.shape != scales.shape):
+        raise ValueError(f"codes [{n}, {k}] need scales (and offsets) of shape [{n}, {groups}], "
+                         f"got {list(scales.shape)}")
+    if codes.size and int(codes.max()) > INT4_MAX:
+        raise ValueError(f"4-bit codes must be 0..{INT4_MAX}, got {int(codes.max())}")
+    numpy_dtype = scale_dtype.to_numpy()
+    stored = []
+    for name, values in (("scales", scales), ("offsets", offsets)):
+        if values is None:
+            continue
+        cast = values.astype(numpy_dtype)
+        if not np.array_equal(cast.astype(np.float32), values.astype(np.float32)):
+            raise ValueError(f"{name} are not exact in {scale_dtype}")
+        stored.append(pack_k_major(cast))
+    shape = PackedShape(WeightFormat.INT4, n, k, INT4_GROUP, scale_dtype, offsets is not None)
+    return PackedWeight(shape, (pack_int4_codes(codes), *stored))
+
+
+def quantize_int4(weight: np.ndarray) -> PackedWeight:
+    """[N, K] float32 -> `--quantization int4`: per (channel, 32 inputs), offset = the group's minimum rounded
+    down to a float16, scale = (maximum - offset) / 15 rounded up to a float16, q = rint((w - offset) / scale)
+    in 0..15; W = q * scale + offset (5.0 bits a weight: 4-bit codes, two float16 per 32)."""
+    n, k = weight.shape
+    groups = -(-k // INT4_GROUP)
+    codes = np.empty((n, k), np.uint8)
+    scales = np.empty((n, groups), np.float16)
+    offsets = np.empty((n, groups), np.float16)
+    for start in range(0, n, _PACK_CHUNK_CHANNELS):
+        chunk = np.asarray(weight[start:start + _PACK_CHUNK_CHANNELS], np.float32)
+        rows = len(chunk)
+        # padding repeats each row's last value, so it neither widens a group's range nor is ever read
+        w = np.pad(chunk, ((0, 0), (0, groups * INT4_GROUP - k)), mode="edge").reshape(rows, groups, INT4_GROUP)
+        low = _float16_at_most(w.min(axis=2))
+        scale = _float16_at_least((w.max(axis=2) - low.astype(np.float32)) / INT4_MAX)
+        exact = scale.astype(np.float32)[:, :, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.where(exact > 0, np.rint((w - low.astype(np.float32)[:, :, None]) / exact), 0)
+        codes[start:start + rows] = np.clip(q, 0, INT4_MAX).astype(np.uint8).reshape(rows, -1)[:, :k]
+        scales[start:start + rows] = scale
+        offsets[start:start + rows] = low
+    return pack_int4(codes, scales, offsets, DType.float16)
+
+
 def pack_float(weight: np.ndarray, fmt: WeightFormat) -> PackedWeight:
     """A [N, K] float16 / float32 weight -> k-major panels of the same values (float16 input stays float16)."""
     dtype = fmt.float_dtype.to_numpy()
@@ -273,6 +393,8 @@ def _op_name(kind: str, shape: PackedShape) -> tuple[str, dict[str, int]]:
         return f"mili_{kind}_bf16", {}
     if fmt is WeightFormat.INT8:
         return f"mili_{kind}_int8" + ("_offsets" if shape.offsets else ""), {"group_size": shape.group_size}
+    if fmt is WeightFormat.INT4:
+        return f"mili_{kind}_int4" + ("_offsets" if shape.offsets else ""), {}
     if fmt in (WeightFormat.FLOAT16, WeightFormat.FLOAT32):
         return f"mili_{kind}_float", {}
     raise ValueError(f"{fmt.value} weights are not packed tensors")
@@ -297,6 +419,7 @@ def embedding(ids: TensorValue, weight: list[TensorValue], shape: PackedShape, h
 
 
 def kernel_family(x: TensorValue) -> TensorValue:
-    """[1] int32: which CPU micro-kernel mili_linear_bf16 uses for x's dtype (simd width * 10 + 1 if vdpbf16ps)."""
+    """[2] int32: which CPU micro-kernel mili_linear_bf16 uses for x's dtype (simd width * 10 + 1 if vdpbf16ps),
+    and which the 4-bit ops use (simd width * 10 + 0 generic, 1 pmaddubsw, 2 vpdpbusd)."""
     return ops.custom("mili_linear_kernel_family", x.device, [x],
-                      out_types=[TensorType(DType.int32, [1], x.device)])[0].tensor
+                      out_types=[TensorType(DType.int32, [2], x.device)])[0].tensor

@@ -130,6 +130,8 @@ def layout(fmt: WeightFormat, group_size: int = DEFAULT_GROUP_SIZE, scale_dtype:
 
 
 def layout_name(shape: PackedShape) -> str:
+    if shape.format is WeightFormat.INT4:
+        return f"int4/{shape.scale_dtype.name}" + ("+offsets" if shape.offsets else "+zero point")
     if shape.format is not WeightFormat.INT8:
         return shape.format.value
     return f"int8/g{shape.group_size}/{shape.scale_dtype.name}" + ("+offsets" if shape.offsets else "")
@@ -138,6 +140,9 @@ def layout_name(shape: PackedShape) -> str:
 Q6_K_LIKE = layout(WeightFormat.INT8, 16, DType.float32)  # GGUF Q6_K: 16-weight groups, float32 scales
 Q4_K_LIKE = layout(WeightFormat.INT8, 32, DType.float32, offsets=True)  # Q4_K / Q5_K
 Q4_1_LIKE = layout(WeightFormat.INT8, 32, DType.float16, offsets=True)  # Q4_1 / Q5_1
+INT4_Q4_0 = layout(WeightFormat.INT4, 32, DType.float16)  # GGUF Q4_0: zero point 8
+INT4_Q4_K = layout(WeightFormat.INT4, 32, DType.float32, offsets=True)  # GGUF Q4_K
+INT4_OFFSETS = layout(WeightFormat.INT4, 32, DType.float16, offsets=True)  # --quantization int4, GGUF Q4_1
 LINEAR_CASES = (
     LinearCase(layout(WeightFormat.BF16), DType.float32, DType.float32),
     LinearCase(layout(WeightFormat.BF16), DType.bfloat16, DType.bfloat16),
@@ -151,6 +156,11 @@ LINEAR_CASES = (
     LinearCase(Q4_K_LIKE, DType.float32, DType.float32),
     LinearCase(Q4_K_LIKE, DType.bfloat16, DType.bfloat16),
     LinearCase(Q4_1_LIKE, DType.float32, DType.float32),
+    LinearCase(INT4_Q4_0, DType.bfloat16, DType.float32),
+    LinearCase(INT4_Q4_0, DType.float32, DType.float32),
+    LinearCase(INT4_Q4_K, DType.bfloat16, DType.bfloat16),
+    LinearCase(INT4_OFFSETS, DType.bfloat16, DType.bfloat16),
+    LinearCase(INT4_OFFSETS, DType.float32, DType.float32),
     LinearCase(layout(WeightFormat.FLOAT16), DType.float32, DType.float32),
     LinearCase(layout(WeightFormat.FLOAT16), DType.bfloat16, DType.bfloat16),
     LinearCase(layout(WeightFormat.FLOAT32), DType.bfloat16, DType.float32),
@@ -158,6 +168,7 @@ LINEAR_CASES = (
 # (weight layout, output dtype) of the packed-embedding cases
 EMBEDDING_CASES = ((layout(WeightFormat.BF16), DType.bfloat16), (layout(WeightFormat.INT8), DType.float32),
                    (Q6_K_LIKE, DType.bfloat16), (Q4_K_LIKE, DType.float32), (Q4_1_LIKE, DType.bfloat16),
+                   (INT4_Q4_0, DType.float32), (INT4_Q4_K, DType.float32), (INT4_OFFSETS, DType.bfloat16),
                    (layout(WeightFormat.FLOAT16), DType.float32), (layout(WeightFormat.FLOAT32), DType.bfloat16))
 
 

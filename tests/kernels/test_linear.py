@@ -22,7 +22,8 @@ from max.dtype import DType
 
 from mili.dtypes import numpy_to_buffer, to_numpy_f32
 from mili.gguf.weights import pack_parts, tensor_layout
-from mili.model.packed_linear import PackedShape, PackedWeight, WeightFormat, pack_grouped, pack_weight
+from mili.model.packed_linear import (PackedShape, PackedWeight, WeightFormat, pack_grouped, pack_int4, pack_weight,
+                                     unpack_int4_codes, unpack_k_major)
 from tests.kernels import reference as ref
 from tests.gguf_blocks import random_blocks
 from tests.kernels.graphs import (DTYPES, EMBEDDING_CASES, LINEAR_CASES, Q4_1_LIKE, Q4_K_LIKE, Q6_K_LIKE, layout,
@@ -56,6 +57,57 @@ def grouped_weight(w: np.ndarray, shape: PackedShape) -> PackedWeight:
     return pack_grouped(q, scales, None if offsets is None else offsets.astype(np.float32), g, shape.scale_dtype)
 
 
+def int4_weight(w: np.ndarray, shape: PackedShape) -> PackedWeight:
+    """W in a GGUF-like 4-bit layout, quantised here (not by MILI's code): with offsets, codes 0..15 from each
+    group's minimum (as Q4_1 / Q4_K) with float32 scales and offsets; else codes q - 8 in -8..7 (as Q4_0)."""
+    n, k = w.shape
+    groups = np.pad(w, ((0, 0), (0, -k % 32))).reshape(n, -1, 32)
+    if shape.offsets:
+        offsets = groups.min(axis=2).astype(np.float32)
+        scales = ((groups.max(axis=2) - offsets) / 15).astype(np.float32)
+        centred, bias = groups - offsets[:, :, None], 0
+    else:
+        offsets = None
+        scales = (np.abs(groups).max(axis=2) / 8).astype(np.float16).astype(np.float32)
+        centred, bias = groups, 8
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(scales[:, :, None] > 0, np.rint(centred / scales[:, :, None]), 0) + bias
+    codes = np.clip(q, 0, 15).astype(np.uint8).reshape(n, -1)[:, :k]
+    return pack_int4(codes, scales, offsets, shape.scale_dtype)
+
+
+def int4_parts(packed: PackedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes [N, K], scales [N, G], offsets [N, G]) of a 4-bit weight, float64; zero point 8 as offset -8 * scale."""
+    s = packed.shape
+    groups = -(-s.in_features // 32)
+    codes = unpack_int4_codes(packed.arrays[0], s.out_features, s.in_features).astype(np.float64)
+    scales = unpack_k_major(packed.arrays[1], s.out_features, groups).astype(np.float64)
+    if s.offsets:
+        return codes, scales, unpack_k_major(packed.arrays[2], s.out_features, groups).astype(np.float64)
+    return codes, scales, -8 * scales
+
+
+def check_int4_case(case, got: np.ndarray, x: np.ndarray, packed: PackedWeight) -> None:
+    """The 4-bit op against its definition (int8 activations per 32 inputs, tests/kernels/reference.py) in float64,
+    within float32 rounding of the group folds; and against the unquantized product within the activations'
+    rounding (half a step of each group's scale per input)."""
+    x32 = ref.as_dtype(x, case.x_dtype)
+    codes, scales, offsets = int4_parts(packed)
+    expected, magnitude = ref.int4_linear(x32, codes, scales, offsets)
+    groups = scales.shape[1]
+    bound = 1.01 * (2 * groups + 8) * FLOAT32_UNIT * magnitude
+    bound = bound + (BFLOAT16_UNIT if case.out_dtype == DType.bfloat16 else FLOAT32_UNIT) * (np.abs(expected) + bound)
+    error = np.abs(got - expected)
+    worst = np.unravel_index(np.argmax(error - bound), error.shape) if error.size else None
+    assert np.all(error <= bound), f"{case.name}: error {error[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
+    _, xs, _ = ref.quantize_activations(x32)
+    step = np.repeat(xs / 2, 32, axis=1)[:, :x.shape[1]]  # [M, K]: each input's rounding bound
+    weight_scale = np.abs(codes * np.repeat(scales, 32, axis=1)[:, :x.shape[1]])  # |q * scale|, [N, K]
+    dense = packed.dense().astype(np.float64)
+    unquantized_bound = step @ weight_scale.T + bound + 1e-6 * (np.abs(x32) @ np.abs(dense).T)
+    assert np.all(np.abs(got - x32.astype(np.float64) @ dense.T) <= unquantized_bound), case.name
+
+
 def packed_weights(rng: np.random.Generator, n: int, k: int) -> dict[PackedShape, PackedWeight]:
     """One random [n, k] weight (channels of different magnitudes, a few exact zeros) in every packed layout."""
     w = rng.standard_normal((n, k)) * np.exp(rng.uniform(-4, 1, size=(n, 1)))
@@ -66,6 +118,8 @@ def packed_weights(rng: np.random.Generator, n: int, k: int) -> dict[PackedShape
         symmetric_int8 = shape == PackedShape(WeightFormat.INT8, 1, 1, shape.group_size)
         if shape.format is WeightFormat.INT8 and not symmetric_int8:
             out[shape] = grouped_weight(w, shape)
+        elif shape.format is WeightFormat.INT4 and (shape.scale_dtype == DType.float32 or not shape.offsets):
+            out[shape] = int4_weight(w, shape)  # GGUF's Q4_K and Q4_0; float16 offsets: --quantization int4
         else:
             out[shape] = pack_weight(w, shape.format, shape.group_size)
     return out
@@ -110,8 +164,11 @@ def test_linear_and_embedding_match_float64(linear_model, m, k, n, rng):
     for case, got in zip(LINEAR_CASES, outputs, strict=False):
         x64 = ref.as_dtype(x, case.x_dtype).astype(np.float64)
         packed = weights[case.layout]
-        w64 = packed.dense().astype(np.float64)
         assert got.shape == (m, n), case.name
+        if case.layout.format is WeightFormat.INT4:
+            check_int4_case(case, got, x, packed)
+            continue
+        w64 = packed.dense().astype(np.float64)
         error = np.abs(got - x64 @ w64.T)
         bound = error_bound(x64, w64, case.out_dtype, chain_length(k, case.layout))
         worst = np.unravel_index(np.argmax(error - bound), error.shape) if error.size else None
@@ -167,6 +224,9 @@ def test_the_kernel_this_cpu_has_is_the_one_that_runs(linear_model, rng):
     got = {dtype: int(f[0]) for dtype, f in zip(DTYPES, families, strict=True)}
     print(f"kernel families: {got} (simd width {width}, avx512_bf16: {'avx512_bf16' in flags})")
     assert got == expected
+    # the 4-bit ops' integer dot product: vpdpbusd with AVX512_VNNI, else pmaddubsw (AVX2 / AVX-512BW)
+    dot = 2 if width == 16 and "avx512_vnni" in flags else (1 if {"avx2", "avx512bw"} & flags else 0)
+    assert {int(f[1]) for f in families} == {width * 10 + dot}, f"4-bit kernel {families[0][1]}, expected dot {dot}"
 
 
 # Each GGUF type, and the layout of the test graph it repacks into (mili/gguf/weights.py's tensor_layout).

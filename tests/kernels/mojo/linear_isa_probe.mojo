@@ -4,7 +4,8 @@
 from std.sys import argv
 from max.gpu.host import DeviceContext
 from mojo_kernels.linear_cpu import linear_bf16_cpu, linear_float_cpu, linear_int8_cpu
-from mojo_kernels.linear_layout import LinearShape, bf16_panel_stride, int8_padded_k
+from mojo_kernels.linear_int4 import linear_int4_cpu
+from mojo_kernels.linear_layout import LinearShape, bf16_panel_stride, int8_padded_k, int4_panel_bytes
 
 
 def run_all(rows: Int) raises -> Float32:
@@ -49,9 +50,36 @@ def run_all(rows: Int) raises -> Float32:
     return total
 
 
+def run_int4(rows: Int) raises -> Float32:
+    """Both 4-bit paths with x = 127 (activation scale 1, codes 127) and W = 1 (code 9 with zero point 8 and scale
+    1; code 1 with scale 1 and offset 0): each output is 127 * K (exact); returns the sum of their first outputs."""
+    comptime K = 40
+    comptime N = 20
+    var ctx = DeviceContext(api="cpu")
+    var shape = LinearShape(rows, K, N)
+    var x = List[BFloat16](length=rows * K, fill=127)
+    var groups = 2 * (int8_padded_k(K, 32) // 32) * 16
+    var nine = List[UInt8](length=2 * int4_panel_bytes(K), fill=0x99)
+    var one = List[UInt8](length=2 * int4_panel_bytes(K), fill=0x11)
+    var scales = List[Float16](length=groups, fill=1)
+    var offsets = List[Float16](length=groups, fill=0)
+    var out = List[Float32](length=rows * N, fill=0)
+    var total: Float32 = 0
+    linear_int4_cpu[DType.bfloat16, DType.float32, False](out.unsafe_ptr(), x.unsafe_ptr(), nine.unsafe_ptr(),
+                                                           scales.unsafe_ptr(), offsets.unsafe_ptr(), shape, ctx)
+    total += out[0] + out[rows * N - 1]
+    linear_int4_cpu[DType.bfloat16, DType.float32, True](out.unsafe_ptr(), x.unsafe_ptr(), one.unsafe_ptr(),
+                                                          scales.unsafe_ptr(), offsets.unsafe_ptr(), shape, ctx)
+    total += out[0] + out[rows * N - 1]
+    return total
+
+
 def main() raises:
     for rows in [1, 3, 40]:  # decode tiles, their row tail, the prefill path
         var total = run_all(rows)
         if total != 8 * 40:
             raise Error("rows=", rows, ": paths summed to ", total, ", expected 320")
+        var int4_total = run_int4(rows)
+        if int4_total != 4 * 127 * 40:
+            raise Error("rows=", rows, ": 4-bit paths summed to ", int4_total, ", expected ", 4 * 127 * 40)
     print("linear paths agree")

@@ -1,0 +1,284 @@
+# MILI's 4-bit linear layout on the CPU (linear.mojo's header has the layout): activations quantized per row to
+# int8 in groups of 32, products summed in integers, one float fold per group.
+#
+# Why 8-bit activations: a decode step streams every weight once, and at 4 bits a weight the float path
+# (widen a nibble, convert, FMA) costs ~3 vector instructions per weight per row, enough to leave a 2-core CPU
+# compute-bound below its read bandwidth. Integer dot products take 32 (AVX2) or 64 (AVX-512) codes per
+# instruction: pmaddubsw (unsigned codes x signed activations -> 16-bit pair sums), summed within a group in 16 bits
+# and widened once by pmaddwd; or vpdpbusd (AVX512_VNNI), which does both. llama.cpp quantizes activations the
+# same way (Q8_0 / Q8_K); here each group of 32 has its own activation scale and the offsets meet the float sums
+# of the activations, not the quantized ones.
+#
+# For row m, channel n and group g:
+#   xs[m, g] = max |x[m, k]| / 127 over the group's k (float32), xq[m, k] = roundeven(x[m, k] * (127 / max)),
+#   xsum[m, g] = sum of x[m, k] over the group (float32, a fixed tree order);
+#   isum = sum over the group of xq[m, k] * q[n, k]   (exact int32; q the unsigned 4-bit code 0..15)
+#   acc = fma(float(isum), scale[n, g] * xs[m, g], acc);  acc = fma(offset[n, g], xsum[m, g], acc)
+# where offset = -8 * scale without stored offsets (W = (q - 8) * scale, GGUF's Q4_0). Groups go in order and each
+# row's quantization is its own, so a row's output does not depend on the other rows of its batch.
+from max.gpu.host import DeviceContext
+from std.memory import bitcast, stack_allocation
+from std.sys import CompilationTarget, simd_width_of
+from std.sys.intrinsics import llvm_intrinsic
+from std.math import ceildiv
+from .cpu_parallel import parallel_ranges, tasks_for
+from .convert import narrow, widen
+from .linear_layout import PANEL, LinearShape, INT4_GROUP, INT4_ZERO_POINT, int8_padded_k, int4_panel_bytes
+from .linear_cpu import for_each_tile, store_tile, zero_tile, F32_WIDTH, VECTORS_PER_PANEL
+
+comptime I32_WIDTH = F32_WIDTH
+comptime CODE_BYTES = 4 * I32_WIDTH  # the codes of one vector's channels for one block of 8 inputs
+comptime BLOCK_BYTES = 4 * PANEL  # one block of 8 inputs of a panel: 16 channels x 4 bytes
+comptime BLOCKS_PER_GROUP = INT4_GROUP // 8
+
+
+# --- Which integer dot product this CPU has ----------------------------------------------------------------
+
+comptime DOT_GENERIC = 0  # int32 multiply-adds (any target)
+comptime DOT_MADDUBS = 1  # pmaddubsw + pmaddwd (AVX2, AVX-512BW)
+comptime DOT_VNNI = 2  # vpdpbusd (AVX512_VNNI)
+
+
+@always_inline
+def int4_dot_kind() -> Int:
+    comptime if I32_WIDTH == 16 and CompilationTarget._has_feature["avx512vnni"]():
+        return DOT_VNNI
+    elif I32_WIDTH == 16 and CompilationTarget._has_feature["avx512bw"]():
+        return DOT_MADDUBS
+    elif I32_WIDTH == 8 and CompilationTarget._has_feature["avx2"]():
+        return DOT_MADDUBS
+    else:
+        return DOT_GENERIC
+
+
+def int4_kernel_code() -> Int:
+    """What the 4-bit op compiles to here, for tests and logs: I32_WIDTH * 10 + the dot kind."""
+    return I32_WIDTH * 10 + int4_dot_kind()
+
+
+@always_inline
+def tile_rows_int4() -> Int:
+    """Most rows per call: 4 on AVX2 (4 rows x 2 vectors of 16-bit sums, 4 unpacked code vectors and two
+    broadcasts in 16 registers), 8 on AVX-512."""
+    return 8 if I32_WIDTH >= 16 else 4
+
+
+@always_inline
+def pair_sums(codes: SIMD[DType.uint8, CODE_BYTES], x: SIMD[DType.int8, CODE_BYTES]) -> SIMD[DType.int16, 2 * I32_WIDTH]:
+    """Pmaddubsw: lane i = codes[2i] * x[2i] + codes[2i + 1] * x[2i + 1] (at most 2 * 15 * 127: no saturation)."""
+    comptime if I32_WIDTH == 16:
+        return llvm_intrinsic["llvm.x86.avx512.pmaddubs.w.512", SIMD[DType.int16, 2 * I32_WIDTH]](codes, x)
+    else:
+        return llvm_intrinsic["llvm.x86.avx2.pmadd.ub.sw", SIMD[DType.int16, 2 * I32_WIDTH]](codes, x)
+
+
+@always_inline
+def widen_pair_sums(sums: SIMD[DType.int16, 2 * I32_WIDTH]) -> SIMD[DType.int32, I32_WIDTH]:
+    """Pmaddwd against ones: lane i = sums[2i] + sums[2i + 1]."""
+    var ones = SIMD[DType.int16, 2 * I32_WIDTH](1)
+    comptime if I32_WIDTH == 16:
+        return llvm_intrinsic["llvm.x86.avx512.pmaddw.d.512", SIMD[DType.int32, I32_WIDTH]](sums, ones)
+    else:
+        return llvm_intrinsic["llvm.x86.avx2.pmadd.wd", SIMD[DType.int32, I32_WIDTH]](sums, ones)
+
+
+@always_inline
+def dot_quads(acc: SIMD[DType.int32, I32_WIDTH], codes: SIMD[DType.uint8, CODE_BYTES],
+              x: SIMD[DType.int8, CODE_BYTES]) -> SIMD[DType.int32, I32_WIDTH]:
+    """Acc[i] + the dot product of lane i's four codes with lane i's four activations."""
+    comptime if int4_dot_kind() == DOT_VNNI:
+        # LLVM declares both byte operands as <64 x i8> (the first is read unsigned, the second signed).
+        return llvm_intrinsic["llvm.x86.avx512.vpdpbusd.512", SIMD[DType.int32, I32_WIDTH]](
+            acc, rebind[SIMD[DType.uint8, 64]](codes), rebind[SIMD[DType.int8, 64]](x))
+    else:
+        var words = bitcast[DType.uint32, I32_WIDTH](codes)
+        var xs = bitcast[DType.int32, I32_WIDTH](x)
+        var out = acc
+        comptime for i in range(4):
+            var code = ((words >> UInt32(8 * i)) & 0xFF).cast[DType.int32]()
+            var xi = (xs << Int32(24 - 8 * i)) >> 24  # byte i, sign-extended
+            out += code * xi
+        return out
+
+
+# --- Activations: int8 per row per group of 32 -------------------------------------------------------------
+
+@always_inline
+def quantize_group[x_dtype: DType](
+    x_ptr: Pointer[Scalar[x_dtype], ...], k_len: Int, row: Int, g: Int, padded_k: Int,
+    xq: MutPointer[Int8, ...], xs: MutPointer[Float32, ...], xsum: MutPointer[Float32, ...],
+):
+    """Row `row`'s group g: its 32 codes (zero past K), its scale and the sum of its values."""
+    var start = g * INT4_GROUP
+    var values: SIMD[DType.float32, INT4_GROUP]
+    if start + INT4_GROUP <= k_len:
+        values = widen(x_ptr.unsafe_load[width=INT4_GROUP](row * k_len + start))
+    else:
+        values = SIMD[DType.float32, INT4_GROUP](0)
+        for i in range(k_len - start):
+            values[i] = widen(x_ptr.unsafe_load(row * k_len + start + i))
+    var amax = abs(values).reduce_max()
+    var at = row * (padded_k // INT4_GROUP) + g
+    xs.unsafe_store(at, amax / 127)
+    xsum.unsafe_store(at, values.reduce_add())
+    var inverse = Float32(127) / amax if amax > 0 else Float32(0)
+    var rounded = llvm_intrinsic["llvm.roundeven", SIMD[DType.float32, INT4_GROUP]](values * inverse)
+    xq.unsafe_store(row * padded_k + start, max(min(rounded, 127), -127).cast[DType.int8]())
+
+
+def quantize_rows[x_dtype: DType](
+    x_ptr: Pointer[Scalar[x_dtype], ...], shape: LinearShape, xq: MutPointer[Int8, MutAnyOrigin],
+    xs: MutPointer[Float32, MutAnyOrigin], xsum: MutPointer[Float32, MutAnyOrigin], ctx: DeviceContext,
+) raises:
+    """Every row's int8 codes [rows, Kg], scales and sums [rows, Kg / 32]; rows split across cores when many."""
+    var padded_k = int8_padded_k(shape.k, INT4_GROUP)
+    var groups = padded_k // INT4_GROUP
+
+    def rows(first: Int, end: Int) raises {imm x_ptr, imm shape, imm xq, imm xs, imm xsum, imm padded_k, imm groups}:
+        for row in range(first, end):
+            for g in range(groups):
+                quantize_group(x_ptr, shape.k, row, g, padded_k, xq, xs, xsum)
+
+    parallel_ranges(shape.rows, tasks_for(shape.rows * shape.k), rows, ctx)
+
+
+# --- The tile ---------------------------------------------------------------------------------------------
+
+@always_inline
+def broadcast_quad(xq: Pointer[Int8, ...], at: Int) -> SIMD[DType.int8, CODE_BYTES]:
+    """Xq[at .. at + 3] repeated in every 32-bit lane (at is a multiple of 4)."""
+    var word = xq.unsafe_bitcast[Int32]().unsafe_load(at // 4)
+    return bitcast[DType.int8, CODE_BYTES](SIMD[DType.int32, I32_WIDTH](word))
+
+
+@always_inline
+def group_sums[MR: Int, NP: Int](
+    isum: MutPointer[Int32, ...], codes: Pointer[UInt8, ...], xq: Pointer[Int8, ...], panel: Int, panel_bytes: Int,
+    padded_k: Int, row: Int, g: Int,
+):
+    """Isum[m, v] = one group's integer dot products for the tile's MR rows and its NP panels' V vectors.
+    Each value is used where it is made, so that LLVM keeps MR x V sums, and either the V unpacked code vectors of
+    a block (V <= MR: rows inner) or the MR rows' broadcasts (rows outer), in registers; making the broadcasts
+    inside a loop over the vectors let LLVM reuse them across vectors, keep them all live and spill."""
+    comptime V = NP * VECTORS_PER_PANEL
+    comptime MADDUBS = int4_dot_kind() == DOT_MADDUBS
+    # pmaddubsw's 16-bit sums add up within the group: 8 pair sums of at most 2 * 15 * 127 stay below 32767.
+    comptime SUM_WIDTH = 2 * I32_WIDTH if MADDUBS else I32_WIDTH
+    comptime SumType = DType.int16 if MADDUBS else DType.int32
+    var sums = stack_allocation[MR * V * SUM_WIDTH, Scalar[SumType]]()
+    comptime for i in range(MR * V):
+        sums.unsafe_store(i * SUM_WIDTH, SIMD[SumType, SUM_WIDTH](0))
+    var x_at = row * padded_k + g * INT4_GROUP
+    var code_at = g * BLOCKS_PER_GROUP * BLOCK_BYTES
+
+    @always_inline
+    def accumulate(m: Int, v: Int, low: SIMD[DType.uint8, CODE_BYTES], high: SIMD[DType.uint8, CODE_BYTES],
+                   x_low: SIMD[DType.int8, CODE_BYTES], x_high: SIMD[DType.int8, CODE_BYTES]) {imm sums}:
+        var at = (m * V + v) * SUM_WIDTH
+        comptime if MADDUBS:
+            var pairs = pair_sums(low, x_low) + pair_sums(high, x_high)
+            sums.unsafe_store(at, sums.unsafe_load[width=SUM_WIDTH](at) + rebind[SIMD[SumType, SUM_WIDTH]](pairs))
+        else:
+            var quads = dot_quads(dot_quads(rebind[SIMD[DType.int32, I32_WIDTH]](sums.unsafe_load[width=SUM_WIDTH](at)),
+                                            low, x_low), high, x_high)
+            sums.unsafe_store(at, rebind[SIMD[SumType, SUM_WIDTH]](quads))
+
+    for block in range(BLOCKS_PER_GROUP):
+        var x_block = x_at + block * 8
+        var c_block = code_at + block * BLOCK_BYTES
+        comptime if V <= MR:
+            var lows = stack_allocation[V * CODE_BYTES, UInt8]()
+            var highs = stack_allocation[V * CODE_BYTES, UInt8]()
+            comptime for v in range(V):
+                var packed = codes.unsafe_load[width=CODE_BYTES](
+                    (panel + v // VECTORS_PER_PANEL) * panel_bytes + c_block + (v % VECTORS_PER_PANEL) * CODE_BYTES)
+                lows.unsafe_store(v * CODE_BYTES, packed & 0x0F)
+                highs.unsafe_store(v * CODE_BYTES, (packed >> 4) & 0x0F)
+            comptime for m in range(MR):
+                var x_low = broadcast_quad(xq, x_block + m * padded_k)
+                var x_high = broadcast_quad(xq, x_block + m * padded_k + 4)
+                comptime for v in range(V):
+                    accumulate(m, v, lows.unsafe_load[width=CODE_BYTES](v * CODE_BYTES),
+                               highs.unsafe_load[width=CODE_BYTES](v * CODE_BYTES), x_low, x_high)
+        else:
+            var x_lows = stack_allocation[MR * CODE_BYTES, Int8]()
+            var x_highs = stack_allocation[MR * CODE_BYTES, Int8]()
+            comptime for m in range(MR):
+                x_lows.unsafe_store(m * CODE_BYTES, broadcast_quad(xq, x_block + m * padded_k))
+                x_highs.unsafe_store(m * CODE_BYTES, broadcast_quad(xq, x_block + m * padded_k + 4))
+            comptime for v in range(V):
+                var packed = codes.unsafe_load[width=CODE_BYTES](
+                    (panel + v // VECTORS_PER_PANEL) * panel_bytes + c_block + (v % VECTORS_PER_PANEL) * CODE_BYTES)
+                var low = packed & 0x0F
+                var high = (packed >> 4) & 0x0F
+                comptime for m in range(MR):
+                    accumulate(m, v, low, high, x_lows.unsafe_load[width=CODE_BYTES](m * CODE_BYTES),
+                               x_highs.unsafe_load[width=CODE_BYTES](m * CODE_BYTES))
+    comptime for i in range(MR * V):
+        var partial = sums.unsafe_load[width=SUM_WIDTH](i * SUM_WIDTH)
+        comptime if MADDUBS:
+            isum.unsafe_store(i * I32_WIDTH, widen_pair_sums(rebind[SIMD[DType.int16, 2 * I32_WIDTH]](partial)))
+        else:
+            isum.unsafe_store(i * I32_WIDTH, rebind[SIMD[DType.int32, I32_WIDTH]](partial))
+
+
+@always_inline
+def int4_tile[S: DType, //, out_dtype: DType, MR: Int, NP: Int, OFFSETS: Bool](
+    out_ptr: MutPointer[Scalar[out_dtype], ...], xq: Pointer[Int8, ...], xs: Pointer[Float32, ...],
+    xsum: Pointer[Float32, ...], codes: Pointer[UInt8, ...], scale_ptr: Pointer[Scalar[S], ...],
+    offset_ptr: Pointer[Scalar[S], ...], shape: LinearShape, row: Int, panel: Int,
+):
+    """MR rows x NP panels, group by group: integer sums, then one fold per group (the header's formula)."""
+    comptime V = NP * VECTORS_PER_PANEL
+    var acc = stack_allocation[MR * NP * PANEL, Float32]()
+    var isum = stack_allocation[MR * NP * PANEL, Int32]()
+    zero_tile[MR, NP](acc)
+    var padded_k = int8_padded_k(shape.k, INT4_GROUP)
+    var groups = padded_k // INT4_GROUP
+    var panel_bytes = int4_panel_bytes(shape.k)
+    for g in range(groups):
+        group_sums[MR, NP](isum, codes, xq, panel, panel_bytes, padded_k, row, g)
+        comptime for v in range(V):
+            var at = ((panel + v // VECTORS_PER_PANEL) * groups + g) * PANEL + (v % VECTORS_PER_PANEL) * F32_WIDTH
+            var scale = scale_ptr.unsafe_load[width=F32_WIDTH](at).cast[DType.float32]()
+            var offset: SIMD[DType.float32, F32_WIDTH]
+            comptime if OFFSETS:
+                offset = offset_ptr.unsafe_load[width=F32_WIDTH](at).cast[DType.float32]()
+            else:
+                offset = scale * -Float32(INT4_ZERO_POINT)
+            comptime for m in range(MR):
+                var i = (m * V + v) * F32_WIDTH
+                var row_group = (row + m) * groups + g
+                var sums = isum.unsafe_load[width=I32_WIDTH](i).cast[DType.float32]()
+                var folded = sums.fma(scale * xs.unsafe_load(row_group), acc.unsafe_load[width=F32_WIDTH](i))
+                acc.unsafe_store(i, offset.fma(SIMD[DType.float32, F32_WIDTH](xsum.unsafe_load(row_group)), folded))
+    store_tile[out_dtype, MR, NP](out_ptr, acc, shape, row, panel)
+
+
+def linear_int4_cpu[S: DType, //, x_dtype: DType, out_dtype: DType, OFFSETS: Bool](
+    out_ptr: MutPointer[Scalar[out_dtype], ...], x_ptr: Pointer[Scalar[x_dtype], ...],
+    codes: Pointer[UInt8, ...], scale_ptr: Pointer[Scalar[S], ...], offset_ptr: Pointer[Scalar[S], ...],
+    shape: LinearShape, ctx: DeviceContext,
+) raises:
+    """W = (q - 8) * scale, or q * scale + offset with OFFSETS (offset_ptr is not read without)."""
+    var padded_k = int8_padded_k(shape.k, INT4_GROUP)
+    var groups = padded_k // INT4_GROUP
+    var quantized = List[Int8](length=shape.rows * padded_k, fill=0)
+    var row_scales = List[Float32](length=shape.rows * groups, fill=0)
+    var row_sums = List[Float32](length=shape.rows * groups, fill=0)
+    var xq = rebind[MutPointer[Int8, MutAnyOrigin]](quantized.unsafe_ptr())
+    var xs = rebind[MutPointer[Float32, MutAnyOrigin]](row_scales.unsafe_ptr())
+    var xsum = rebind[MutPointer[Float32, MutAnyOrigin]](row_sums.unsafe_ptr())
+    quantize_rows(x_ptr, shape, xq, xs, xsum, ctx)
+    var xq_read = rebind[Pointer[Int8, ImmutAnyOrigin]](xq)
+    var xs_read = rebind[Pointer[Float32, ImmutAnyOrigin]](xs)
+    var xsum_read = rebind[Pointer[Float32, ImmutAnyOrigin]](xsum)
+
+    def tile[MR: Int, NP: Int](row: Int, panel: Int) {imm out_ptr, imm xq_read, imm xs_read, imm xsum_read, imm codes, imm scale_ptr, imm offset_ptr, imm shape}:
+        int4_tile[out_dtype, MR, NP, OFFSETS](out_ptr, xq_read, xs_read, xsum_read, codes, scale_ptr, offset_ptr,
+                                              shape, row, panel)
+
+    for_each_tile[tile_rows_int4()](shape, 1, tile, ctx)
+    _ = quantized^
+    _ = row_scales^
+    _ = row_sums^
