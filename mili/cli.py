@@ -137,7 +137,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit("mili generate: --prompt is empty; give at least one token of text")
     try:
         engine = Engine.from_pretrained(source, dtype=args.dtype, device=args.device,
-                                        quantization=args.quantization, block_size=GENERATE_BLOCK_SIZE,
+                                        quantization=args.quantization, float_activations=args.float_activations,
+                                        block_size=GENERATE_BLOCK_SIZE,
                                         num_kv_blocks=-(-(len(ids) + args.max_tokens) // GENERATE_BLOCK_SIZE),
                                         speculative=speculative)
     except ValueError as exc:  # --device gpu without one, a draft model of another vocabulary, --quantization GGUF
@@ -169,7 +170,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         return serve(ServeOptions(
             model=args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-            quantization=args.quantization, tokenizer=args.tokenizer,
+            quantization=args.quantization, float_activations=args.float_activations, tokenizer=args.tokenizer,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, prefix_cache=not args.no_prefix_cache,
             api_key=args.api_key, max_queue=args.max_queue, served_model_name=args.served_model_name,
@@ -230,8 +231,15 @@ def _add_format_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default=NONE,
                         help="int8: the linear layers' weights as int8 with a float16 scale per output channel "
                         f"per {DEFAULT_GROUP_SIZE} inputs (~1.06 bytes a weight, vs 2 for bfloat16), activations "
-                        "stay in --dtype; default none: weights in the run dtype. A GGUF file runs the types it "
-                        "stores and takes no --quantization")
+                        "stay in --dtype; int4: 4-bit codes with a float16 scale and offset per channel per 32 "
+                        "inputs (5.0 bits a weight), activations quantized to int8 per 32 inputs (see "
+                        "--float-activations); default none: weights in the run dtype. A GGUF file runs the types "
+                        "it stores and takes no --quantization")
+    parser.add_argument("--float-activations", action="store_true",
+                        help="4-bit weights (--quantization int4, a GGUF file's Q4_0 / Q4_1 / Q4_K tensors) meet "
+                        "activations in --dtype, each weight decoded exactly (GGUF: as gguf-py dequantizes it), "
+                        "instead of activations quantized to int8 per 32 inputs as llama.cpp does: exact, and "
+                        "about as slow as int8 weights")
     parser.add_argument("--tokenizer", metavar="DIR",
                         help="a Hugging Face tokenizer folder to use instead of the model's own (a GGUF file "
                         "carries its tokenizer and chat template; this replaces them)")

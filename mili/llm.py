@@ -1,7 +1,7 @@
 """The offline API: a batch of prompts in, their completions out.
 
     from mili import LLM, SamplingParams
-    llm = LLM("path/to/Qwen3", max_num_seqs=32)          # quantization="int8" for int8 weights
+    llm = LLM("path/to/Qwen3", max_num_seqs=32)          # quantization="int8" or "int4" for quantized weights
     for out in llm.generate(["Hello", "The capital of France is"], SamplingParams(max_tokens=32)):
         print(out.outputs[0].text)
     llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(max_tokens=64))
@@ -80,7 +80,8 @@ class LLM:
         """`model`: a checkpoint folder or a GGUF file (`model="qwen3-8b-q4_k_m.gguf"`); `tokenizer`: a Hugging
         Face tokenizer folder to use instead of the model's own (vLLM's `tokenizer=`). `engine_args`: dtype
         ("auto", the default: the checkpoint's dtype on CPU, bfloat16 on GPU; or
-        "float32", "bfloat16"), quantization ("none", the default, or "int8": int8 weights), device, block_size,
+        "float32", "bfloat16"), quantization ("none", the default, "int8" or "int4"), float_activations (4-bit
+        weights meet float activations instead of int8 ones: slower, exact), device, block_size,
         num_kv_blocks or kv_cache_bytes, max_num_seqs, max_num_batched_tokens, enable_prefix_cache,
         max_model_len (see Engine.from_pretrained and EngineConfig), speculative_config (a SpeculativeConfig or a
         dict as vLLM takes it: {"method": "ngram", "num_speculative_tokens": 4} or {"method": "draft", "model":

@@ -129,9 +129,10 @@ class ModelSource:
                                 pad_token_id=c.pad_token_id)
 
     def graph_spec(self, *, dtype: DType, block_size: int, device: Device | None = None,
-                   weights: WeightFormat | None = None) -> Qwen3GraphSpec:
+                   weights: WeightFormat | None = None, float_activations: bool = False) -> Qwen3GraphSpec:
         """The graph spec for running this model: for a GGUF file, its tensors' own layouts (a `weights` choice,
-        i.e. --quantization, is refused: the file's types are what runs)."""
+        i.e. --quantization, is refused: the file's types are what runs). `float_activations`: 4-bit weights meet
+        float activations (--float-activations) instead of activations quantized to int8."""
         from max.graph import DeviceRef
 
         from mili.model.packed_linear import WeightFormat
@@ -139,14 +140,17 @@ class ModelSource:
 
         device_ref = DeviceRef.CPU() if device is None else DeviceRef.from_device(device)
         if self.gguf is None:
-            return Qwen3GraphSpec(self.config, dtype=dtype, device=device_ref, block_size=block_size, weights=weights)
+            return Qwen3GraphSpec(self.config, dtype=dtype, device=device_ref, block_size=block_size, weights=weights,
+                                  float_activations=float_activations)
         if weights is not None:
             raise ModelSourceError(f"--quantization {weights.value}: {self.path.name} is a GGUF file, which runs "
                                    f"in the types it stores ({self.describe()}); drop --quantization")
         from mili.gguf.weights import gguf_tensor_formats
 
         return Qwen3GraphSpec(self.config, dtype=dtype, device=device_ref, block_size=block_size,
-                              weights=WeightFormat.GGUF, tensor_formats=gguf_tensor_formats(self.gguf, self.config))
+                              weights=WeightFormat.GGUF, float_activations=float_activations,
+                              tensor_formats=gguf_tensor_formats(self.gguf, self.config,
+                                                                 float_activations=float_activations))
 
     def load_weights(self, spec: Qwen3GraphSpec) -> dict[str, Buffer]:
         if self.gguf is None:

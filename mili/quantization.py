@@ -2,6 +2,7 @@
 run's formats are named in logs and /status.
 
     parse_quantization("int8")  -> WeightFormat.INT8   (int8 weight-only, a float16 scale per group of 32 inputs)
+    parse_quantization("int4")  -> WeightFormat.INT4   (4-bit codes, a float16 scale and offset per 32 inputs)
     parse_quantization(None)    -> None                (the graph spec's default, see Qwen3GraphSpec)
     describe_run(spec)          -> "bfloat16 activations, int8 weights (group 32)"
 
@@ -20,31 +21,39 @@ if TYPE_CHECKING:
 
 NONE = "none"
 # --quantization choice -> the weight format it asks for (None: the spec's default for the run dtype)
-_FORMATS: dict[str, WeightFormat | None] = {NONE: None, "int8": WeightFormat.INT8}
+_FORMATS: dict[str, WeightFormat | None] = {NONE: None, "int8": WeightFormat.INT8, "int4": WeightFormat.INT4}
 QUANTIZATIONS = tuple(_FORMATS)
 
 
 def parse_quantization(value: str | None) -> WeightFormat | None:
-    """`"int8"` -> WeightFormat.INT8; `"none"` or None -> None; anything else is a ValueError naming the choices."""
+    """`"int8"` / `"int4"` -> WeightFormat.INT8 / INT4; `"none"` or None -> None; anything else is a ValueError
+    naming the choices."""
     key = NONE if value is None else value.lower()
     if key not in _FORMATS:
-        raise ValueError(f"unsupported quantization {value!r}: choose {' or '.join(QUANTIZATIONS)}")
+        raise ValueError(f"unsupported quantization {value!r}: choose {', '.join(QUANTIZATIONS[:-1])} or "
+                         f"{QUANTIZATIONS[-1]}")
     return _FORMATS[key]
 
 
 def weight_group_size(spec: Qwen3GraphSpec) -> int | None:
-    """Inputs per int8 scale, or None when the weights are not quantized."""
-    return spec.group_size if spec.weight_format is WeightFormat.INT8 else None
+    """Inputs per scale of int8 or int4 weights, or None when the weights are not quantized."""
+    return spec.group_size if spec.weight_format in (WeightFormat.INT8, WeightFormat.INT4) else None
 
 
 def describe_weights(spec: Qwen3GraphSpec) -> str:
     """`int8 weights (group 32)`, `packed bf16 weights`, `dense float32 weights`, or for a GGUF file `GGUF
     weights as stored, 0.41 GB read per token`."""
     fmt = spec.weight_format
+    meeting = ("float activations, each weight decoded exactly" if spec.float_activations else
+               "activations quantized to int8 per 32 inputs")
     if fmt is WeightFormat.INT8:
         return f"int8 weights (group {spec.group_size})"
+    if fmt is WeightFormat.INT4:
+        return f"int4 weights (group {spec.group_size}, 5.0 bits a weight) meeting {meeting}"
     if fmt is WeightFormat.GGUF:
-        return f"GGUF weights as stored, {spec.weight_bytes_per_token() / 1e9:.2f} GB read per token"
+        four_bit = spec.float_activations or any(s.format is WeightFormat.INT4 for _, s in spec.tensor_formats)
+        how = f"; its 4-bit tensors meet {meeting}" if four_bit else ""
+        return f"GGUF weights as stored, {spec.weight_bytes_per_token() / 1e9:.2f} GB read per token{how}"
     return "packed bf16 weights" if fmt is WeightFormat.BF16 else f"dense {spec.dtype.name} weights"
 
 

@@ -66,7 +66,7 @@ class DraftProposer:
 
     @classmethod
     def from_pretrained(cls, config: SpeculativeConfig, target, *, dtype: str | None = None,
-                        quantization: str | None = None) -> DraftProposer:
+                        quantization: str | None = None, float_activations: bool = False) -> DraftProposer:
         """Loads `config.draft_model` beside the `target` runner: same device, dtype, weight format and block
         size, as many KV blocks as the target has (a draft's block is a fraction of the target's)."""
         from mili.engine.model_runner import ModelRunner
@@ -82,7 +82,7 @@ class DraftProposer:
                  draft_config.num_hidden_layers)
         runner = ModelRunner.from_pretrained(draft, dtype=dtype, device=target.device_name,
                                              quantization=quantization, block_size=target.block_size,
-                                             num_blocks=target.num_blocks)
+                                             num_blocks=target.num_blocks, float_activations=float_activations)
         return cls(runner, config.num_speculative_tokens)
 
     def keep_only(self, alive: set[int]) -> None:

@@ -87,19 +87,21 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model: str | Path | ModelSource, *, dtype: str | None = None, device: str = "cpu",
                         quantization: str | None = None, block_size: int = 16, num_kv_blocks: int | None = None,
-                        kv_cache_bytes: float | None = None, **engine_args: object) -> Engine:
+                        kv_cache_bytes: float | None = None, float_activations: bool = False,
+                        **engine_args: object) -> Engine:
         """`model`: a checkpoint folder, a GGUF file or an opened ModelSource (with its tokenizer override);
-        `dtype`: auto (None), float32 or bfloat16; `quantization`: none (None) or int8 (see
-        ModelRunner.from_pretrained); `engine_args`: EngineConfig's fields."""
+        `dtype`: auto (None), float32 or bfloat16; `quantization`: none (None), int8 or int4, and
+        `float_activations` (see ModelRunner.from_pretrained); `engine_args`: EngineConfig's fields."""
         source = model if isinstance(model, ModelSource) else ModelSource.open(model)
         runner = ModelRunner.from_pretrained(source, dtype=dtype, device=device, quantization=quantization,
                                              block_size=block_size, num_blocks=num_kv_blocks,
-                                             kv_cache_bytes=kv_cache_bytes)
+                                             kv_cache_bytes=kv_cache_bytes, float_activations=float_activations)
         config = EngineConfig(**engine_args)
         proposer = None
         if config.speculative is not None and config.speculative.method == "draft":
             from mili.engine.draft_proposer import DraftProposer
-            proposer = DraftProposer.from_pretrained(config.speculative, runner, dtype=dtype, quantization=quantization)
+            proposer = DraftProposer.from_pretrained(config.speculative, runner, dtype=dtype, quantization=quantization,
+                                                     float_activations=float_activations)
         return cls(runner, source.tokenizer(), config, proposer=proposer)
 
     def default_sampling_params(self, **overrides: object) -> SamplingParams:

@@ -109,11 +109,12 @@ def kv_cache_budget(kv_cache_memory: float, weight_bytes: int, device: Device | 
 
 
 def runner_spec(config: ModelConfig, *, dtype: DType, block_size: int, device: Device | None = None,
-                weights: WeightFormat | None = None) -> Qwen3GraphSpec:
+                weights: WeightFormat | None = None, float_activations: bool = False) -> Qwen3GraphSpec:
     """The graph spec a ModelRunner on `device` (default: the host) builds, its weight format resolved. It
     needs config.json only, so the KV cache can be sized and the run described before the compile."""
     device_ref = DeviceRef.CPU() if device is None else DeviceRef.from_device(device)
-    return Qwen3GraphSpec(config, dtype=dtype, device=device_ref, block_size=block_size, weights=weights)
+    return Qwen3GraphSpec(config, dtype=dtype, device=device_ref, block_size=block_size, weights=weights,
+                          float_activations=float_activations)
 
 
 def blocks_for_bytes(spec: Qwen3GraphSpec, kv_cache_bytes: int) -> int:
@@ -147,12 +148,13 @@ class StartupTimes:
 
 class ModelRunner:
     def __init__(self, source: ModelSource, *, dtype: DType, device: str, block_size: int, num_blocks: int,
-                 weights: WeightFormat | None = None) -> None:
+                 weights: WeightFormat | None = None, float_activations: bool = False) -> None:
         self.source = source
         self.config = config = source.config
         self.device_name = device
         self.device, _ = resolve_device(device)
-        self.spec = source.graph_spec(dtype=dtype, block_size=block_size, device=self.device, weights=weights)
+        self.spec = source.graph_spec(dtype=dtype, block_size=block_size, device=self.device, weights=weights,
+                                      float_activations=float_activations)
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -184,11 +186,12 @@ class ModelRunner:
     @classmethod
     def from_pretrained(cls, model: str | Path | ModelSource, *, dtype: DType | str | None = None,
                         device: str = "cpu", quantization: str | None = None, block_size: int = 16,
-                        num_blocks: int | None = None, kv_cache_bytes: float | None = None) -> ModelRunner:
+                        num_blocks: int | None = None, kv_cache_bytes: float | None = None,
+                        float_activations: bool = False) -> ModelRunner:
         """Reads the model (a checkpoint folder, a GGUF file, or an opened ModelSource) and its weights. `dtype`:
         float32, bfloat16, or auto/None (the checkpoint's own on CPU, bfloat16 on GPU: mili.dtypes.resolve_run_dtype);
-        `quantization`: none/None, or int8 for int8 weights (mili.quantization; not for GGUF files, which run their
-        own types). Sizes the KV cache from `num_blocks`, or from `kv_cache_bytes`: bytes, or a fraction (0, 1] of
+        `quantization`: none/None, int8 or int4 (mili.quantization; not for GGUF files, which run their own types);
+        `float_activations`: 4-bit weights meet float activations, not int8 ones (--float-activations). Sizes the KV cache from `num_blocks`, or from `kv_cache_bytes`: bytes, or a fraction (0, 1] of
         the memory left once the weights are loaded."""
         if device not in DEVICES:
             raise ValueError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
@@ -199,10 +202,11 @@ class ModelRunner:
             raise ValueError("give num_blocks or kv_cache_bytes, not both")
         if num_blocks is None:
             driver_device = resolve_device(device)[0]
-            spec = source.graph_spec(dtype=run_dtype, block_size=block_size, device=driver_device, weights=weights)
+            spec = source.graph_spec(dtype=run_dtype, block_size=block_size, device=driver_device, weights=weights,
+                                     float_activations=float_activations)
             num_blocks = kv_cache_blocks(spec, kv_cache_bytes, driver_device)
         return cls(source, dtype=run_dtype, device=device, block_size=block_size, num_blocks=num_blocks,
-                   weights=weights)
+                   weights=weights, float_activations=float_activations)
 
     @property
     def model_dir(self) -> Path:

@@ -7,11 +7,15 @@
 Every projection, the LM head and the embedding are packed for MILI's linear / embedding ops without losing a
 bit (mili/model/packed_linear.py has the layouts):
 - F32 / F16 tensors: k-major float32 / float16 panels of the very values; BF16: the bf16 panels;
-- quantized tensors (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K): int8 codes with a scale (and an offset)
-  per group of 16 or 32 inputs (mili/gguf/repack.py), equal to gguf-py's dequantization in every bit.
+- 4-bit tensors (Q4_0, Q4_1, Q4_K): 4-bit codes two to a byte with a scale and an offset (Q4_0: zero point 8)
+  per 32 inputs, which the op multiplies with activations quantized to int8 per 32 inputs, as llama.cpp does
+  (mojo_kernels/linear_int4.mojo); with `float_activations` they take the int8 layout below instead;
+- other quantized tensors (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K): int8 codes with a scale (and an offset) per group of 16
+  or 32 inputs (mili/gguf/repack.py), equal to gguf-py's dequantization in every bit; the op multiplies them
+  with float activations.
 The graph fuses q/k/v and gate/up into one projection; a file may store the parts in different types (a Q4_K_M
-file keeps attn_v in Q6_K beside Q4_K q and k). Parts that are all quantized join in the finest group with
-offsets if any part has them; float parts of one type stay that type; any other mix is stored as float32, which
+file keeps attn_v in Q6_K beside Q4_K q and k). Parts that are all 4-bit join as 4-bit codes; parts that are
+all quantized otherwise join in the int8 layout's finest group with offsets if any part has them; float parts of one type stay that type; any other mix is stored as float32, which
 holds every type's values exactly. Norm weights and the Qwen2 q/k/v biases are small and take the run dtype
 (biases float32), as they do for safetensors checkpoints.
 """
@@ -30,8 +34,9 @@ from mili.config import ModelConfig
 from mili.dtypes import bf16_bits_to_f32, numpy_to_buffer
 from mili.gguf.files import GGUFError, GGUFModel
 from mili.gguf.model_config import hf_tensor_names
-from mili.gguf.repack import QUANTIZED_TYPES, grouped_codes, join_rows
-from mili.model.packed_linear import PackedShape, PackedWeight, WeightFormat, pack_bf16, pack_float, pack_grouped
+from mili.gguf.repack import QUANTIZED_TYPES, GroupedCodes, grouped_codes, join_rows
+from mili.model.packed_linear import (INT4_GROUP, INT4_ZERO_POINT, PackedShape, PackedWeight, WeightFormat, pack_bf16,
+                                      pack_float, pack_grouped, pack_int4)
 from mili.model.qwen3 import ROPE_TABLE, Qwen3GraphSpec, graph_names, graph_shape, graph_weight_shapes, \
     hf_sources, is_projection
 from mili.model.rope import rope_table
@@ -43,6 +48,8 @@ SUPPORTED_TYPES = frozenset(FLOAT_TYPES) | QUANTIZED_TYPES
 FLOAT16_SCALE_TYPES = frozenset({GGML.Q8_0, GGML.Q4_0, GGML.Q5_0, GGML.Q4_1, GGML.Q5_1})
 OFFSET_TYPES = frozenset({GGML.Q4_1, GGML.Q5_1, GGML.Q4_K, GGML.Q5_K})
 GROUP_SIZES = {GGML.Q6_K: 16}  # every other quantized type: 32
+# Types whose codes are 4 bits (MILI's 4-bit layout runs them), and those of them with a float16 scale and offset.
+INT4_TYPES = frozenset({GGML.Q4_0, GGML.Q4_1, GGML.Q4_K})
 
 
 def supported_type_names() -> str:
@@ -73,11 +80,17 @@ class _Tensors:
         return [self.by_name[self.gguf_name[hf]] for hf in hf_sources(graph_name, self.config)]
 
 
-def tensor_layout(types: list[GGMLQuantizationType], out_features: int, in_features: int) -> PackedShape:
+def tensor_layout(types: list[GGMLQuantizationType], out_features: int, in_features: int, *,
+                  float_activations: bool = False) -> PackedShape:
     """How a graph weight made of tensors of `types` is packed (module docstring)."""
     unique = set(types)
     if len(unique) == 1 and types[0] in FLOAT_TYPES:
         return PackedShape(FLOAT_TYPES[types[0]], out_features, in_features)
+    if unique <= INT4_TYPES and not float_activations:
+        # Q4_0 alone keeps its zero point; beside a type with minimums its parts take offsets of -8 * scale.
+        offsets = unique != {GGML.Q4_0}
+        scale_dtype = DType.float32 if GGML.Q4_K in unique else DType.float16  # -8 * a float16 scale is one too
+        return PackedShape(WeightFormat.INT4, out_features, in_features, INT4_GROUP, scale_dtype, offsets)
     if unique <= QUANTIZED_TYPES:
         group = min(GROUP_SIZES.get(t, 32) for t in types)
         scale_dtype = DType.float16 if unique <= FLOAT16_SCALE_TYPES else DType.float32
@@ -96,8 +109,9 @@ def check_tensor_types(model: GGUFModel) -> None:
                                 f"not run; supported: {supported_type_names()}")
 
 
-def gguf_tensor_formats(model: GGUFModel, config: ModelConfig) -> tuple[tuple[str, PackedShape], ...]:
-    """(graph weight, layout) for every weight the model packs, from its tensors' types."""
+def gguf_tensor_formats(model: GGUFModel, config: ModelConfig, *,
+                        float_activations: bool = False) -> tuple[tuple[str, PackedShape], ...]:
+    """(graph weight, layout) for every weight the model packs, from its tensors' types (module docstring)."""
     check_tensor_types(model)
     tensors = _Tensors(model, config)
     shapes = graph_weight_shapes(config)
@@ -105,7 +119,8 @@ def gguf_tensor_formats(model: GGUFModel, config: ModelConfig) -> tuple[tuple[st
     for name in packed_weight_names(config):
         parts = tensors.parts(name)
         out_features, in_features = graph_shape(shapes, name)
-        formats.append((name, tensor_layout([t.tensor_type for t in parts], out_features, in_features)))
+        formats.append((name, tensor_layout([t.tensor_type for t in parts], out_features, in_features,
+                                            float_activations=float_activations)))
     return tuple(formats)
 
 
@@ -141,11 +156,32 @@ def pack_parts(parts: list[ReaderTensor], layout: PackedShape) -> PackedWeight:
         else:
             values = np.concatenate([_float32(p) for p in parts])
         return pack_float(values, layout.format)
-    joined = join_rows([grouped_codes(p.tensor_type, np.asarray(p.data), *_shape(p)) for p in parts])
+    grouped = [grouped_codes(p.tensor_type, np.asarray(p.data), *_shape(p)) for p in parts]
+    if layout.format is WeightFormat.INT4:
+        return _pack_4bit(grouped, layout)
+    joined = join_rows(grouped)
     if joined.group != layout.group_size or (joined.offsets is not None) != layout.offsets:
         raise AssertionError(f"{parts[0].name}: repacked as groups of {joined.group} (offsets: "
                              f"{joined.offsets is not None}), the layout says {layout.group_size} ({layout.offsets})")
     return pack_grouped(joined.q, joined.scales, joined.offsets, joined.group, layout.scale_dtype)
+
+
+def _pack_4bit(parts: list[GroupedCodes], layout: PackedShape) -> PackedWeight:
+    """4-bit parts (Q4_0's codes -8..7, Q4_1's and Q4_K's 0..15) joined along N in the 4-bit layout: codes 0..15,
+    Q4_0's shifted by its zero point, and given offsets of -8 * scale where the layout has offsets (the op's
+    arithmetic is then the same as with the zero point, and the embedding's (q + 8) * d - 8d equals gguf-py's
+    q * d, though a zero comes out +0.0 where gguf-py's may be -0.0)."""
+    codes, scales, offsets = [], [], []
+    for part in parts:
+        if part.offsets is None:
+            codes.append((part.q + INT4_ZERO_POINT).astype(np.uint8))
+            offsets.append(-INT4_ZERO_POINT * part.scales)
+        else:
+            codes.append(part.q.astype(np.uint8))
+            offsets.append(part.offsets)
+        scales.append(part.scales)
+    return pack_int4(np.concatenate(codes), np.concatenate(scales),
+                     np.concatenate(offsets) if layout.offsets else None, layout.scale_dtype)
 
 
 def load_gguf_weights(model: GGUFModel, spec: Qwen3GraphSpec) -> dict[str, Buffer]:

@@ -375,6 +375,19 @@ def quantize_int4(weight: np.ndarray) -> PackedWeight:
     return pack_int4(codes, scales, offsets, DType.float16)
 
 
+def int4_as_int8(weight: PackedWeight) -> PackedWeight:
+    """A 4-bit weight with offsets in the int8 layout with the same values (codes 0..15, float16 scales, float32
+    offsets): what `--float-activations` runs `--quantization int4` as."""
+    s = weight.shape
+    if s.format is not WeightFormat.INT4 or not s.offsets:
+        raise ValueError("int4_as_int8 takes a 4-bit weight with offsets")
+    codes, scales, offsets = weight.arrays
+    groups = -(-s.in_features // INT4_GROUP)
+    q = unpack_int4_codes(codes, s.out_features, s.in_features).astype(np.int8)
+    return pack_grouped(q, unpack_k_major(scales, s.out_features, groups).astype(np.float32),
+                        unpack_k_major(offsets, s.out_features, groups).astype(np.float32), INT4_GROUP, s.scale_dtype)
+
+
 def pack_float(weight: np.ndarray, fmt: WeightFormat) -> PackedWeight:
     """A [N, K] float16 / float32 weight -> k-major panels of the same values (float16 input stays float16)."""
     dtype = fmt.float_dtype.to_numpy()

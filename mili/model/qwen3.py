@@ -44,7 +44,7 @@ from mili.kernels import kernel_package
 from mili.model import ops as mili_ops
 from mili.model import packed_linear
 from mili.model.kv_layout import KVCacheShape
-from mili.model.packed_linear import DEFAULT_GROUP_SIZE, PackedShape, WeightFormat, pack_weight
+from mili.model.packed_linear import DEFAULT_GROUP_SIZE, PackedShape, WeightFormat, int4_as_int8, pack_weight
 from mili.model.rope import rope_table
 from mili.weights import iter_weights
 
@@ -76,6 +76,9 @@ class Qwen3GraphSpec:
     # WeightFormat.GGUF: how each packed graph weight is stored, as its file's tensor types make it
     # (mili/gguf/weights.py); the embedding is then packed too, whether tied or not.
     tensor_formats: tuple[tuple[str, PackedShape], ...] = ()
+    # 4-bit weights (int4, GGUF's Q4_0 / Q4_1 / Q4_K) meet float activations in the int8 layout instead of
+    # activations quantized to int8 (mili/model/packed_linear.py)
+    float_activations: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in (DType.float32, DType.bfloat16):
@@ -125,6 +128,9 @@ class Qwen3GraphSpec:
 
     def _packed(self, shape: tuple[int, ...]) -> PackedShape:
         out_features, in_features = shape
+        if self.weight_format is WeightFormat.INT4:  # MILI's int4: a float16 scale and offset per group
+            fmt = WeightFormat.INT8 if self.float_activations else WeightFormat.INT4
+            return PackedShape(fmt, out_features, in_features, self.group_size, DType.float16, offsets=True)
         return PackedShape(self.weight_format, out_features, in_features, self.group_size)
 
     def weight_types(self) -> dict[str, tuple[DType, tuple[int, ...]]]:
@@ -268,7 +274,10 @@ def _graph_weight(name: str, parts: list[Buffer], spec: Qwen3GraphSpec) -> dict[
             fused = np.concatenate([p.view(DType.uint16).to_numpy() for p in parts], axis=0)
         else:
             fused = np.concatenate([to_numpy_f32(p) for p in parts], axis=0)
-        return pack_weight(fused, spec.weight_format, spec.group_size).buffers(name)
+        packed = pack_weight(fused, spec.weight_format, spec.group_size)
+        if spec.packed_shape(name).format is not packed.shape.format:  # int4 with float activations
+            packed = int4_as_int8(packed)
+        return packed.buffers(name)
     transpose = spec.weights_in_out and is_projection(name)
     dtype = spec.weight_dtype(name)
     if len(parts) == 1 and not transpose and parts[0].dtype == dtype:

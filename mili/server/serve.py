@@ -37,7 +37,8 @@ class ServeOptions:
     port: int = 8000
     device: str = "cpu"
     dtype: str = "auto"  # auto: the checkpoint's dtype on CPU, bfloat16 on GPU (mili.dtypes.resolve_run_dtype)
-    quantization: str = "none"  # or int8: int8 weights (mili/quantization.py)
+    quantization: str = "none"  # or int8 / int4 weights (mili/quantization.py)
+    float_activations: bool = False  # 4-bit weights meet float activations instead of int8 ones
     tokenizer: str | None = None  # a Hugging Face tokenizer folder replacing the model's own (GGUF files)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
@@ -63,7 +64,7 @@ def serve(options: ServeOptions) -> int:
         source, default_name = open_model(options.model, options.tokenizer)
         plan = plan_kv_cache_blocks(source, kv_cache_memory=options.kv_cache_memory, dtype=options.dtype,
                                     quantization=options.quantization, device=options.device,
-                                    block_size=options.block_size)
+                                    block_size=options.block_size, float_activations=options.float_activations)
         if options.speculative is not None and options.speculative.draft_model is not None:
             check_draft_model(Path(options.speculative.draft_model), plan.spec.config.vocab_size)
         if options.max_model_len is not None:  # refused now rather than after the compile
@@ -113,7 +114,7 @@ def serve(options: ServeOptions) -> int:
         engine = Engine.from_pretrained(
             # the plan's resolved dtype, so the engine builds the very spec the KV cache was sized for
             source, dtype=plan.spec.dtype.name, quantization=options.quantization, device=options.device,
-            block_size=options.block_size, num_kv_blocks=plan.num_blocks, max_num_seqs=options.max_num_seqs,
+            float_activations=options.float_activations, block_size=options.block_size, num_kv_blocks=plan.num_blocks, max_num_seqs=options.max_num_seqs,
             max_num_batched_tokens=options.max_num_batched_tokens, enable_prefix_cache=options.prefix_cache,
             max_model_len=options.max_model_len, speculative=options.speculative)
         state.attach(AsyncEngine(engine, on_death=on_engine_death))

@@ -159,7 +159,8 @@ class KvCachePlan:
 
 
 def plan_kv_cache_blocks(model: Path | ModelSource, *, kv_cache_memory: str, dtype: str | None, device: str,
-                         block_size: int, quantization: str | None = None) -> KvCachePlan:
+                         block_size: int, quantization: str | None = None,
+                         float_activations: bool = False) -> KvCachePlan:
     """KV blocks for `--kv-cache-memory` as typed (see mili/memory_size.py), sized as the engine would size
     them (the same run dtype and weight format) but from the config alone (config.json, or a GGUF file's
     metadata), so a budget that cannot be allocated fails before the compile."""
@@ -186,7 +187,8 @@ def plan_kv_cache_blocks(model: Path | ModelSource, *, kv_cache_memory: str, dty
     except ValueError as exc:
         raise StartupError(f"--dtype {dtype}: {exc}") from None
     try:
-        spec = source.graph_spec(dtype=run_dtype, block_size=block_size, device=driver_device, weights=weights)
+        spec = source.graph_spec(dtype=run_dtype, block_size=block_size, device=driver_device, weights=weights,
+                                 float_activations=float_activations)
     except ModelSourceError as exc:  # --quantization for a GGUF file
         raise StartupError(str(exc)) from None
     try:

@@ -55,14 +55,16 @@ class BlockAllocator:
 @functools.cache
 def model_pair(name: str) -> ModelPair:
     """MILI in float32 beside transformers in float64, for one test checkpoint or GGUF file ("checkpoint:recipe",
-    which transformers dequantizes with gguf-py as it loads it), built once per session."""
+    which transformers dequantizes with gguf-py as it loads it), built once per session. A GGUF file runs with
+    float activations here, its weights multiplied exactly as gguf-py dequantizes them, so that it meets the same
+    bounds as a checkpoint (test_gguf_models.py runs its default: 4-bit tensors with int8 activations)."""
     if ":" in name:
         path = cached_gguf(*name.split(":"))
         reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float64)
     else:
         path = cached_checkpoint(name)
         reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
-    runner = ModelRunner.from_pretrained(path, dtype="float32", num_blocks=NUM_BLOCKS)
+    runner = ModelRunner.from_pretrained(path, dtype="float32", num_blocks=NUM_BLOCKS, float_activations=":" in name)
     return ModelPair(name, path, runner, reference.eval())
 
 

@@ -26,8 +26,8 @@ from mili.model.packed_linear import (PackedShape, PackedWeight, WeightFormat, p
                                      unpack_int4_codes, unpack_k_major)
 from tests.kernels import reference as ref
 from tests.gguf_blocks import random_blocks
-from tests.kernels.graphs import (DTYPES, EMBEDDING_CASES, LINEAR_CASES, Q4_1_LIKE, Q4_K_LIKE, Q6_K_LIKE, layout,
-                                  layout_name, linear_layouts)
+from tests.kernels.graphs import (DTYPES, EMBEDDING_CASES, INT4_OFFSETS, INT4_Q4_0, INT4_Q4_K, LINEAR_CASES, Q4_1_LIKE,
+                                  Q4_K_LIKE, Q6_K_LIKE, layout, layout_name, linear_layouts)
 
 # (M, K, N): M over both the decode tiles (< 16 rows, with their MR tails) and the prefill path; K and N not
 # multiples of the SIMD width, of the 16-channel panel, of the bf16 pair or of the int8 group.
@@ -229,33 +229,45 @@ def test_the_kernel_this_cpu_has_is_the_one_that_runs(linear_model, rng):
     assert {int(f[1]) for f in families} == {width * 10 + dot}, f"4-bit kernel {families[0][1]}, expected dot {dot}"
 
 
-# Each GGUF type, and the layout of the test graph it repacks into (mili/gguf/weights.py's tensor_layout).
+# Each GGUF type, and the layout of the test graph it repacks into (mili/gguf/weights.py's tensor_layout), with
+# float activations: 4-bit types then take the int8 layout.
 GGUF_TYPE_LAYOUTS = {
     GGML.Q8_0: layout(WeightFormat.INT8), GGML.Q4_0: layout(WeightFormat.INT8), GGML.Q5_0: layout(WeightFormat.INT8),
     GGML.Q4_1: Q4_1_LIKE, GGML.Q5_1: Q4_1_LIKE, GGML.Q4_K: Q4_K_LIKE, GGML.Q5_K: Q4_K_LIKE, GGML.Q6_K: Q6_K_LIKE,
     GGML.F16: layout(WeightFormat.FLOAT16), GGML.F32: layout(WeightFormat.FLOAT32), GGML.BF16: layout(WeightFormat.BF16),
 }
+# ... and by default, where 4-bit types run as 4-bit codes with int8 activations
+GGUF_4BIT_LAYOUTS = {GGML.Q4_0: INT4_Q4_0, GGML.Q4_1: INT4_OFFSETS, GGML.Q4_K: INT4_Q4_K}
 
 
+@pytest.mark.parametrize("float_activations", [False, True])
 @pytest.mark.parametrize("m", [1, 5, 33])
-def test_gguf_blocks_through_the_op_match_gguf_py(linear_model, m, rng):
+def test_gguf_blocks_through_the_op_match_gguf_py(linear_model, m, float_activations, rng):
     """GGUF tensors of every type (valid random blocks, tests/gguf_blocks.py), repacked as a model load repacks
-    them and multiplied by the op, against float64 numpy over gguf.quants.dequantize of the same bytes; the
-    packed embedding returns gguf-py's values exactly."""
+    them and multiplied by the op, against float64 numpy over gguf.quants.dequantize of the same bytes (4-bit
+    layouts: the packed weights are gguf-py's bit for bit, and the op follows its int8-activation definition);
+    the packed embedding returns gguf-py's values exactly."""
     k, n = 512, 37  # K: two super-blocks of 256; N: not a whole number of panels
     x = rng.standard_normal((m, k)) * np.exp(rng.uniform(-3, 3, size=(m, 1)))
     ids = rng.integers(0, n, size=5)
     compared = set()
-    for gguf_type, shape in GGUF_TYPE_LAYOUTS.items():
+    layouts = GGUF_TYPE_LAYOUTS if float_activations else GGUF_TYPE_LAYOUTS | GGUF_4BIT_LAYOUTS
+    for gguf_type, shape in layouts.items():
         raw = random_blocks(gguf_type, n, k, rng)
         tensor = SimpleNamespace(name=gguf_type.name, tensor_type=gguf_type, data=raw, shape=[k, n])
-        packed = pack_parts([tensor], dataclasses.replace(tensor_layout([gguf_type], n, k), out_features=n))
+        chosen = tensor_layout([gguf_type], n, k, float_activations=float_activations)
+        packed = pack_parts([tensor], dataclasses.replace(chosen, out_features=n))
         assert dataclasses.replace(packed.shape, out_features=1, in_features=1) == shape, gguf_type.name
         reference = dequantize(raw, gguf_type).reshape(n, k).astype(np.float64)
         weights = packed_weights(rng, n, k) | {shape: packed}
         outputs = run_linear(linear_model, x, n, weights, ids)
         for case, got in zip(LINEAR_CASES, outputs, strict=False):
             if case.layout != shape:
+                continue
+            if shape.format is WeightFormat.INT4:
+                np.testing.assert_array_equal(packed.dense(), reference.astype(np.float32), err_msg=gguf_type.name)
+                check_int4_case(case, got, x, packed)
+                compared.add(gguf_type)
                 continue
             x64 = ref.as_dtype(x, case.x_dtype).astype(np.float64)
             error = np.abs(got - x64 @ reference.T)
@@ -266,4 +278,4 @@ def test_gguf_blocks_through_the_op_match_gguf_py(linear_model, m, rng):
             if embedding_shape == shape:
                 np.testing.assert_array_equal(got, ref.as_dtype(reference[ids].astype(np.float32), out_dtype),
                                               err_msg=f"{gguf_type.name} embedding -> {out_dtype.name}")
-    assert compared == set(GGUF_TYPE_LAYOUTS)
+    assert compared == set(layouts)

@@ -46,6 +46,9 @@ def test_every_packed_weight_holds_what_gguf_py_dequantizes(mixed: ModelSource):
         assert packed.shape == layout
         got = packed.dense()
         assert got.shape == expected.shape, name
+        if layout.format is WeightFormat.INT4 and layout.offsets:
+            # a Q4_0 part beside offsets holds (q + 8) * d + (-8 * d): gguf-py's q * d, but a zero lost its sign
+            got, expected = got + 0.0, expected.astype(np.float32) + 0.0
         np.testing.assert_array_equal(got.view(np.uint32), expected.astype(np.float32).view(np.uint32),
                                       err_msg=f"{name} ({[p.tensor_type.name for p in parts]})")
         compared += got.size
@@ -61,8 +64,11 @@ def test_fused_parts_of_different_types_share_a_lossless_layout(mixed: ModelSour
     assert formats["layers.1.qkv_proj"].format is WeightFormat.FLOAT32  # F16 + BF16 + F32
     assert formats["layers.1.gate_up_proj"].format is WeightFormat.BF16
     assert formats["layers.1.down_proj"].format is WeightFormat.FLOAT16
-    q4 = formats["layers.0.gate_up_proj"]  # Q4_0 + Q4_1: float16 scales, offsets
-    assert (q4.group_size, q4.scale_dtype, q4.offsets) == (32, DType.float16, True)
+    q4 = formats["layers.0.gate_up_proj"]  # Q4_0 + Q4_1: 4-bit codes, float16 scales, offsets
+    assert (q4.format, q4.group_size, q4.scale_dtype, q4.offsets) == (WeightFormat.INT4, 32, DType.float16, True)
+    exact = dict(gguf_tensor_formats(mixed.gguf, mixed.config, float_activations=True))["layers.0.gate_up_proj"]
+    assert (exact.format, exact.group_size, exact.scale_dtype, exact.offsets) == (
+        WeightFormat.INT8, 32, DType.float16, True)
 
 
 @pytest.mark.parametrize("types,expected", [
@@ -72,9 +78,21 @@ def test_fused_parts_of_different_types_share_a_lossless_layout(mixed: ModelSour
     ([T.F16, T.F16], PackedShape(WeightFormat.FLOAT16, 8, 64)),
     ([T.F16, T.Q8_0], PackedShape(WeightFormat.FLOAT32, 8, 64)),
     ([T.BF16, T.F32], PackedShape(WeightFormat.FLOAT32, 8, 64)),
+    ([T.Q4_0], PackedShape(WeightFormat.INT4, 8, 64, 32, DType.float16, False)),
+    ([T.Q4_0, T.Q4_1], PackedShape(WeightFormat.INT4, 8, 64, 32, DType.float16, True)),
+    ([T.Q4_K, T.Q4_K, T.Q4_0], PackedShape(WeightFormat.INT4, 8, 64, 32, DType.float32, True)),
+    ([T.Q4_K, T.Q6_K], PackedShape(WeightFormat.INT8, 8, 64, 16, DType.float32, True)),
 ])
 def test_layouts_of_type_mixes(types, expected):
     assert tensor_layout(types, 8, 64) == expected
+
+
+@pytest.mark.parametrize("types,expected", [
+    ([T.Q4_0], PackedShape(WeightFormat.INT8, 8, 64, 32, DType.float16, False)),
+    ([T.Q4_K], PackedShape(WeightFormat.INT8, 8, 64, 32, DType.float32, True)),
+])
+def test_float_activations_run_4_bit_types_in_the_int8_layout(types, expected):
+    assert tensor_layout(types, 8, 64, float_activations=True) == expected
 
 
 def test_a_tensor_type_mili_does_not_run_is_named_with_the_supported_ones(tmp_path):

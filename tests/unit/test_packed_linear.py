@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from mili.dtypes import f32_to_bf16_bits
-from mili.model.packed_linear import (PANEL, PackedShape, WeightFormat, dequantize_int8, pack_bf16, pack_weight,
-                                      quantize_int8, unpack_bf16)
+from mili.model.packed_linear import (PANEL, PackedShape, WeightFormat, dequantize_int8, int4_as_int8, pack_bf16,
+                                      pack_int4, pack_weight, quantize_int4, quantize_int8, unpack_bf16,
+                                      unpack_int4_codes)
 from tests.kernels.reference import bf16_round
 
 SHAPES = [(1, 1), (16, 2), (21, 37), (40, 64), (33, 129)]
@@ -79,8 +80,45 @@ def test_a_gguf_q8_0_tensor_is_held_without_loss(rng):
     np.testing.assert_array_equal(held_scales, scales)
 
 
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_int4_layout_is_the_one_the_kernels_read(n, k, rng):
+    """Byte (n // 16) * Kg / 2 * 16 + (k // 8) * 64 + (n % 16) * 4 + k % 4 holds code [n, k] in its low nibble for
+    k % 8 < 4, else in its high one (mojo_kernels/linear.mojo's header)."""
+    codes = rng.integers(0, 16, size=(n, k)).astype(np.uint8)
+    groups = -(-k // 32)
+    packed = pack_int4(codes, np.ones((n, groups), np.float32), None).arrays[0]
+    kg = groups * 32
+    assert packed.shape == (-(-n // PANEL), kg // 2 * PANEL)
+    flat = packed.reshape(-1)
+    for row in range(n):
+        for col in range(k):
+            byte = flat[(row // PANEL) * kg // 2 * PANEL + (col // 8) * 64 + (row % PANEL) * 4 + col % 4]
+            assert (byte >> 4 if col % 8 >= 4 else byte & 0x0F) == codes[row, col], (row, col)
+    np.testing.assert_array_equal(unpack_int4_codes(packed, n, k), codes)
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_int4_quantization_error_bound(n, k, rng):
+    """--quantization int4: every weight within half a step of its group's scale, offsets at or below the group's
+    minimum, codes 0..15; the int8 layout it runs in with --float-activations holds the same values."""
+    w = (rng.standard_normal((n, k)) * np.exp(rng.uniform(-4, 2, size=(n, 1)))).astype(np.float32)
+    packed = quantize_int4(w)
+    assert packed.shape == PackedShape(WeightFormat.INT4, n, k, 32, offsets=True)
+    codes, scales, offsets = packed.arrays
+    groups = -(-k // 32)
+    per_weight = np.repeat(scales.reshape(-1, groups, PANEL).transpose(0, 2, 1).reshape(-1, groups)[:n], 32, axis=1)
+    error = np.abs(packed.dense() - w)
+    assert np.all(error <= per_weight[:, :k].astype(np.float32) * 0.5001 + 1e-30)
+    low = offsets.reshape(-1, groups, PANEL).transpose(0, 2, 1).reshape(-1, groups)[:n].astype(np.float32)
+    padded = np.pad(w, ((0, 0), (0, groups * 32 - k)), mode="edge").reshape(n, groups, 32)
+    assert np.all(low <= padded.min(axis=2))
+    np.testing.assert_array_equal(int4_as_int8(packed).dense(), packed.dense())
+
+
 def test_storage_sizes():
     assert PackedShape(WeightFormat.INT8, 1024, 1024).nbytes() == 1024 * 1024 * (1 + 2 / 32)
+    assert PackedShape(WeightFormat.INT4, 1024, 1024, offsets=True).stored_bits_per_weight == 5.0
+    assert PackedShape(WeightFormat.INT4, 1024, 1024).stored_bits_per_weight == 4.5
     assert PackedShape(WeightFormat.BF16, 1024, 1024).nbytes() == 1024 * 1024 * 2
     with pytest.raises(ValueError, match="not packed"):
         PackedShape(WeightFormat.DENSE, 1024, 1024).nbytes()
