@@ -4,7 +4,7 @@ replaced by its input as well. The differences are what the linear layers and at
 step (caches as the real step leaves them: the weight stream evicts the KV cache), and the remainder is
 everything else (norms, RoPE, KV store, SwiGLU, MAX's dispatch, the host).
 
-    python -m benchmarks.step [--model DIR] [--dtype bfloat16] [--quantization int8] [--context 512]
+    python -m benchmarks.step [--model DIR|FILE.gguf] [--dtype bfloat16] [--quantization int8|int4] [--context 512]
                               [--rounds 6] [--steps 16] [--prefill TOKENS]
 
 With --prefill, each round times one prefill of that many tokens (from position 0, the last token's logits)
@@ -30,6 +30,7 @@ from max.graph import TensorValue, ops
 from benchmarks.machine import measure
 from benchmarks.model import decode_steps, prefill_once, weight_bytes
 from mili.engine.model_runner import ModelRunner
+from mili.quantization import QUANTIZATIONS
 from mili.model import ops as mili_ops
 from mili.model import packed_linear, qwen3
 
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a Qwen3 checkpoint folder (default: the random Qwen3-0.6B-shaped one)")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"), help="run dtype")
-    parser.add_argument("--quantization", choices=("none", "int8"), default="none", help="weight quantization")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help="weight quantization")
     parser.add_argument("--context", type=int, default=512, help="tokens in the cache before the timed steps")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds (default 6)")
     parser.add_argument("--steps", type=int, default=16, help="decode steps per variant per round (default 16)")

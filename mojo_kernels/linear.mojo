@@ -21,6 +21,13 @@
 #         W[n, k] = (q[n, k] - 8) * scale[n, k // 32], or q[n, k] * scale + offset with offsets (q unsigned, 0..15).
 #         Activations are quantized to int8 per row per 32 inputs and the products summed in integers
 #         (linear_int4.mojo has the arithmetic; a row's result still depends on that row alone).
+#   int6 (mili_linear_int6: GGUF's Q6_K): codes as int4's (the low 4 bits of each 6-bit code), and
+#         high[panels, Kg * 4] uint8: per panel, a 64-byte vector per pair of blocks (16 inputs) whose byte 4j + i
+#         holds the top 2 bits of the even block's codes i and 4 + i in bits 0-1 and 2-3, the odd block's in 4-5 and
+#         6-7 (the nibbles' byte positions);
+#         scales[panels, Kg / 16 * 16] int8 and block_scales[panels, ceil(Kg / 256) * 16] float16, laid out as
+#         int8's scales; W[n, k] = (q[n, k] - 32) * (block_scale[n, k // 256] * scale[n, k // 16]) (q 0..63).
+#         Activations as int4's.
 #   float k-major (mili_linear_float: GGUF's F16 and F32 tensors, as stored)
 #         w[panels, K * 16] float16 or float32:  W[n, k] at ((n // 16) * K + k) * 16 + n % 16
 # Padding (k >= K, n >= N) is never read into an output.
@@ -53,9 +60,11 @@ from .convert import narrow, widen
 from .linear_layout import (
     PANEL, LinearShape, bf16_panel_stride, exact_int8_weights, int8_padded_k, packed_bf16_weight, packed_float_weight,
     packed_int8_q, packed_int8_scale, INT4_GROUP, INT4_ZERO_POINT, int4_panel_bytes, packed_int4_code,
+    INT6_SUBGROUP, INT6_ZERO_POINT, int6_blocks, int6_high_panel_bytes, packed_int6_code, packed_int6_scale,
 )
 from .linear_cpu import linear_bf16_cpu, linear_int8_cpu, linear_float_cpu, kernel_family_code, exact_int8_arithmetic
 from .linear_int4 import linear_int4_cpu, int4_kernel_code
+from .linear_int6 import linear_int6_cpu
 
 comptime GPU_THREADS = 256
 
@@ -161,6 +170,39 @@ def linear_int4_gpu_kernel[x_dtype: DType, out_dtype: DType, scale_dtype: DType,
             comptime if OFFSETS:
                 offset = packed_int8_scale[INT4_GROUP](offset_ptr, padded_k, n, g)
             acc = offset.fma(xsum, Float32(isum).fma(scale * (amax / 127), acc))
+        out_ptr.unsafe_store(i, narrow[out_dtype](acc))
+        i += stride
+
+
+def linear_int6_gpu_kernel[x_dtype: DType, out_dtype: DType](
+    out_ptr: Pointer[Scalar[out_dtype], MutAnyOrigin], x_ptr: Pointer[Scalar[x_dtype], ImmutAnyOrigin],
+    codes: Pointer[UInt8, ImmutAnyOrigin], high_bits: Pointer[UInt8, ImmutAnyOrigin],
+    scale_ptr: Pointer[Int8, ImmutAnyOrigin], block_ptr: Pointer[Float16, ImmutAnyOrigin], rows: Int32, k_len: Int32,
+    n_len: Int32,
+):
+    """The CPU path's formula (linear_int6.mojo's header), each thread quantizing its row's groups itself."""
+    var total = Int(rows) * Int(n_len)
+    var i = Int(block_idx.x) * Int(block_dim.x) + Int(thread_idx.x)
+    var stride = Int(grid_dim.x) * Int(block_dim.x)
+    var k_total = Int(k_len)
+    var padded_k = int8_padded_k(k_total, INT4_GROUP)
+    while i < total:
+        var m = i // Int(n_len)
+        var n = i - m * Int(n_len)
+        var acc: Float32 = 0
+        for g in range(padded_k // INT4_GROUP):
+            var amax: Float32 = 0
+            for k in range(g * INT4_GROUP, min(k_total, (g + 1) * INT4_GROUP)):
+                amax = max(amax, abs(widen(x_ptr.unsafe_load(m * k_total + k))))
+            var inverse = Float32(127) / amax if amax > 0 else Float32(0)
+            for h in range(2):
+                var start = g * INT4_GROUP + h * INT6_SUBGROUP
+                var isum = 0
+                for k in range(start, min(k_total, start + INT6_SUBGROUP)):
+                    var xq = max(min(round(widen(x_ptr.unsafe_load(m * k_total + k)) * inverse), 127), -127)
+                    isum += Int(xq) * (packed_int6_code(codes, high_bits, k_total, n, k) - INT6_ZERO_POINT)
+                var weight_scale = packed_int6_scale(scale_ptr, block_ptr, k_total, n, start)
+                acc = Float32(isum).fma(weight_scale * (amax / 127), acc)
         out_ptr.unsafe_store(i, narrow[out_dtype](acc))
         i += stride
 
@@ -358,6 +400,50 @@ struct LinearInt4Offsets:
         ctx: DeviceContext,
     ) raises:
         linear_int4[True, target]("mili_linear_int4_offsets", output, x, codes, scales, offsets, ctx)
+
+
+@extensibility.register("mili_linear_int6")
+struct LinearInt6:
+    """Computes out [M, N] = x [M, K] @ W^T with W = (q - 32) * block_scale * scale (GGUF's Q6_K): 6-bit codes in
+    panels (a nibble plane and a 2-bit plane), an int8 scale per channel per 16 inputs and a float16 one per 256,
+    activations quantized to int8 (linear_int6.mojo)."""
+
+    @staticmethod
+    def execute[
+        target: StaticString,
+    ](
+        output: OutputTensor[rank=2, ...],
+        x: InputTensor[rank=2, ...],
+        codes: InputTensor[dtype=DType.uint8, rank=2, ...],
+        high_bits: InputTensor[dtype=DType.uint8, rank=2, ...],
+        scales: InputTensor[dtype=DType.int8, rank=2, ...],
+        block_scales: InputTensor[dtype=DType.float16, rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime op = "mili_linear_int6"
+        var shape = LinearShape(x.dim_size(0), x.dim_size(1), output.dim_size(1))
+        var rows = output.dim_size(0)
+        check_packed(op, shape.rows, rows, shape, codes.dim_size(0), codes.dim_size(1), int4_panel_bytes(shape.k))
+        check_packed(op, shape.rows, rows, shape, high_bits.dim_size(0), high_bits.dim_size(1),
+                     int6_high_panel_bytes(shape.k))
+        check_packed(op, shape.rows, rows, shape, scales.dim_size(0), scales.dim_size(1),
+                     int8_padded_k(shape.k, INT4_GROUP) // INT6_SUBGROUP * PANEL)
+        check_packed(op, shape.rows, rows, shape, block_scales.dim_size(0), block_scales.dim_size(1),
+                     int6_blocks(shape.k) * PANEL)
+        if shape.rows == 0 or shape.n == 0:
+            return
+        comptime if target == "cpu":
+            linear_int6_cpu[x.dtype, output.dtype](output.unsafe_ptr(), x.unsafe_ptr(), codes.unsafe_ptr(),
+                                                   high_bits.unsafe_ptr(), scales.unsafe_ptr(),
+                                                   block_scales.unsafe_ptr(), shape, ctx)
+        elif target == "gpu":
+            ctx.enqueue_function[linear_int6_gpu_kernel[x.dtype, output.dtype]](
+                output.unsafe_ptr(), x.unsafe_ptr(), codes.unsafe_ptr(), high_bits.unsafe_ptr(), scales.unsafe_ptr(),
+                block_scales.unsafe_ptr(), Int32(shape.rows), Int32(shape.k), Int32(shape.n),
+                grid_dim=gpu_blocks(shape.rows * shape.n), block_dim=GPU_THREADS,
+            )
+        else:
+            raise Error(op, ": unsupported target ", target)
 
 
 @extensibility.register("mili_linear_float")

@@ -105,10 +105,10 @@ def dot_quads(acc: SIMD[DType.int32, I32_WIDTH], codes: SIMD[DType.uint8, CODE_B
 
 @always_inline
 def quantize_group[x_dtype: DType](
-    x_ptr: Pointer[Scalar[x_dtype], ...], k_len: Int, row: Int, g: Int, padded_k: Int,
-    xq: MutPointer[Int8, ...], xs: MutPointer[Float32, ...], xsum: MutPointer[Float32, ...],
+    x_ptr: Pointer[Scalar[x_dtype], ...], k_len: Int, row: Int, g: Int, padded_k: Int, rows: QuantizedRows,
 ):
-    """Row `row`'s group g: its 32 codes (zero past K), its scale and the sum of its values."""
+    """Row `row`'s group g: its 32 codes (zero past K), its scale, the sum of its values and the sums of its two
+    halves' codes."""
     var start = g * INT4_GROUP
     var values: SIMD[DType.float32, INT4_GROUP]
     if start + INT4_GROUP <= k_len:
@@ -119,27 +119,54 @@ def quantize_group[x_dtype: DType](
             values[i] = widen(x_ptr.unsafe_load(row * k_len + start + i))
     var amax = abs(values).reduce_max()
     var at = row * (padded_k // INT4_GROUP) + g
-    xs.unsafe_store(at, amax / 127)
-    xsum.unsafe_store(at, values.reduce_add())
+    rows.scales.unsafe_store(at, amax / 127)
+    rows.sums.unsafe_store(at, values.reduce_add())
     var inverse = Float32(127) / amax if amax > 0 else Float32(0)
     var rounded = llvm_intrinsic["llvm.roundeven", SIMD[DType.float32, INT4_GROUP]](values * inverse)
-    xq.unsafe_store(row * padded_k + start, max(min(rounded, 127), -127).cast[DType.int8]())
+    var codes = max(min(rounded, 127), -127).cast[DType.int32]()
+    rows.codes.unsafe_store(row * padded_k + start, codes.cast[DType.int8]())
+    rows.half_sums.unsafe_store(2 * at, codes.slice[16]().reduce_add())
+    rows.half_sums.unsafe_store(2 * at + 1, codes.slice[16, offset=16]().reduce_add())
 
 
-def quantize_rows[x_dtype: DType](
-    x_ptr: Pointer[Scalar[x_dtype], ...], shape: LinearShape, xq: MutPointer[Int8, MutAnyOrigin],
-    xs: MutPointer[Float32, MutAnyOrigin], xsum: MutPointer[Float32, MutAnyOrigin], ctx: DeviceContext,
+@fieldwise_init
+struct QuantizedRows(TrivialRegisterPassable):
+    """A batch's activations as the low-bit ops read them, per row: int8 codes [rows, Kg], and per group of 32
+    a float32 scale and sum [rows, Kg / 32]; per half group the sum of its codes [rows, Kg / 16] (the 6-bit
+    layout's zero point meets it)."""
+
+    var codes: MutPointer[Int8, MutUntrackedOrigin]
+    var scales: MutPointer[Float32, MutUntrackedOrigin]
+    var sums: MutPointer[Float32, MutUntrackedOrigin]
+    var half_sums: MutPointer[Int32, MutUntrackedOrigin]
+
+
+def with_quantized_rows[x_dtype: DType, BodyFn: def(QuantizedRows) raises -> None, //](
+    x_ptr: Pointer[Scalar[x_dtype], ...], shape: LinearShape, body: BodyFn, ctx: DeviceContext,
 ) raises:
-    """Every row's int8 codes [rows, Kg], scales and sums [rows, Kg / 32]; rows split across cores when many."""
+    """Quantizes every row (rows split across cores when many) and calls body with them."""
     var padded_k = int8_padded_k(shape.k, INT4_GROUP)
     var groups = padded_k // INT4_GROUP
+    var codes = List[Int8](length=shape.rows * padded_k, fill=0)
+    var scales = List[Float32](length=shape.rows * groups, fill=0)
+    var sums = List[Float32](length=shape.rows * groups, fill=0)
+    var half_sums = List[Int32](length=shape.rows * 2 * groups, fill=0)
+    var quantized = QuantizedRows(rebind[MutPointer[Int8, MutUntrackedOrigin]](codes.unsafe_ptr()),
+                                  rebind[MutPointer[Float32, MutUntrackedOrigin]](scales.unsafe_ptr()),
+                                  rebind[MutPointer[Float32, MutUntrackedOrigin]](sums.unsafe_ptr()),
+                                  rebind[MutPointer[Int32, MutUntrackedOrigin]](half_sums.unsafe_ptr()))
 
-    def rows(first: Int, end: Int) raises {imm x_ptr, imm shape, imm xq, imm xs, imm xsum, imm padded_k, imm groups}:
+    def rows(first: Int, end: Int) raises {imm x_ptr, imm shape, imm quantized, imm padded_k, imm groups}:
         for row in range(first, end):
             for g in range(groups):
-                quantize_group(x_ptr, shape.k, row, g, padded_k, xq, xs, xsum)
+                quantize_group(x_ptr, shape.k, row, g, padded_k, quantized)
 
     parallel_ranges(shape.rows, tasks_for(shape.rows * shape.k), rows, ctx)
+    body(quantized)
+    _ = codes^
+    _ = scales^
+    _ = sums^
+    _ = half_sums^
 
 
 # --- The tile ---------------------------------------------------------------------------------------------
@@ -152,24 +179,27 @@ def broadcast_quad(xq: Pointer[Int8, ...], at: Int) -> SIMD[DType.int8, CODE_BYT
 
 
 @always_inline
-def group_sums[MR: Int, NP: Int](
-    isum: MutPointer[Int32, ...], codes: Pointer[UInt8, ...], xq: Pointer[Int8, ...], panel: Int, panel_bytes: Int,
-    padded_k: Int, row: Int, g: Int,
+def block_sums[MR: Int, NP: Int, BLOCKS: Int, SIX_BITS: Bool](
+    isum: MutPointer[Int32, ...], codes: Pointer[UInt8, ...], high_bits: Pointer[UInt8, ...], xq: Pointer[Int8, ...],
+    panel: Int, panel_bytes: Int, high_panel_bytes: Int, padded_k: Int, row: Int, first_block: Int,
 ):
-    """Isum[m, v] = one group's integer dot products for the tile's MR rows and its NP panels' V vectors.
+    """Isum[m, v] = the integer dot products over BLOCKS blocks of 8 inputs from `first_block` on, for the tile's
+    MR rows and its NP panels' V vectors. Codes are the nibbles, or with SIX_BITS the nibbles with two more bits
+    from the high plane (linear.mojo's header; BLOCKS even, first_block even).
     Each value is used where it is made, so that LLVM keeps MR x V sums, and either the V unpacked code vectors of
     a block (V <= MR: rows inner) or the MR rows' broadcasts (rows outer), in registers; making the broadcasts
     inside a loop over the vectors let LLVM reuse them across vectors, keep them all live and spill."""
     comptime V = NP * VECTORS_PER_PANEL
     comptime MADDUBS = int4_dot_kind() == DOT_MADDUBS
-    # pmaddubsw's 16-bit sums add up within the group: 8 pair sums of at most 2 * 15 * 127 stay below 32767.
-    comptime SUM_WIDTH = 2 * I32_WIDTH if MADDUBS else I32_WIDTH
-    comptime SumType = DType.int16 if MADDUBS else DType.int32
+    # pmaddubsw's 16-bit pair sums may add up before they are widened: 8 of 4-bit codes (each at most 2 * 15 * 127)
+    # stay below 32767, but only 2 of 6-bit ones (2 * 63 * 127 each), so 6-bit codes widen after every block.
+    comptime SIXTEEN_BITS = MADDUBS and not SIX_BITS
+    comptime SUM_WIDTH = 2 * I32_WIDTH if SIXTEEN_BITS else I32_WIDTH
+    comptime SumType = DType.int16 if SIXTEEN_BITS else DType.int32
     var sums = stack_allocation[MR * V * SUM_WIDTH, Scalar[SumType]]()
     comptime for i in range(MR * V):
         sums.unsafe_store(i * SUM_WIDTH, SIMD[SumType, SUM_WIDTH](0))
-    var x_at = row * padded_k + g * INT4_GROUP
-    var code_at = g * BLOCKS_PER_GROUP * BLOCK_BYTES
+    var x_at = row * padded_k + first_block * 8
 
     @always_inline
     def accumulate(m: Int, v: Int, low: SIMD[DType.uint8, CODE_BYTES], high: SIMD[DType.uint8, CODE_BYTES],
@@ -177,23 +207,47 @@ def group_sums[MR: Int, NP: Int](
         var at = (m * V + v) * SUM_WIDTH
         comptime if MADDUBS:
             var pairs = pair_sums(low, x_low) + pair_sums(high, x_high)
-            sums.unsafe_store(at, sums.unsafe_load[width=SUM_WIDTH](at) + rebind[SIMD[SumType, SUM_WIDTH]](pairs))
+            comptime if SIXTEEN_BITS:
+                sums.unsafe_store(at, sums.unsafe_load[width=SUM_WIDTH](at) + rebind[SIMD[SumType, SUM_WIDTH]](pairs))
+            else:
+                sums.unsafe_store(at, sums.unsafe_load[width=SUM_WIDTH](at)
+                                  + rebind[SIMD[SumType, SUM_WIDTH]](widen_pair_sums(pairs)))
         else:
             var quads = dot_quads(dot_quads(rebind[SIMD[DType.int32, I32_WIDTH]](sums.unsafe_load[width=SUM_WIDTH](at)),
                                             low, x_low), high, x_high)
             sums.unsafe_store(at, rebind[SIMD[SumType, SUM_WIDTH]](quads))
 
-    for block in range(BLOCKS_PER_GROUP):
+    @always_inline
+    def unpack(v: Int, block: Int, mut low: SIMD[DType.uint8, CODE_BYTES], mut high: SIMD[DType.uint8, CODE_BYTES]) {imm codes, imm high_bits, imm panel, imm panel_bytes, imm high_panel_bytes, imm first_block}:
+        var lane = (v % VECTORS_PER_PANEL) * CODE_BYTES
+        var b = first_block + block
+        var packed = codes.unsafe_load[width=CODE_BYTES]((panel + v // VECTORS_PER_PANEL) * panel_bytes + b * BLOCK_BYTES
+                                                         + lane)
+        low = packed & 0x0F
+        high = (packed >> 4) & 0x0F
+        comptime if SIX_BITS:
+            # one 64-byte vector per pair of blocks; byte 4j + i: bits 0-1 and 2-3 for the even block's codes
+            # i and 4 + i, bits 4-5 and 6-7 for the odd block's
+            var top = high_bits.unsafe_load[width=CODE_BYTES](
+                (panel + v // VECTORS_PER_PANEL) * high_panel_bytes + (b // 2) * BLOCK_BYTES + lane)
+            if block % 2 == 0:
+                low |= (top << 4) & 0x30
+                high |= (top << 2) & 0x30
+            else:
+                low |= top & 0x30
+                high |= (top >> 2) & 0x30
+
+    comptime for block in range(BLOCKS):
         var x_block = x_at + block * 8
-        var c_block = code_at + block * BLOCK_BYTES
         comptime if V <= MR:
             var lows = stack_allocation[V * CODE_BYTES, UInt8]()
             var highs = stack_allocation[V * CODE_BYTES, UInt8]()
             comptime for v in range(V):
-                var packed = codes.unsafe_load[width=CODE_BYTES](
-                    (panel + v // VECTORS_PER_PANEL) * panel_bytes + c_block + (v % VECTORS_PER_PANEL) * CODE_BYTES)
-                lows.unsafe_store(v * CODE_BYTES, packed & 0x0F)
-                highs.unsafe_store(v * CODE_BYTES, (packed >> 4) & 0x0F)
+                var low = SIMD[DType.uint8, CODE_BYTES](0)
+                var high = SIMD[DType.uint8, CODE_BYTES](0)
+                unpack(v, block, low, high)
+                lows.unsafe_store(v * CODE_BYTES, low)
+                highs.unsafe_store(v * CODE_BYTES, high)
             comptime for m in range(MR):
                 var x_low = broadcast_quad(xq, x_block + m * padded_k)
                 var x_high = broadcast_quad(xq, x_block + m * padded_k + 4)
@@ -207,16 +261,15 @@ def group_sums[MR: Int, NP: Int](
                 x_lows.unsafe_store(m * CODE_BYTES, broadcast_quad(xq, x_block + m * padded_k))
                 x_highs.unsafe_store(m * CODE_BYTES, broadcast_quad(xq, x_block + m * padded_k + 4))
             comptime for v in range(V):
-                var packed = codes.unsafe_load[width=CODE_BYTES](
-                    (panel + v // VECTORS_PER_PANEL) * panel_bytes + c_block + (v % VECTORS_PER_PANEL) * CODE_BYTES)
-                var low = packed & 0x0F
-                var high = (packed >> 4) & 0x0F
+                var low = SIMD[DType.uint8, CODE_BYTES](0)
+                var high = SIMD[DType.uint8, CODE_BYTES](0)
+                unpack(v, block, low, high)
                 comptime for m in range(MR):
                     accumulate(m, v, low, high, x_lows.unsafe_load[width=CODE_BYTES](m * CODE_BYTES),
                                x_highs.unsafe_load[width=CODE_BYTES](m * CODE_BYTES))
     comptime for i in range(MR * V):
         var partial = sums.unsafe_load[width=SUM_WIDTH](i * SUM_WIDTH)
-        comptime if MADDUBS:
+        comptime if SIXTEEN_BITS:
             isum.unsafe_store(i * I32_WIDTH, widen_pair_sums(rebind[SIMD[DType.int16, 2 * I32_WIDTH]](partial)))
         else:
             isum.unsafe_store(i * I32_WIDTH, rebind[SIMD[DType.int32, I32_WIDTH]](partial))
@@ -224,9 +277,8 @@ def group_sums[MR: Int, NP: Int](
 
 @always_inline
 def int4_tile[S: DType, //, out_dtype: DType, MR: Int, NP: Int, OFFSETS: Bool](
-    out_ptr: MutPointer[Scalar[out_dtype], ...], xq: Pointer[Int8, ...], xs: Pointer[Float32, ...],
-    xsum: Pointer[Float32, ...], codes: Pointer[UInt8, ...], scale_ptr: Pointer[Scalar[S], ...],
-    offset_ptr: Pointer[Scalar[S], ...], shape: LinearShape, row: Int, panel: Int,
+    out_ptr: MutPointer[Scalar[out_dtype], ...], rows: QuantizedRows, codes: Pointer[UInt8, ...],
+    scale_ptr: Pointer[Scalar[S], ...], offset_ptr: Pointer[Scalar[S], ...], shape: LinearShape, row: Int, panel: Int,
 ):
     """MR rows x NP panels, group by group: integer sums, then one fold per group (the header's formula)."""
     comptime V = NP * VECTORS_PER_PANEL
@@ -236,8 +288,11 @@ def int4_tile[S: DType, //, out_dtype: DType, MR: Int, NP: Int, OFFSETS: Bool](
     var padded_k = int8_padded_k(shape.k, INT4_GROUP)
     var groups = padded_k // INT4_GROUP
     var panel_bytes = int4_panel_bytes(shape.k)
+    var xq = rebind[Pointer[Int8, ImmutAnyOrigin]](rows.codes)
+    var no_high_bits = rebind[Pointer[UInt8, ImmutAnyOrigin]](codes)  # never read without SIX_BITS
     for g in range(groups):
-        group_sums[MR, NP](isum, codes, xq, panel, panel_bytes, padded_k, row, g)
+        block_sums[MR, NP, BLOCKS_PER_GROUP, False](isum, codes, no_high_bits, xq, panel, panel_bytes, 0, padded_k,
+                                                    row, g * BLOCKS_PER_GROUP)
         comptime for v in range(V):
             var at = ((panel + v // VECTORS_PER_PANEL) * groups + g) * PANEL + (v % VECTORS_PER_PANEL) * F32_WIDTH
             var scale = scale_ptr.unsafe_load[width=F32_WIDTH](at).cast[DType.float32]()
@@ -250,8 +305,8 @@ def int4_tile[S: DType, //, out_dtype: DType, MR: Int, NP: Int, OFFSETS: Bool](
                 var i = (m * V + v) * F32_WIDTH
                 var row_group = (row + m) * groups + g
                 var sums = isum.unsafe_load[width=I32_WIDTH](i).cast[DType.float32]()
-                var folded = sums.fma(scale * xs.unsafe_load(row_group), acc.unsafe_load[width=F32_WIDTH](i))
-                acc.unsafe_store(i, offset.fma(SIMD[DType.float32, F32_WIDTH](xsum.unsafe_load(row_group)), folded))
+                var folded = sums.fma(scale * rows.scales.unsafe_load(row_group), acc.unsafe_load[width=F32_WIDTH](i))
+                acc.unsafe_store(i, offset.fma(SIMD[DType.float32, F32_WIDTH](rows.sums.unsafe_load(row_group)), folded))
     store_tile[out_dtype, MR, NP](out_ptr, acc, shape, row, panel)
 
 
@@ -261,24 +316,11 @@ def linear_int4_cpu[S: DType, //, x_dtype: DType, out_dtype: DType, OFFSETS: Boo
     shape: LinearShape, ctx: DeviceContext,
 ) raises:
     """W = (q - 8) * scale, or q * scale + offset with OFFSETS (offset_ptr is not read without)."""
-    var padded_k = int8_padded_k(shape.k, INT4_GROUP)
-    var groups = padded_k // INT4_GROUP
-    var quantized = List[Int8](length=shape.rows * padded_k, fill=0)
-    var row_scales = List[Float32](length=shape.rows * groups, fill=0)
-    var row_sums = List[Float32](length=shape.rows * groups, fill=0)
-    var xq = rebind[MutPointer[Int8, MutAnyOrigin]](quantized.unsafe_ptr())
-    var xs = rebind[MutPointer[Float32, MutAnyOrigin]](row_scales.unsafe_ptr())
-    var xsum = rebind[MutPointer[Float32, MutAnyOrigin]](row_sums.unsafe_ptr())
-    quantize_rows(x_ptr, shape, xq, xs, xsum, ctx)
-    var xq_read = rebind[Pointer[Int8, ImmutAnyOrigin]](xq)
-    var xs_read = rebind[Pointer[Float32, ImmutAnyOrigin]](xs)
-    var xsum_read = rebind[Pointer[Float32, ImmutAnyOrigin]](xsum)
 
-    def tile[MR: Int, NP: Int](row: Int, panel: Int) {imm out_ptr, imm xq_read, imm xs_read, imm xsum_read, imm codes, imm scale_ptr, imm offset_ptr, imm shape}:
-        int4_tile[out_dtype, MR, NP, OFFSETS](out_ptr, xq_read, xs_read, xsum_read, codes, scale_ptr, offset_ptr,
-                                              shape, row, panel)
+    def run(rows: QuantizedRows) raises {imm out_ptr, imm codes, imm scale_ptr, imm offset_ptr, imm shape, ref ctx}:
+        def tile[MR: Int, NP: Int](row: Int, panel: Int) {imm out_ptr, imm rows, imm codes, imm scale_ptr, imm offset_ptr, imm shape}:
+            int4_tile[out_dtype, MR, NP, OFFSETS](out_ptr, rows, codes, scale_ptr, offset_ptr, shape, row, panel)
 
-    for_each_tile[tile_rows_int4()](shape, 1, tile, ctx)
-    _ = quantized^
-    _ = row_scales^
-    _ = row_sums^
+        for_each_tile[tile_rows_int4()](shape, 1, tile, ctx)
+
+    with_quantized_rows(x_ptr, shape, run, ctx)

@@ -126,3 +126,51 @@ def packed_int4_weight[S: DType, //, OFFSETS: Bool](
             offset_ptr, padded_k, n, k // INT4_GROUP)
     else:
         return (q - Float32(INT4_ZERO_POINT)) * scale
+
+
+# --- The 6-bit layout (GGUF's Q6_K; linear.mojo's header) --------------------------------------------------
+
+comptime INT6_SUBGROUP = 16  # inputs per int8 sub-scale
+comptime INT6_BLOCK = 256  # inputs per float16 block scale
+comptime INT6_ZERO_POINT = 32  # W = (q - 32) * block_scale * scale
+
+
+@always_inline
+def int6_high_panel_bytes(k: Int) -> Int:
+    """Bytes of one panel's high bits: K rounded up to 32, four 2-bit fields a byte, 16 channels."""
+    return int8_padded_k(k, INT4_GROUP) // 4 * PANEL
+
+
+@always_inline
+def int6_blocks(k: Int) -> Int:
+    """Block scales per channel: ceil(Kg / 256)."""
+    return ceildiv(int8_padded_k(k, INT4_GROUP), INT6_BLOCK)
+
+
+@always_inline
+def packed_int6_code(codes: Pointer[UInt8, ...], high_bits: Pointer[UInt8, ...], k_len: Int, n: Int, k: Int) -> Int:
+    """Q[n, k] (0..63): the 4-bit layout's nibble, and two bits from the high plane's 64-byte vector of its pair of
+    blocks (byte 4j + i: bits 0-1 and 2-3 for the even block's inputs i and 4 + i, bits 4-5 and 6-7 for the odd
+    block's)."""
+    var nibble = Int(packed_int4_code(codes, k_len, n, k))
+    var at = (n // PANEL) * int6_high_panel_bytes(k_len) + (k // 16) * 4 * PANEL + (n % PANEL) * 4 + k % 4
+    var shift = 2 * (2 * ((k // 8) % 2) + (1 if k % 8 >= 4 else 0))
+    return nibble | (Int((high_bits.unsafe_load(at) >> UInt8(shift)) & 3) << 4)
+
+
+@always_inline
+def packed_int6_scale(scale_ptr: Pointer[Int8, ...], block_ptr: Pointer[Float16, ...], k_len: Int, n: Int,
+                      k: Int) -> Float32:
+    """Block_scale[n, k // 256] * scale[n, k // 16], exact in float32 (11 significant bits times 8)."""
+    var subgroups = int8_padded_k(k_len, INT4_GROUP) // INT6_SUBGROUP
+    var scale = scale_ptr.unsafe_load(((n // PANEL) * subgroups + k // INT6_SUBGROUP) * PANEL + n % PANEL)
+    var block = block_ptr.unsafe_load(((n // PANEL) * int6_blocks(k_len) + k // INT6_BLOCK) * PANEL + n % PANEL)
+    return block.cast[DType.float32]() * scale.cast[DType.float32]()
+
+
+@always_inline
+def packed_int6_weight(codes: Pointer[UInt8, ...], high_bits: Pointer[UInt8, ...], scale_ptr: Pointer[Int8, ...],
+                       block_ptr: Pointer[Float16, ...], k_len: Int, n: Int, k: Int) -> Float32:
+    """W[n, k] as gguf-py dequantizes Q6_K: (block_scale * scale) * (q - 32), each product rounded once."""
+    var q = packed_int6_code(codes, high_bits, k_len, n, k) - INT6_ZERO_POINT
+    return packed_int6_scale(scale_ptr, block_ptr, k_len, n, k) * Float32(q)

@@ -175,12 +175,17 @@ def _q5_k(blocks: np.ndarray) -> Unpacked:
     return (q.view(np.int8), *_k_scales_and_offsets(blocks))
 
 
-def _q6_k(blocks: np.ndarray) -> Unpacked:
-    # Per half of 128 values: 64 bytes of low nibbles (values 0-63 low, 64-127 high), and 32 bytes whose bit pairs
-    # 0-1, 2-3, 4-5, 6-7 are the top 2 bits of values 0-31, 32-63, 64-95, 96-127.
+def _q6_k_codes(blocks: np.ndarray) -> np.ndarray:
+    """Q6_K's 256 unsigned 6-bit codes per block, uint8 [B, 256]: per half of 128 values, 64 bytes of low nibbles
+    (values 0-63 low, 64-127 high), and 32 bytes whose bit pairs 0-1, 2-3, 4-5, 6-7 are the top 2 bits of values
+    0-31, 32-63, 64-95, 96-127."""
     low = _nibbles(blocks[:, 0:128], 64)
     high = (blocks[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 3
-    q = _as_int8(low | (high.reshape(blocks.shape[0], -1) << 4), 32)
+    return low | (high.reshape(blocks.shape[0], -1) << 4)
+
+
+def _q6_k(blocks: np.ndarray) -> Unpacked:
+    q = _as_int8(_q6_k_codes(blocks), 32)
     return q, _float16_at(blocks, 208) * blocks[:, 192:208].view(np.int8).astype(np.float32), None
 
 
@@ -244,6 +249,28 @@ def grouped_codes(tensor_type: GGMLQuantizationType, raw: np.ndarray, rows: int,
                 offsets = np.empty_like(scales)
             offsets[start:stop].reshape(-1, block_size // group)[...] = offsets_part
     return GroupedCodes(q, scales, offsets, group)
+
+
+@dataclass(frozen=True, eq=False)
+class Q6KParts:
+    """A [N, K] Q6_K weight as stored: W[n, k] = (block_scales[n, k // 256] * scales[n, k // 16]) * (q[n, k] - 32),
+    each product rounded to float32 (gguf-py's order)."""
+
+    codes: np.ndarray  # uint8 [N, K], 0..63
+    scales: np.ndarray  # int8 [N, K // 16]
+    block_scales: np.ndarray  # float16 [N, K // 256]
+
+
+def q6_k_parts(raw: np.ndarray, rows: int, cols: int) -> Q6KParts:
+    """The [rows, cols] Q6_K tensor's codes and two levels of scales, unchanged (raw as for grouped_codes)."""
+    blocks = _blocks(GGMLQuantizationType.Q6_K, raw, rows, cols)
+    flat = blocks.reshape(-1, blocks.shape[-1])
+    codes = np.empty((rows * (cols // 256), 256), np.uint8)
+    step = max(1, _CHUNK_ELEMENTS // 256)
+    for start in range(0, len(flat), step):
+        codes[start:start + step] = _q6_k_codes(flat[start:start + step])
+    return Q6KParts(codes.reshape(rows, cols), flat[:, 192:208].view(np.int8).reshape(rows, cols // 16).copy(),
+                    flat[:, 208:210].view(np.float16).reshape(rows, cols // 256).copy())
 
 
 def join_rows(parts: list[GroupedCodes]) -> GroupedCodes:

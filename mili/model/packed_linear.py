@@ -16,6 +16,11 @@ The layouts are the contract with mojo_kernels/linear.mojo (its header has the i
   with a float16 or float32 scale per channel per 32 inputs and either offsets beside them (W = q * scale +
   offset, q 0..15: GGUF's Q4_1 and Q4_K, `--quantization int4`) or zero point 8 (W = (q - 8) * scale: Q4_0);
   the op quantizes activations to int8 per row per 32 inputs (mojo_kernels/linear_int4.mojo);
+- int6 (GGUF's Q6_K): 6-bit codes as a nibble plane laid out as int4's codes and a plane of their top 2 bits,
+  [panels, Kg * 4] uint8 (per pair of blocks of 8 inputs a 64-byte vector, byte 4j + i holding the top bits of
+  the even block's codes i and 4 + i in bits 0-1 and 2-3, the odd block's in 4-5 and 6-7), an int8 scale per
+  channel per 16 inputs and a float16 block scale per 256: W = (q - 32) * (block scale * scale), activations
+  quantized as int4's;
 - float16 / float32: k-major panels of the values themselves, [panels, K * 16] (GGUF's F16 and F32 tensors).
 Padding (channels past N, inputs past K) is zero. numpy has no bfloat16, so bf16 data travels as uint16 bits.
 """
@@ -37,6 +42,9 @@ DEFAULT_GROUP_SIZE = 32  # a GGUF Q8_0 block: 32 weights, one float16 scale
 INT4_GROUP = 32  # the 4-bit layout's inputs per scale (and the op's activation group)
 INT4_ZERO_POINT = 8  # 4-bit codes without offsets: W = (q - 8) * scale
 INT4_MAX = 15
+INT6_SUBGROUP = 16  # the 6-bit layout's inputs per int8 scale
+INT6_BLOCK = 256  # ... and per float16 block scale
+INT6_ZERO_POINT = 32
 INT8_MAX = 127
 _PACK_CHUNK_CHANNELS = 8192  # pack this many output channels at a time, so temporaries stay small
 
@@ -48,6 +56,7 @@ class WeightFormat(enum.Enum):
     BF16 = "bf16"  # bf16 panels, MILI's linear op
     INT8 = "int8"  # int8 weight-only with group scales (and offsets), MILI's linear op
     INT4 = "int4"  # 4-bit codes with group scales and offsets (or zero point 8), MILI's linear op
+    INT6 = "int6"  # 6-bit codes with int8 sub-scales and float16 block scales (GGUF's Q6_K), MILI's linear op
     FLOAT16 = "float16"  # float16 k-major panels, MILI's linear op (GGUF F16 tensors)
     FLOAT32 = "float32"  # float32 k-major panels, MILI's linear op (GGUF F32 tensors)
     GGUF = "gguf"  # a model's format only: each tensor as its GGUF file stores it (one of the above)
@@ -84,6 +93,8 @@ class PackedShape:
     def __post_init__(self) -> None:
         if self.format is WeightFormat.INT4 and self.group_size != INT4_GROUP:
             raise ValueError(f"4-bit weights are in groups of {INT4_GROUP}, not {self.group_size}")
+        if self.format is WeightFormat.INT6 and self.group_size != INT6_SUBGROUP:
+            raise ValueError(f"6-bit weights are in groups of {INT6_SUBGROUP}, not {self.group_size}")
 
     def arrays(self) -> list[tuple[str, DType, tuple[int, int]]]:
         p, k = panels(self.out_features), self.in_features
@@ -99,6 +110,11 @@ class PackedShape:
             groups = (p, kg // INT4_GROUP * PANEL)
             offsets = [(".offsets", self.scale_dtype, groups)] if self.offsets else []
             return [(".codes", DType.uint8, (p, kg // 2 * PANEL)), (".scales", self.scale_dtype, groups), *offsets]
+        if self.format is WeightFormat.INT6:
+            kg = padded_k(k, INT4_GROUP)
+            return [(".codes", DType.uint8, (p, kg // 2 * PANEL)), (".high", DType.uint8, (p, kg // 4 * PANEL)),
+                    (".scales", DType.int8, (p, kg // INT6_SUBGROUP * PANEL)),
+                    (".block_scales", DType.float16, (p, -(-kg // INT6_BLOCK) * PANEL))]
         if self.format in (WeightFormat.FLOAT16, WeightFormat.FLOAT32):
             return [("", self.format.float_dtype, (p, k * PANEL))]
         raise ValueError(f"{self.format.value} weights are not packed tensors")
@@ -240,6 +256,8 @@ class PackedWeight:
         if s.format is WeightFormat.INT4:
             codes, scales, *offsets = self.arrays
             return dequantize_int4(codes, scales, offsets[0] if offsets else None, s.out_features, s.in_features)
+        if s.format is WeightFormat.INT6:
+            return dequantize_int6(*self.arrays, s.out_features, s.in_features)
         return unpack_k_major(self.arrays[0], s.out_features, s.in_features).astype(np.float32)
 
 
@@ -375,6 +393,57 @@ def quantize_int4(weight: np.ndarray) -> PackedWeight:
     return pack_int4(codes, scales, offsets, DType.float16)
 
 
+def pack_int6(codes: np.ndarray, scales: np.ndarray, block_scales: np.ndarray) -> PackedWeight:
+    """6-bit codes [N, K] (0..63) with int8 scales [N, ceil(K / 16)] and float16 block scales [N, ceil(K / 256)]
+    -> the 6-bit layout (GGUF's Q6_K as stored): W = (q - 32) * (block scale * scale)."""
+    n, k = codes.shape
+    kg = padded_k(k, INT4_GROUP)
+    if scales.shape != (n, -(-k // INT6_SUBGROUP)) or block_scales.shape != (n, -(-k // INT6_BLOCK)):
+        raise ValueError(f"codes [{n}, {k}] need scales [{n}, {-(-k // INT6_SUBGROUP)}] and block scales "
+                         f"[{n}, {-(-k // INT6_BLOCK)}], got {list(scales.shape)} and {list(block_scales.shape)}")
+    if codes.size and int(codes.max()) > 63:
+        raise ValueError(f"6-bit codes must be 0..63, got {int(codes.max())}")
+    codes = np.asarray(codes, np.uint8)
+    p = panels(n)
+    top = _padded(codes >> 4, p * PANEL, kg).reshape(p, PANEL, kg // 16, 2, 2, 4)
+    high = top[:, :, :, 0, 0] | top[:, :, :, 0, 1] << 2 | top[:, :, :, 1, 0] << 4 | top[:, :, :, 1, 1] << 6
+    high = high.transpose(0, 2, 1, 3).reshape(p, kg // 4 * PANEL)
+    stored_scales = _padded(np.asarray(scales, np.int8), n, kg // INT6_SUBGROUP)
+    stored_blocks = _padded(np.asarray(block_scales, np.float16), n, -(-kg // INT6_BLOCK))
+    shape = PackedShape(WeightFormat.INT6, n, k, INT6_SUBGROUP, DType.float16)
+    return PackedWeight(shape, (pack_int4_codes(codes & 0x0F), np.ascontiguousarray(high),
+                                pack_k_major(stored_scales), pack_k_major(stored_blocks)))
+
+
+def unpack_int6_codes(codes: np.ndarray, high: np.ndarray, out_features: int, in_features: int) -> np.ndarray:
+    """The [N, K] uint8 codes (0..63) of a 6-bit weight's nibble and high-bit planes."""
+    p = codes.shape[0]
+    kg = codes.shape[1] * 2 // PANEL
+    fields = high.reshape(p, kg // 16, PANEL, 4).transpose(0, 2, 1, 3)[:, :, :, None, None, :]
+    shifts = np.array([[0, 2], [4, 6]], np.uint8).reshape(1, 1, 1, 2, 2, 1)
+    top = ((fields >> shifts) & 3).reshape(p * PANEL, kg)
+    q = unpack_int4_codes(codes, p * PANEL, kg) | (top << 4)
+    return np.ascontiguousarray(q[:out_features, :in_features])
+
+
+def int6_weight_scales(scales: np.ndarray, block_scales: np.ndarray, out_features: int,
+                       in_features: int) -> np.ndarray:
+    """Block scale * scale per channel per 16 inputs, float32 [N, ceil(K / 16)] (exact: 11 bits times 8)."""
+    per_16 = -(-in_features // INT6_SUBGROUP)
+    sub = unpack_k_major(scales, out_features, scales.shape[1] // PANEL)[:, :per_16].astype(np.float32)
+    blocks = unpack_k_major(block_scales, out_features, block_scales.shape[1] // PANEL).astype(np.float32)
+    return np.repeat(blocks, INT6_BLOCK // INT6_SUBGROUP, axis=1)[:, :per_16] * sub
+
+
+def dequantize_int6(codes: np.ndarray, high: np.ndarray, scales: np.ndarray, block_scales: np.ndarray,
+                    out_features: int, in_features: int) -> np.ndarray:
+    """The float32 [N, K] matrix a 6-bit weight holds: (block scale * scale) * (q - 32), each product rounded to
+    float32 as gguf-py dequantizes Q6_K."""
+    q = unpack_int6_codes(codes, high, out_features, in_features).astype(np.float32)
+    weight_scales = int6_weight_scales(scales, block_scales, out_features, in_features)
+    return np.repeat(weight_scales, INT6_SUBGROUP, axis=1)[:, :in_features] * (q - INT6_ZERO_POINT)
+
+
 def int4_as_int8(weight: PackedWeight) -> PackedWeight:
     """A 4-bit weight with offsets in the int8 layout with the same values (codes 0..15, float16 scales, float32
     offsets): what `--float-activations` runs `--quantization int4` as."""
@@ -408,6 +477,8 @@ def _op_name(kind: str, shape: PackedShape) -> tuple[str, dict[str, int]]:
         return f"mili_{kind}_int8" + ("_offsets" if shape.offsets else ""), {"group_size": shape.group_size}
     if fmt is WeightFormat.INT4:
         return f"mili_{kind}_int4" + ("_offsets" if shape.offsets else ""), {}
+    if fmt is WeightFormat.INT6:
+        return f"mili_{kind}_int6", {}
     if fmt in (WeightFormat.FLOAT16, WeightFormat.FLOAT32):
         return f"mili_{kind}_float", {}
     raise ValueError(f"{fmt.value} weights are not packed tensors")

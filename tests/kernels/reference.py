@@ -113,3 +113,22 @@ def int4_linear(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, offsets: n
     result = (scaled * isum).sum(axis=2) + xsum @ offsets.T
     magnitude = (np.abs(scaled) * isum_abs).sum(axis=2) + xabs @ np.abs(offsets).T
     return result, magnitude
+
+
+def int6_linear(x: np.ndarray, codes: np.ndarray, weight_scales: np.ndarray,
+                group: int = 32, subgroup: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """x [M, K] @ W^T for W = (codes - 32) * weight_scales (codes [N, K] 0..63; weight_scales [N, ceil(K / 16)],
+    the block scale times the sub-scale) with x quantized as quantize_activations says, in float64: sum over half
+    groups of (xs * weight_scale) * sum(xq * (q - 32)). Returns (the result, the matching sum of magnitudes)."""
+    xq, xs, _ = quantize_activations(x, group)
+    m, n = x.shape[0], codes.shape[0]
+    count = xq.shape[1] // subgroup
+    q = np.zeros((n, xq.shape[1]))
+    q[:, :codes.shape[1]] = codes.astype(np.float64) - 32
+    xq_h, q_h = xq.reshape(m, count, subgroup), q.reshape(n, count, subgroup)
+    scales = np.zeros((n, count))
+    scales[:, :weight_scales.shape[1]] = weight_scales
+    isum = np.einsum("mhk,nhk->mnh", xq_h, q_h)
+    isum_abs = np.einsum("mhk,nhk->mnh", np.abs(xq_h), np.abs(q_h))
+    scaled = np.repeat(xs, group // subgroup, axis=1)[:, None, :] * scales[None, :, :]
+    return (scaled * isum).sum(axis=2), (np.abs(scaled) * isum_abs).sum(axis=2)

@@ -22,12 +22,13 @@ from max.dtype import DType
 
 from mili.dtypes import numpy_to_buffer, to_numpy_f32
 from mili.gguf.weights import pack_parts, tensor_layout
-from mili.model.packed_linear import (PackedShape, PackedWeight, WeightFormat, pack_grouped, pack_int4, pack_weight,
-                                     unpack_int4_codes, unpack_k_major)
+from mili.model.packed_linear import (PackedShape, PackedWeight, WeightFormat, int6_weight_scales, pack_grouped,
+                                     pack_int4, pack_int6, pack_weight, unpack_int4_codes, unpack_int6_codes,
+                                     unpack_k_major)
 from tests.kernels import reference as ref
 from tests.gguf_blocks import random_blocks
-from tests.kernels.graphs import (DTYPES, EMBEDDING_CASES, INT4_OFFSETS, INT4_Q4_0, INT4_Q4_K, LINEAR_CASES, Q4_1_LIKE,
-                                  Q4_K_LIKE, Q6_K_LIKE, layout, layout_name, linear_layouts)
+from tests.kernels.graphs import (DTYPES, EMBEDDING_CASES, INT4_OFFSETS, INT4_Q4_0, INT4_Q4_K, INT6, LINEAR_CASES,
+                                  Q4_1_LIKE, Q4_K_LIKE, Q6_K_LIKE, layout, layout_name, linear_layouts)
 
 # (M, K, N): M over both the decode tiles (< 16 rows, with their MR tails) and the prefill path; K and N not
 # multiples of the SIMD width, of the 16-channel panel, of the bf16 pair or of the int8 group.
@@ -76,6 +77,46 @@ def int4_weight(w: np.ndarray, shape: PackedShape) -> PackedWeight:
     return pack_int4(codes, scales, offsets, shape.scale_dtype)
 
 
+def int6_weight(w: np.ndarray) -> PackedWeight:
+    """W in the 6-bit layout as GGUF's Q6_K stores it, quantised here: a float16 block scale per 256 inputs, an int8
+    scale per 16 (of either sign), codes q in 0..63 with W ~ (q - 32) * block scale * scale."""
+    n, k = w.shape
+    padded = np.pad(w, ((0, 0), (0, -k % 256)))
+    blocks = (np.abs(padded).reshape(n, -1, 256).max(axis=2) / (127 * 31)).astype(np.float16)
+    block_per_16 = np.repeat(blocks.astype(np.float32), 16, axis=1)
+    sub_max = np.abs(padded).reshape(n, -1, 16).max(axis=2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scales = np.where(block_per_16 > 0, np.rint(sub_max / (31 * block_per_16)), 0)
+    scales = np.clip(scales, -128, 127).astype(np.int8) * np.where(np.arange(scales.shape[1]) % 3 == 1, -1, 1).astype(
+        np.int8)  # some negative sub-scales, as Q6_K allows
+    step = np.repeat(block_per_16 * scales.astype(np.float32), 16, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(step != 0, np.rint(padded / step), 0) + 32
+    codes = np.clip(q, 0, 63).astype(np.uint8)[:, :k]
+    return pack_int6(codes, scales[:, :-(-k // 16)], blocks[:, :-(-k // 256)])
+
+
+def check_int6_case(case, got: np.ndarray, x: np.ndarray, packed: PackedWeight) -> None:
+    """The 6-bit op against its definition (int8 activations per 32 inputs) in float64, within float32 rounding
+    of the half-group folds; and against the unquantized product within the activations' rounding."""
+    s = packed.shape
+    x32 = ref.as_dtype(x, case.x_dtype)
+    codes = unpack_int6_codes(packed.arrays[0], packed.arrays[1], s.out_features, s.in_features)
+    scale = int6_weight_scales(packed.arrays[2], packed.arrays[3], s.out_features, s.in_features).astype(np.float64)
+    per_16 = scale.shape[1]
+    expected, magnitude = ref.int6_linear(x32, codes, scale)
+    bound = 1.01 * (2 * per_16 + 8) * FLOAT32_UNIT * magnitude
+    bound = bound + (BFLOAT16_UNIT if case.out_dtype == DType.bfloat16 else FLOAT32_UNIT) * (np.abs(expected) + bound)
+    error = np.abs(got - expected)
+    worst = np.unravel_index(np.argmax(error - bound), error.shape) if error.size else None
+    assert np.all(error <= bound), f"{case.name}: error {error[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
+    _, xs, _ = ref.quantize_activations(x32)
+    step = np.repeat(xs / 2, 32, axis=1)[:, :x.shape[1]]
+    dense = packed.dense().astype(np.float64)
+    unquantized_bound = step @ np.abs(dense).T + bound + 1e-6 * (np.abs(x32) @ np.abs(dense).T)
+    assert np.all(np.abs(got - x32.astype(np.float64) @ dense.T) <= unquantized_bound), case.name
+
+
 def int4_parts(packed: PackedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(codes [N, K], scales [N, G], offsets [N, G]) of a 4-bit weight, float64; zero point 8 as offset -8 * scale."""
     s = packed.shape
@@ -118,6 +159,8 @@ def packed_weights(rng: np.random.Generator, n: int, k: int) -> dict[PackedShape
         symmetric_int8 = shape == PackedShape(WeightFormat.INT8, 1, 1, shape.group_size)
         if shape.format is WeightFormat.INT8 and not symmetric_int8:
             out[shape] = grouped_weight(w, shape)
+        elif shape.format is WeightFormat.INT6:
+            out[shape] = int6_weight(w)
         elif shape.format is WeightFormat.INT4 and (shape.scale_dtype == DType.float32 or not shape.offsets):
             out[shape] = int4_weight(w, shape)  # GGUF's Q4_K and Q4_0; float16 offsets: --quantization int4
         else:
@@ -167,6 +210,9 @@ def test_linear_and_embedding_match_float64(linear_model, m, k, n, rng):
         assert got.shape == (m, n), case.name
         if case.layout.format is WeightFormat.INT4:
             check_int4_case(case, got, x, packed)
+            continue
+        if case.layout.format is WeightFormat.INT6:
+            check_int6_case(case, got, x, packed)
             continue
         w64 = packed.dense().astype(np.float64)
         error = np.abs(got - x64 @ w64.T)
@@ -236,8 +282,8 @@ GGUF_TYPE_LAYOUTS = {
     GGML.Q4_1: Q4_1_LIKE, GGML.Q5_1: Q4_1_LIKE, GGML.Q4_K: Q4_K_LIKE, GGML.Q5_K: Q4_K_LIKE, GGML.Q6_K: Q6_K_LIKE,
     GGML.F16: layout(WeightFormat.FLOAT16), GGML.F32: layout(WeightFormat.FLOAT32), GGML.BF16: layout(WeightFormat.BF16),
 }
-# ... and by default, where 4-bit types run as 4-bit codes with int8 activations
-GGUF_4BIT_LAYOUTS = {GGML.Q4_0: INT4_Q4_0, GGML.Q4_1: INT4_OFFSETS, GGML.Q4_K: INT4_Q4_K}
+# ... and by default, where 4-bit types and Q6_K run as 4- and 6-bit codes with int8 activations
+GGUF_4BIT_LAYOUTS = {GGML.Q4_0: INT4_Q4_0, GGML.Q4_1: INT4_OFFSETS, GGML.Q4_K: INT4_Q4_K, GGML.Q6_K: INT6}
 
 
 @pytest.mark.parametrize("float_activations", [False, True])
@@ -264,9 +310,9 @@ def test_gguf_blocks_through_the_op_match_gguf_py(linear_model, m, float_activat
         for case, got in zip(LINEAR_CASES, outputs, strict=False):
             if case.layout != shape:
                 continue
-            if shape.format is WeightFormat.INT4:
+            if shape.format in (WeightFormat.INT4, WeightFormat.INT6):
                 np.testing.assert_array_equal(packed.dense(), reference.astype(np.float32), err_msg=gguf_type.name)
-                check_int4_case(case, got, x, packed)
+                (check_int4_case if shape.format is WeightFormat.INT4 else check_int6_case)(case, got, x, packed)
                 compared.add(gguf_type)
                 continue
             x64 = ref.as_dtype(x, case.x_dtype).astype(np.float64)

@@ -5,7 +5,9 @@ from std.sys import argv
 from max.gpu.host import DeviceContext
 from mojo_kernels.linear_cpu import linear_bf16_cpu, linear_float_cpu, linear_int8_cpu
 from mojo_kernels.linear_int4 import linear_int4_cpu
-from mojo_kernels.linear_layout import LinearShape, bf16_panel_stride, int8_padded_k, int4_panel_bytes
+from mojo_kernels.linear_int6 import linear_int6_cpu
+from mojo_kernels.linear_layout import (LinearShape, bf16_panel_stride, int8_padded_k, int4_panel_bytes,
+                                        int6_high_panel_bytes, int6_blocks)
 
 
 def run_all(rows: Int) raises -> Float32:
@@ -51,8 +53,9 @@ def run_all(rows: Int) raises -> Float32:
 
 
 def run_int4(rows: Int) raises -> Float32:
-    """Both 4-bit paths with x = 127 (activation scale 1, codes 127) and W = 1 (code 9 with zero point 8 and scale
-    1; code 1 with scale 1 and offset 0): each output is 127 * K (exact); returns the sum of their first outputs."""
+    """The 4-bit and 6-bit paths with x = 127 (activation scale 1, codes 127) and W = 1 (code 9 with zero point 8
+    and scale 1; code 1 with scale 1 and offset 0; code 33 with zero point 32): each output is 127 * K (exact);
+    returns the sum of their first and last outputs."""
     comptime K = 40
     comptime N = 20
     var ctx = DeviceContext(api="cpu")
@@ -71,6 +74,14 @@ def run_int4(rows: Int) raises -> Float32:
     linear_int4_cpu[DType.bfloat16, DType.float32, True](out.unsafe_ptr(), x.unsafe_ptr(), one.unsafe_ptr(),
                                                           scales.unsafe_ptr(), offsets.unsafe_ptr(), shape, ctx)
     total += out[0] + out[rows * N - 1]
+    # 6 bits: code 33 (nibble 1, high bits 2 in every field) with zero point 32, sub-scale 1 and block scale 1
+    var high = List[UInt8](length=2 * int6_high_panel_bytes(K), fill=0xAA)
+    var sub_scales = List[Int8](length=2 * (int8_padded_k(K, 32) // 16) * 16, fill=1)
+    var block_scales = List[Float16](length=2 * int6_blocks(K) * 16, fill=1)
+    linear_int6_cpu[DType.bfloat16, DType.float32](out.unsafe_ptr(), x.unsafe_ptr(), one.unsafe_ptr(),
+                                                   high.unsafe_ptr(), sub_scales.unsafe_ptr(),
+                                                   block_scales.unsafe_ptr(), shape, ctx)
+    total += out[0] + out[rows * N - 1]
     return total
 
 
@@ -80,6 +91,6 @@ def main() raises:
         if total != 8 * 40:
             raise Error("rows=", rows, ": paths summed to ", total, ", expected 320")
         var int4_total = run_int4(rows)
-        if int4_total != 4 * 127 * 40:
-            raise Error("rows=", rows, ": 4-bit paths summed to ", int4_total, ", expected ", 4 * 127 * 40)
+        if int4_total != 6 * 127 * 40:
+            raise Error("rows=", rows, ": 4- and 6-bit paths summed to ", int4_total, ", expected ", 6 * 127 * 40)
     print("linear paths agree")
