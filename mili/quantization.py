@@ -40,6 +40,19 @@ def weight_group_size(spec: Qwen3GraphSpec) -> int | None:
     return spec.group_size if spec.weight_format in (WeightFormat.INT8, WeightFormat.INT4) else None
 
 
+LOW_BIT_FORMATS = (WeightFormat.INT4, WeightFormat.INT4_K, WeightFormat.INT6)
+
+
+def linear_activations(spec: Qwen3GraphSpec) -> str:
+    """What the linear layers' weights meet: "int8" where 4- or 6-bit weights run (activations quantized per row
+    per 32 inputs), else the run dtype's name (/status's `activations`)."""
+    if spec.weight_format in LOW_BIT_FORMATS and not spec.float_activations:
+        return "int8"
+    if spec.weight_format is WeightFormat.GGUF and any(s.format in LOW_BIT_FORMATS for _, s in spec.tensor_formats):
+        return "int8"
+    return spec.dtype.name
+
+
 def describe_weights(spec: Qwen3GraphSpec) -> str:
     """`int8 weights (group 32)`, `packed bf16 weights`, `dense float32 weights`, or for a GGUF file `GGUF
     weights as stored, 0.41 GB read per token`."""
@@ -51,8 +64,8 @@ def describe_weights(spec: Qwen3GraphSpec) -> str:
     if fmt is WeightFormat.INT4:
         return f"int4 weights (group {spec.group_size}, 5.0 bits a weight) meeting {meeting}"
     if fmt is WeightFormat.GGUF:
-        four_bit = spec.float_activations or any(s.format is WeightFormat.INT4 for _, s in spec.tensor_formats)
-        how = f"; its 4-bit tensors meet {meeting}" if four_bit else ""
+        low_bit = spec.float_activations or linear_activations(spec) == "int8"
+        how = f"; its 4- and 6-bit tensors meet {meeting}" if low_bit else ""
         return f"GGUF weights as stored, {spec.weight_bytes_per_token() / 1e9:.2f} GB read per token{how}"
     return "packed bf16 weights" if fmt is WeightFormat.BF16 else f"dense {spec.dtype.name} weights"
 

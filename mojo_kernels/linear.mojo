@@ -21,6 +21,9 @@
 #         W[n, k] = (q[n, k] - 8) * scale[n, k // 32], or q[n, k] * scale + offset with offsets (q unsigned, 0..15).
 #         Activations are quantized to int8 per row per 32 inputs and the products summed in integers
 #         (linear_int4.mojo has the arithmetic; a row's result still depends on that row alone).
+#   int4 with two-level scales (mili_linear_int4_k: GGUF's Q4_K as stored): codes as int4's; scales and mins
+#         [panels, Kg / 32 * 16] uint8 (6-bit values) laid out as int4's scales, block_scales and block_mins
+#         [panels, ceil(Kg / 256) * 16] float16; W[n, k] = q * (block_scale * scale) - block_min * min.
 #   int6 (mili_linear_int6: GGUF's Q6_K): codes as int4's (the low 4 bits of each 6-bit code), and
 #         high[panels, Kg * 4] uint8: per panel, a 64-byte vector per pair of blocks (16 inputs) whose byte 4j + i
 #         holds the top 2 bits of the even block's codes i and 4 + i in bits 0-1 and 2-3, the odd block's in 4-5 and
@@ -61,9 +64,10 @@ from .linear_layout import (
     PANEL, LinearShape, bf16_panel_stride, exact_int8_weights, int8_padded_k, packed_bf16_weight, packed_float_weight,
     packed_int8_q, packed_int8_scale, INT4_GROUP, INT4_ZERO_POINT, int4_panel_bytes, packed_int4_code,
     INT6_SUBGROUP, INT6_ZERO_POINT, int6_blocks, int6_high_panel_bytes, packed_int6_code, packed_int6_scale,
+    int4_k_blocks,
 )
 from .linear_cpu import linear_bf16_cpu, linear_int8_cpu, linear_float_cpu, kernel_family_code, exact_int8_arithmetic
-from .linear_int4 import linear_int4_cpu, int4_kernel_code
+from .linear_int4 import linear_int4_cpu, linear_int4_k_cpu, int4_kernel_code
 from .linear_int6 import linear_int6_cpu
 
 comptime GPU_THREADS = 256
@@ -203,6 +207,47 @@ def linear_int6_gpu_kernel[x_dtype: DType, out_dtype: DType](
                     isum += Int(xq) * (packed_int6_code(codes, high_bits, k_total, n, k) - INT6_ZERO_POINT)
                 var weight_scale = packed_int6_scale(scale_ptr, block_ptr, k_total, n, start)
                 acc = Float32(isum).fma(weight_scale * (amax / 127), acc)
+        out_ptr.unsafe_store(i, narrow[out_dtype](acc))
+        i += stride
+
+
+def linear_int4_k_gpu_kernel[x_dtype: DType, out_dtype: DType](
+    out_ptr: Pointer[Scalar[out_dtype], MutAnyOrigin], x_ptr: Pointer[Scalar[x_dtype], ImmutAnyOrigin],
+    codes: Pointer[UInt8, ImmutAnyOrigin], scale_ptr: Pointer[UInt8, ImmutAnyOrigin],
+    min_ptr: Pointer[UInt8, ImmutAnyOrigin], block_ptr: Pointer[Float16, ImmutAnyOrigin],
+    block_min_ptr: Pointer[Float16, ImmutAnyOrigin], rows: Int32, k_len: Int32, n_len: Int32,
+):
+    """The CPU path's formula (linear_int4.mojo's header, Q4_K's scales), each thread quantizing its row itself."""
+    var total = Int(rows) * Int(n_len)
+    var i = Int(block_idx.x) * Int(block_dim.x) + Int(thread_idx.x)
+    var stride = Int(grid_dim.x) * Int(block_dim.x)
+    var k_total = Int(k_len)
+    var padded_k = int8_padded_k(k_total, INT4_GROUP)
+    var groups = padded_k // INT4_GROUP
+    while i < total:
+        var m = i // Int(n_len)
+        var n = i - m * Int(n_len)
+        var acc: Float32 = 0
+        for g in range(groups):
+            var end = min(k_total, (g + 1) * INT4_GROUP)
+            var amax: Float32 = 0
+            var xsum: Float32 = 0
+            for k in range(g * INT4_GROUP, end):
+                var x = widen(x_ptr.unsafe_load(m * k_total + k))
+                amax = max(amax, abs(x))
+                xsum += x
+            var inverse = Float32(127) / amax if amax > 0 else Float32(0)
+            var isum = 0
+            for k in range(g * INT4_GROUP, end):
+                var xq = max(min(round(widen(x_ptr.unsafe_load(m * k_total + k)) * inverse), 127), -127)
+                isum += Int(xq) * Int(packed_int4_code(codes, k_total, n, k))
+            var at = ((n // PANEL) * groups + g) * PANEL + n % PANEL
+            var block_at = ((n // PANEL) * int4_k_blocks(k_total) + g * INT4_GROUP // 256) * PANEL + n % PANEL
+            var scale = block_ptr.unsafe_load(block_at).cast[DType.float32]() * scale_ptr.unsafe_load(at).cast[
+                DType.float32]()
+            var offset = -(block_min_ptr.unsafe_load(block_at).cast[DType.float32]() * min_ptr.unsafe_load(at).cast[
+                DType.float32]())
+            acc = offset.fma(xsum, Float32(isum).fma(scale * (amax / 127), acc))
         out_ptr.unsafe_store(i, narrow[out_dtype](acc))
         i += stride
 
@@ -400,6 +445,50 @@ struct LinearInt4Offsets:
         ctx: DeviceContext,
     ) raises:
         linear_int4[True, target]("mili_linear_int4_offsets", output, x, codes, scales, offsets, ctx)
+
+
+@extensibility.register("mili_linear_int4_k")
+struct LinearInt4K:
+    """Computes out [M, N] = x [M, K] @ W^T with W = q * (block_scale * scale) - block_min * min (GGUF's Q4_K as
+    stored): 4-bit codes in panels, 6-bit scales and mins per channel per 32 inputs, float16 block scales and mins
+    per 256, activations quantized to int8 (linear_int4.mojo)."""
+
+    @staticmethod
+    def execute[
+        target: StaticString,
+    ](
+        output: OutputTensor[rank=2, ...],
+        x: InputTensor[rank=2, ...],
+        codes: InputTensor[dtype=DType.uint8, rank=2, ...],
+        scales: InputTensor[dtype=DType.uint8, rank=2, ...],
+        mins: InputTensor[dtype=DType.uint8, rank=2, ...],
+        block_scales: InputTensor[dtype=DType.float16, rank=2, ...],
+        block_mins: InputTensor[dtype=DType.float16, rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime op = "mili_linear_int4_k"
+        var shape = LinearShape(x.dim_size(0), x.dim_size(1), output.dim_size(1))
+        var rows = output.dim_size(0)
+        var groups = int8_padded_k(shape.k, INT4_GROUP) // INT4_GROUP
+        check_packed(op, shape.rows, rows, shape, codes.dim_size(0), codes.dim_size(1), int4_panel_bytes(shape.k))
+        for t in [(scales.dim_size(0), scales.dim_size(1)), (mins.dim_size(0), mins.dim_size(1))]:
+            check_packed(op, shape.rows, rows, shape, t[0], t[1], groups * PANEL)
+        for t in [(block_scales.dim_size(0), block_scales.dim_size(1)), (block_mins.dim_size(0), block_mins.dim_size(1))]:
+            check_packed(op, shape.rows, rows, shape, t[0], t[1], int4_k_blocks(shape.k) * PANEL)
+        if shape.rows == 0 or shape.n == 0:
+            return
+        comptime if target == "cpu":
+            linear_int4_k_cpu[x.dtype, output.dtype](output.unsafe_ptr(), x.unsafe_ptr(), codes.unsafe_ptr(),
+                                                     scales.unsafe_ptr(), mins.unsafe_ptr(), block_scales.unsafe_ptr(),
+                                                     block_mins.unsafe_ptr(), shape, ctx)
+        elif target == "gpu":
+            ctx.enqueue_function[linear_int4_k_gpu_kernel[x.dtype, output.dtype]](
+                output.unsafe_ptr(), x.unsafe_ptr(), codes.unsafe_ptr(), scales.unsafe_ptr(), mins.unsafe_ptr(),
+                block_scales.unsafe_ptr(), block_mins.unsafe_ptr(), Int32(shape.rows), Int32(shape.k), Int32(shape.n),
+                grid_dim=gpu_blocks(shape.rows * shape.n), block_dim=GPU_THREADS,
+            )
+        else:
+            raise Error(op, ": unsupported target ", target)
 
 
 @extensibility.register("mili_linear_int6")

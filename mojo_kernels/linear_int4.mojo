@@ -23,7 +23,9 @@ from std.sys.intrinsics import llvm_intrinsic
 from std.math import ceildiv
 from .cpu_parallel import parallel_ranges, tasks_for
 from .convert import narrow, widen
-from .linear_layout import PANEL, LinearShape, INT4_GROUP, INT4_ZERO_POINT, int8_padded_k, int4_panel_bytes
+from .linear_layout import (
+    PANEL, LinearShape, INT4_GROUP, INT4_K_BLOCK, INT4_ZERO_POINT, int8_padded_k, int4_k_blocks, int4_panel_bytes,
+)
 from .linear_cpu import for_each_tile, store_tile, zero_tile, F32_WIDTH, VECTORS_PER_PANEL
 
 comptime I32_WIDTH = F32_WIDTH
@@ -308,6 +310,62 @@ def int4_tile[S: DType, //, out_dtype: DType, MR: Int, NP: Int, OFFSETS: Bool](
                 var folded = sums.fma(scale * rows.scales.unsafe_load(row_group), acc.unsafe_load[width=F32_WIDTH](i))
                 acc.unsafe_store(i, offset.fma(SIMD[DType.float32, F32_WIDTH](rows.sums.unsafe_load(row_group)), folded))
     store_tile[out_dtype, MR, NP](out_ptr, acc, shape, row, panel)
+
+
+@always_inline
+def int4_k_tile[out_dtype: DType, MR: Int, NP: Int](
+    out_ptr: MutPointer[Scalar[out_dtype], ...], rows: QuantizedRows, codes: Pointer[UInt8, ...],
+    scale_ptr: Pointer[UInt8, ...], min_ptr: Pointer[UInt8, ...], block_ptr: Pointer[Float16, ...],
+    block_min_ptr: Pointer[Float16, ...], shape: LinearShape, row: Int, panel: Int,
+):
+    """Int4_tile with GGUF Q4_K's two-level scales: scale = block_scale * sub-scale, offset = -(block_min * min)
+    (6-bit sub-scales and mins per 32 inputs, float16 block values per 256; both products exact in float32)."""
+    comptime V = NP * VECTORS_PER_PANEL
+    var acc = stack_allocation[MR * NP * PANEL, Float32]()
+    var isum = stack_allocation[MR * NP * PANEL, Int32]()
+    zero_tile[MR, NP](acc)
+    var padded_k = int8_padded_k(shape.k, INT4_GROUP)
+    var groups = padded_k // INT4_GROUP
+    var blocks = int4_k_blocks(shape.k)
+    var panel_bytes = int4_panel_bytes(shape.k)
+    var xq = rebind[Pointer[Int8, ImmutAnyOrigin]](rows.codes)
+    var no_high_bits = rebind[Pointer[UInt8, ImmutAnyOrigin]](codes)  # never read without SIX_BITS
+    for g in range(groups):
+        block_sums[MR, NP, BLOCKS_PER_GROUP, False](isum, codes, no_high_bits, xq, panel, panel_bytes, 0, padded_k,
+                                                    row, g * BLOCKS_PER_GROUP)
+        comptime for v in range(V):
+            var p = panel + v // VECTORS_PER_PANEL
+            var lane = (v % VECTORS_PER_PANEL) * F32_WIDTH
+            var at = (p * groups + g) * PANEL + lane
+            var block_at = (p * blocks + g * INT4_GROUP // INT4_K_BLOCK) * PANEL + lane
+            var scale = block_ptr.unsafe_load[width=F32_WIDTH](block_at).cast[DType.float32]() * scale_ptr.unsafe_load[
+                width=F32_WIDTH](at).cast[DType.float32]()
+            var offset = -(block_min_ptr.unsafe_load[width=F32_WIDTH](block_at).cast[DType.float32]()
+                           * min_ptr.unsafe_load[width=F32_WIDTH](at).cast[DType.float32]())
+            comptime for m in range(MR):
+                var i = (m * V + v) * F32_WIDTH
+                var row_group = (row + m) * groups + g
+                var sums = isum.unsafe_load[width=I32_WIDTH](i).cast[DType.float32]()
+                var folded = sums.fma(scale * rows.scales.unsafe_load(row_group), acc.unsafe_load[width=F32_WIDTH](i))
+                acc.unsafe_store(i, offset.fma(SIMD[DType.float32, F32_WIDTH](rows.sums.unsafe_load(row_group)), folded))
+    store_tile[out_dtype, MR, NP](out_ptr, acc, shape, row, panel)
+
+
+def linear_int4_k_cpu[x_dtype: DType, out_dtype: DType](
+    out_ptr: MutPointer[Scalar[out_dtype], ...], x_ptr: Pointer[Scalar[x_dtype], ...], codes: Pointer[UInt8, ...],
+    scale_ptr: Pointer[UInt8, ...], min_ptr: Pointer[UInt8, ...], block_ptr: Pointer[Float16, ...],
+    block_min_ptr: Pointer[Float16, ...], shape: LinearShape, ctx: DeviceContext,
+) raises:
+    """W = q * (block_scale * scale) - block_min * min (GGUF's Q4_K as stored)."""
+
+    def run(rows: QuantizedRows) raises {imm out_ptr, imm codes, imm scale_ptr, imm min_ptr, imm block_ptr, imm block_min_ptr, imm shape, ref ctx}:
+        def tile[MR: Int, NP: Int](row: Int, panel: Int) {imm out_ptr, imm rows, imm codes, imm scale_ptr, imm min_ptr, imm block_ptr, imm block_min_ptr, imm shape}:
+            int4_k_tile[out_dtype, MR, NP](out_ptr, rows, codes, scale_ptr, min_ptr, block_ptr, block_min_ptr, shape,
+                                           row, panel)
+
+        for_each_tile[tile_rows_int4()](shape, 1, tile, ctx)
+
+    with_quantized_rows(x_ptr, shape, run, ctx)
 
 
 def linear_int4_cpu[S: DType, //, x_dtype: DType, out_dtype: DType, OFFSETS: Bool](

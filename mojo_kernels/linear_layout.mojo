@@ -96,6 +96,13 @@ def packed_float_weight[E: DType, //](w_ptr: Pointer[Scalar[E], ...], k_len: Int
 
 comptime INT4_GROUP = 32  # inputs per scale, and per activation scale
 comptime INT4_ZERO_POINT = 8  # without stored offsets, W = (q - 8) * scale
+comptime INT4_K_BLOCK = 256  # GGUF Q4_K's super-block: one float16 scale and min per 256 inputs
+
+
+@always_inline
+def int4_k_blocks(k: Int) -> Int:
+    """Q4_K block scales (and mins) per channel: ceil(Kg / 256)."""
+    return ceildiv(int8_padded_k(k, INT4_GROUP), INT4_K_BLOCK)
 
 
 @always_inline
@@ -174,3 +181,18 @@ def packed_int6_weight(codes: Pointer[UInt8, ...], high_bits: Pointer[UInt8, ...
     """W[n, k] as gguf-py dequantizes Q6_K: (block_scale * scale) * (q - 32), each product rounded once."""
     var q = packed_int6_code(codes, high_bits, k_len, n, k) - INT6_ZERO_POINT
     return packed_int6_scale(scale_ptr, block_ptr, k_len, n, k) * Float32(q)
+
+
+
+@always_inline
+def packed_int4_k_weight(codes: Pointer[UInt8, ...], scale_ptr: Pointer[UInt8, ...], min_ptr: Pointer[UInt8, ...],
+                         block_ptr: Pointer[Float16, ...], block_min_ptr: Pointer[Float16, ...], k_len: Int, n: Int,
+                         k: Int) -> Float32:
+    """W[n, k] as gguf-py dequantizes Q4_K: (block_scale * scale) * q - (block_min * min), each step rounded."""
+    var groups = int8_padded_k(k_len, INT4_GROUP) // INT4_GROUP
+    var at = ((n // PANEL) * groups + k // INT4_GROUP) * PANEL + n % PANEL
+    var block_at = ((n // PANEL) * int4_k_blocks(k_len) + k // INT4_K_BLOCK) * PANEL + n % PANEL
+    var scale = block_ptr.unsafe_load(block_at).cast[DType.float32]() * scale_ptr.unsafe_load(at).cast[DType.float32]()
+    var offset = block_min_ptr.unsafe_load(block_at).cast[DType.float32]() * min_ptr.unsafe_load(at).cast[
+        DType.float32]()
+    return separately_rounded(SIMD[DType.float32, 1](packed_int4_code(codes, k_len, n, k) * scale))[0] - offset

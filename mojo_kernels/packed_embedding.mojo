@@ -7,6 +7,7 @@
 # mili_packed_embedding_float:         ids [T] int32, w [panels, K * 16] float16 / float32       -> out [T, hidden]
 # mili_packed_embedding_int4:          ids [T] int32, codes, scales (linear.mojo's 4-bit layout)  -> out [T, hidden]
 # mili_packed_embedding_int4_offsets:  ids [T] int32, codes, scales, offsets                      -> out [T, hidden]
+# mili_packed_embedding_int4_k:        ids [T] int32, codes, scales, mins, block scales, block mins -> out [T, hidden]
 # mili_packed_embedding_int6:          ids [T] int32, codes, high, scales, block_scales (6-bit)    -> out [T, hidden]
 # out[t, k] = W[ids[t], k] rounded to out's dtype (exact for bf16 -> float32 / bfloat16; int8 rows are
 # q * scale (+ offset) in float32, then rounded; 4-bit rows (q - 8) * scale or q * scale + offset). An id outside the packed rows [0, panels * 16) is an error (ids in
@@ -22,7 +23,7 @@ from .linear import GPU_THREADS, gpu_blocks
 from .linear_layout import (
     PANEL, packed_bf16_weight, packed_float_weight, packed_int8_offset_weight, packed_int8_weight, int8_padded_k,
     bf16_panel_stride, INT4_GROUP, int4_panel_bytes, packed_int4_weight, INT6_SUBGROUP, int6_blocks,
-    int6_high_panel_bytes, packed_int6_weight,
+    int6_high_panel_bytes, packed_int6_weight, int4_k_blocks, packed_int4_k_weight,
 )
 
 
@@ -133,6 +134,23 @@ def embedding_int6_gpu_kernel[out_dtype: DType](
     while i < Int(tokens) * Int(hidden):
         gpu_position(hidden, t, k, i)
         var w = packed_int6_weight(codes, high_bits, scale_ptr, block_ptr, Int(hidden), Int(ids.unsafe_load(t)), k)
+        out_ptr.unsafe_store(i, narrow[out_dtype](w))
+        i += Int(grid_dim.x) * Int(block_dim.x)
+
+
+def embedding_int4_k_gpu_kernel[out_dtype: DType](
+    out_ptr: Pointer[Scalar[out_dtype], MutAnyOrigin], ids: Pointer[Int32, ImmutAnyOrigin],
+    codes: Pointer[UInt8, ImmutAnyOrigin], scale_ptr: Pointer[UInt8, ImmutAnyOrigin],
+    min_ptr: Pointer[UInt8, ImmutAnyOrigin], block_ptr: Pointer[Float16, ImmutAnyOrigin],
+    block_min_ptr: Pointer[Float16, ImmutAnyOrigin], tokens: Int32, hidden: Int32,
+):
+    var i = Int(block_idx.x) * Int(block_dim.x) + Int(thread_idx.x)
+    var t = 0
+    var k = 0
+    while i < Int(tokens) * Int(hidden):
+        gpu_position(hidden, t, k, i)
+        var w = packed_int4_k_weight(codes, scale_ptr, min_ptr, block_ptr, block_min_ptr, Int(hidden),
+                                     Int(ids.unsafe_load(t)), k)
         out_ptr.unsafe_store(i, narrow[out_dtype](w))
         i += Int(grid_dim.x) * Int(block_dim.x)
 
@@ -402,6 +420,56 @@ struct PackedEmbeddingInt6:
                 output.unsafe_ptr(), ids.unsafe_ptr(), codes.unsafe_ptr(), high_bits.unsafe_ptr(), scales.unsafe_ptr(),
                 block_scales.unsafe_ptr(), Int32(tokens), Int32(hidden), grid_dim=gpu_blocks(tokens * hidden),
                 block_dim=GPU_THREADS,
+            )
+        else:
+            raise Error(op, ": unsupported target ", target)
+
+
+@extensibility.register("mili_packed_embedding_int4_k")
+struct PackedEmbeddingInt4K:
+    """Rows `ids` of a [vocab, hidden] weight in GGUF Q4_K's layout: q * (block_scale * scale) - block_min * min."""
+
+    @staticmethod
+    def execute[
+        target: StaticString,
+    ](
+        output: OutputTensor[rank=2, ...],
+        ids: InputTensor[dtype=DType.int32, rank=1, ...],
+        codes: InputTensor[dtype=DType.uint8, rank=2, ...],
+        scales: InputTensor[dtype=DType.uint8, rank=2, ...],
+        mins: InputTensor[dtype=DType.uint8, rank=2, ...],
+        block_scales: InputTensor[dtype=DType.float16, rank=2, ...],
+        block_mins: InputTensor[dtype=DType.float16, rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime op = "mili_packed_embedding_int4_k"
+        var tokens = ids.dim_size(0)
+        var hidden = output.dim_size(1)
+        var groups = int8_padded_k(hidden, INT4_GROUP) // INT4_GROUP
+        check_columns(op, codes.dim_size(1), int4_panel_bytes(hidden), hidden)
+        check_columns(op, scales.dim_size(1), groups * PANEL, hidden)
+        check_columns(op, mins.dim_size(1), groups * PANEL, hidden)
+        check_columns(op, block_scales.dim_size(1), int4_k_blocks(hidden) * PANEL, hidden)
+        check_columns(op, block_mins.dim_size(1), int4_k_blocks(hidden) * PANEL, hidden)
+        if tokens == 0:
+            return
+        comptime if target == "cpu":
+            var code_ptr = codes.unsafe_ptr()
+            var scale_ptr = scales.unsafe_ptr()
+            var min_ptr = mins.unsafe_ptr()
+            var block_ptr = block_scales.unsafe_ptr()
+            var block_min_ptr = block_mins.unsafe_ptr()
+
+            def weight(n: Int, k: Int) {imm code_ptr, imm scale_ptr, imm min_ptr, imm block_ptr, imm block_min_ptr, imm hidden} -> Float32:
+                return packed_int4_k_weight(code_ptr, scale_ptr, min_ptr, block_ptr, block_min_ptr, hidden, n, k)
+
+            embedding_rows_cpu(op, output.unsafe_ptr(), ids.unsafe_ptr(), tokens, hidden, codes.dim_size(0) * PANEL,
+                               weight, ctx)
+        elif target == "gpu":
+            ctx.enqueue_function[embedding_int4_k_gpu_kernel[output.dtype]](
+                output.unsafe_ptr(), ids.unsafe_ptr(), codes.unsafe_ptr(), scales.unsafe_ptr(), mins.unsafe_ptr(),
+                block_scales.unsafe_ptr(), block_mins.unsafe_ptr(), Int32(tokens), Int32(hidden),
+                grid_dim=gpu_blocks(tokens * hidden), block_dim=GPU_THREADS,
             )
         else:
             raise Error(op, ": unsupported target ", target)

@@ -273,6 +273,37 @@ def q6_k_parts(raw: np.ndarray, rows: int, cols: int) -> Q6KParts:
                     flat[:, 208:210].view(np.float16).reshape(rows, cols // 256).copy())
 
 
+@dataclass(frozen=True, eq=False)
+class Q4KParts:
+    """A [N, K] Q4_K weight as stored: W[n, k] = (block_scales * scales) * q - (block_mins * mins), per 32 inputs
+    (scales, mins: 6-bit) and per 256 (block scales and mins: float16), each product rounded to float32."""
+
+    codes: np.ndarray  # uint8 [N, K], 0..15
+    scales: np.ndarray  # uint8 [N, K // 32]
+    mins: np.ndarray  # uint8 [N, K // 32]
+    block_scales: np.ndarray  # float16 [N, K // 256]
+    block_mins: np.ndarray  # float16 [N, K // 256]
+
+
+def q4_k_parts(raw: np.ndarray, rows: int, cols: int) -> Q4KParts:
+    """The [rows, cols] Q4_K tensor's codes and two levels of scales and mins, unchanged (raw as for
+    grouped_codes)."""
+    blocks = _blocks(GGMLQuantizationType.Q4_K, raw, rows, cols)
+    flat = blocks.reshape(-1, blocks.shape[-1])
+    codes = np.empty((len(flat), 256), np.uint8)
+    scales = np.empty((len(flat), 8), np.uint8)
+    mins = np.empty((len(flat), 8), np.uint8)
+    step = max(1, _CHUNK_ELEMENTS // 256)
+    for start in range(0, len(flat), step):
+        part = flat[start:start + step]
+        codes[start:start + step] = _nibbles(part[:, 16:144], 32)
+        part_scales, part_mins = _k_scales_and_mins(part[:, 4:16])
+        scales[start:start + step], mins[start:start + step] = part_scales, part_mins
+    return Q4KParts(codes.reshape(rows, cols), scales.reshape(rows, -1), mins.reshape(rows, -1),
+                    flat[:, 0:2].view(np.float16).reshape(rows, -1).copy(),
+                    flat[:, 2:4].view(np.float16).reshape(rows, -1).copy())
+
+
 def join_rows(parts: list[GroupedCodes]) -> GroupedCodes:
     """Concatenates weights along N (fusing q/k/v or gate/up that a file may store in different types): the
     common group is the smallest of the parts' groups (each part's group must be a multiple of it, else

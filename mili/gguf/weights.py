@@ -10,6 +10,7 @@ bit (mili/model/packed_linear.py has the layouts):
 - 4-bit tensors (Q4_0, Q4_1, Q4_K): 4-bit codes two to a byte with a scale and an offset (Q4_0: zero point 8)
   per 32 inputs, which the op multiplies with activations quantized to int8 per 32 inputs, as llama.cpp does
   (mojo_kernels/linear_int4.mojo); with `float_activations` they take the int8 layout below instead;
+- Q4_K tensors alone: the same codes with Q4_K's own two levels of scales and mins (4.5 bits a weight);
 - Q6_K tensors: 6-bit codes (a nibble plane and a 2-bit plane) with their int8 scales per 16 inputs and float16
   block scales per 256, as stored, with activations quantized the same way (mojo_kernels/linear_int6.mojo);
 - other quantized tensors (Q8_0, Q5_0, Q5_1, Q5_K; with `float_activations` also Q6_K): int8 codes with a scale (and an offset) per group of 16
@@ -36,9 +37,10 @@ from mili.config import ModelConfig
 from mili.dtypes import bf16_bits_to_f32, numpy_to_buffer
 from mili.gguf.files import GGUFError, GGUFModel
 from mili.gguf.model_config import hf_tensor_names
-from mili.gguf.repack import QUANTIZED_TYPES, GroupedCodes, grouped_codes, join_rows, q6_k_parts
+from mili.gguf.repack import QUANTIZED_TYPES, GroupedCodes, grouped_codes, join_rows, q4_k_parts, q6_k_parts
 from mili.model.packed_linear import (INT4_GROUP, INT4_ZERO_POINT, INT6_SUBGROUP, PackedShape, PackedWeight,
-                                      WeightFormat, pack_bf16, pack_float, pack_grouped, pack_int4, pack_int6)
+                                      WeightFormat, pack_bf16, pack_float, pack_grouped, pack_int4, pack_int4_k,
+                                      pack_int6)
 from mili.model.qwen3 import ROPE_TABLE, Qwen3GraphSpec, graph_names, graph_shape, graph_weight_shapes, \
     hf_sources, is_projection
 from mili.model.rope import rope_table
@@ -88,6 +90,8 @@ def tensor_layout(types: list[GGMLQuantizationType], out_features: int, in_featu
     unique = set(types)
     if len(unique) == 1 and types[0] in FLOAT_TYPES:
         return PackedShape(FLOAT_TYPES[types[0]], out_features, in_features)
+    if unique == {GGML.Q4_K} and not float_activations:
+        return PackedShape(WeightFormat.INT4_K, out_features, in_features, INT4_GROUP, DType.float16, offsets=True)
     if unique == {GGML.Q6_K} and not float_activations:
         return PackedShape(WeightFormat.INT6, out_features, in_features, INT6_SUBGROUP)
     if unique <= INT4_TYPES and not float_activations:
@@ -160,6 +164,10 @@ def pack_parts(parts: list[ReaderTensor], layout: PackedShape) -> PackedWeight:
         else:
             values = np.concatenate([_float32(p) for p in parts])
         return pack_float(values, layout.format)
+    if layout.format is WeightFormat.INT4_K:
+        q4 = [q4_k_parts(np.asarray(p.data), *_shape(p)) for p in parts]
+        return pack_int4_k(*(np.concatenate([getattr(part, field) for part in q4])
+                             for field in ("codes", "scales", "mins", "block_scales", "block_mins")))
     if layout.format is WeightFormat.INT6:
         q6 = [q6_k_parts(np.asarray(p.data), *_shape(p)) for p in parts]
         return pack_int6(*(np.concatenate([getattr(part, field) for part in q6])

@@ -16,6 +16,9 @@ The layouts are the contract with mojo_kernels/linear.mojo (its header has the i
   with a float16 or float32 scale per channel per 32 inputs and either offsets beside them (W = q * scale +
   offset, q 0..15: GGUF's Q4_1 and Q4_K, `--quantization int4`) or zero point 8 (W = (q - 8) * scale: Q4_0);
   the op quantizes activations to int8 per row per 32 inputs (mojo_kernels/linear_int4.mojo);
+- int4_k (GGUF's Q4_K as stored): int4's codes with two levels of scales, 6-bit scales and mins [panels, Kg / 32 *
+  16] uint8 and float16 block scales and mins per 256 inputs: W = q * (block scale * scale) - block min * min
+  (4.5 bits a weight against int4's 6 with float32 scales and offsets), activations quantized as int4's;
 - int6 (GGUF's Q6_K): 6-bit codes as a nibble plane laid out as int4's codes and a plane of their top 2 bits,
   [panels, Kg * 4] uint8 (per pair of blocks of 8 inputs a 64-byte vector, byte 4j + i holding the top bits of
   the even block's codes i and 4 + i in bits 0-1 and 2-3, the odd block's in 4-5 and 6-7), an int8 scale per
@@ -56,6 +59,7 @@ class WeightFormat(enum.Enum):
     BF16 = "bf16"  # bf16 panels, MILI's linear op
     INT8 = "int8"  # int8 weight-only with group scales (and offsets), MILI's linear op
     INT4 = "int4"  # 4-bit codes with group scales and offsets (or zero point 8), MILI's linear op
+    INT4_K = "int4_k"  # 4-bit codes with GGUF Q4_K's two-level scales and mins, MILI's linear op
     INT6 = "int6"  # 6-bit codes with int8 sub-scales and float16 block scales (GGUF's Q6_K), MILI's linear op
     FLOAT16 = "float16"  # float16 k-major panels, MILI's linear op (GGUF F16 tensors)
     FLOAT32 = "float32"  # float32 k-major panels, MILI's linear op (GGUF F32 tensors)
@@ -91,7 +95,7 @@ class PackedShape:
     offsets: bool = False  # int8 / int4: W = q * scale + offset (int4 without: W = (q - 8) * scale)
 
     def __post_init__(self) -> None:
-        if self.format is WeightFormat.INT4 and self.group_size != INT4_GROUP:
+        if self.format in (WeightFormat.INT4, WeightFormat.INT4_K) and self.group_size != INT4_GROUP:
             raise ValueError(f"4-bit weights are in groups of {INT4_GROUP}, not {self.group_size}")
         if self.format is WeightFormat.INT6 and self.group_size != INT6_SUBGROUP:
             raise ValueError(f"6-bit weights are in groups of {INT6_SUBGROUP}, not {self.group_size}")
@@ -110,6 +114,12 @@ class PackedShape:
             groups = (p, kg // INT4_GROUP * PANEL)
             offsets = [(".offsets", self.scale_dtype, groups)] if self.offsets else []
             return [(".codes", DType.uint8, (p, kg // 2 * PANEL)), (".scales", self.scale_dtype, groups), *offsets]
+        if self.format is WeightFormat.INT4_K:
+            kg = padded_k(k, INT4_GROUP)
+            groups, blocks = (p, kg // INT4_GROUP * PANEL), (p, -(-kg // INT6_BLOCK) * PANEL)
+            return [(".codes", DType.uint8, (p, kg // 2 * PANEL)), (".scales", DType.uint8, groups),
+                    (".mins", DType.uint8, groups), (".block_scales", DType.float16, blocks),
+                    (".block_mins", DType.float16, blocks)]
         if self.format is WeightFormat.INT6:
             kg = padded_k(k, INT4_GROUP)
             return [(".codes", DType.uint8, (p, kg // 2 * PANEL)), (".high", DType.uint8, (p, kg // 4 * PANEL)),
@@ -258,6 +268,8 @@ class PackedWeight:
             return dequantize_int4(codes, scales, offsets[0] if offsets else None, s.out_features, s.in_features)
         if s.format is WeightFormat.INT6:
             return dequantize_int6(*self.arrays, s.out_features, s.in_features)
+        if s.format is WeightFormat.INT4_K:
+            return dequantize_int4_k(*self.arrays, s.out_features, s.in_features)
         return unpack_k_major(self.arrays[0], s.out_features, s.in_features).astype(np.float32)
 
 
@@ -415,6 +427,40 @@ def pack_int6(codes: np.ndarray, scales: np.ndarray, block_scales: np.ndarray) -
                                 pack_k_major(stored_scales), pack_k_major(stored_blocks)))
 
 
+def pack_int4_k(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray, block_scales: np.ndarray,
+                block_mins: np.ndarray) -> PackedWeight:
+    """GGUF Q4_K as stored: codes [N, K] (0..15), 6-bit scales and mins [N, ceil(K / 32)] and float16 block scales
+    and mins [N, ceil(K / 256)] -> the int4_k layout."""
+    n, k = codes.shape
+    kg = padded_k(k, INT4_GROUP)
+    for name, values, per in (("scales", scales, INT4_GROUP), ("mins", mins, INT4_GROUP),
+                              ("block scales", block_scales, INT6_BLOCK), ("block mins", block_mins, INT6_BLOCK)):
+        if values.shape != (n, -(-k // per)):
+            raise ValueError(f"codes [{n}, {k}] need {name} of shape [{n}, {-(-k // per)}], got {list(values.shape)}")
+    groups, blocks = kg // INT4_GROUP, -(-kg // INT6_BLOCK)
+    arrays = (pack_int4_codes(codes), pack_k_major(_padded(np.asarray(scales, np.uint8), n, groups)),
+              pack_k_major(_padded(np.asarray(mins, np.uint8), n, groups)),
+              pack_k_major(_padded(np.asarray(block_scales, np.float16), n, blocks)),
+              pack_k_major(_padded(np.asarray(block_mins, np.float16), n, blocks)))
+    return PackedWeight(PackedShape(WeightFormat.INT4_K, n, k, INT4_GROUP, DType.float16, offsets=True), arrays)
+
+
+def dequantize_int4_k(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray, block_scales: np.ndarray,
+                      block_mins: np.ndarray, out_features: int, in_features: int) -> np.ndarray:
+    """The float32 [N, K] an int4_k weight holds: (block scale * scale) * q - (block min * min), each step rounded
+    to float32 as gguf-py dequantizes Q4_K."""
+    q = unpack_int4_codes(codes, out_features, in_features).astype(np.float32)
+    groups = scales.shape[1] // PANEL
+
+    def per_weight(values: np.ndarray, block_values: np.ndarray) -> np.ndarray:
+        blocks = unpack_k_major(block_values, out_features, block_values.shape[1] // PANEL).astype(np.float32)
+        product = np.repeat(blocks, INT6_BLOCK // INT4_GROUP, axis=1)[:, :groups] * unpack_k_major(
+            values, out_features, groups).astype(np.float32)
+        return np.repeat(product, INT4_GROUP, axis=1)[:, :in_features]
+
+    return q * per_weight(scales, block_scales) - per_weight(mins, block_mins)
+
+
 def unpack_int6_codes(codes: np.ndarray, high: np.ndarray, out_features: int, in_features: int) -> np.ndarray:
     """The [N, K] uint8 codes (0..63) of a 6-bit weight's nibble and high-bit planes."""
     p = codes.shape[0]
@@ -479,6 +525,8 @@ def _op_name(kind: str, shape: PackedShape) -> tuple[str, dict[str, int]]:
         return f"mili_{kind}_int4" + ("_offsets" if shape.offsets else ""), {}
     if fmt is WeightFormat.INT6:
         return f"mili_{kind}_int6", {}
+    if fmt is WeightFormat.INT4_K:
+        return f"mili_{kind}_int4_k", {}
     if fmt in (WeightFormat.FLOAT16, WeightFormat.FLOAT32):
         return f"mili_{kind}_float", {}
     raise ValueError(f"{fmt.value} weights are not packed tensors")

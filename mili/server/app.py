@@ -92,6 +92,7 @@ def create_app(state: ServerState) -> FastAPI:
         return {
             "model": settings.model_name, "device": settings.device, "dtype": settings.dtype,
             "weights": settings.weights, "weight_group_size": settings.weight_group_size,
+            "activations": settings.activations,
             "model_format": settings.model_format, "weight_bytes_per_token": settings.weight_bytes_per_token,
             "health": state.health, "model_loaded": state.engine is not None,
             "uptime_s": round(time.monotonic() - state.started, 1), **snapshot,

@@ -18,7 +18,7 @@ from mili.engine.async_engine import AsyncEngine
 from mili.engine.config import ContextTooLong, EngineConfig
 from mili.engine.engine import Engine
 from mili.engine.speculative import SpeculativeConfig
-from mili.quantization import describe_run, weight_group_size
+from mili.quantization import describe_run, linear_activations, weight_group_size
 from mili.server.app import create_app
 from mili.server.state import ServerSettings, ServerState
 from mili.server.startup import (ModelNotFound, StartupError, bind_listening_socket, check_draft_model, open_model,
@@ -81,6 +81,7 @@ def serve(options: ServeOptions) -> int:
                               tokenizer_path=str(source.tokenizer_dir or source.path), model_format=source.describe(),
                               device=options.device, dtype=plan.spec.dtype.name, weights=plan.spec.weight_format.value,
                               weight_group_size=weight_group_size(plan.spec),
+                              activations=linear_activations(plan.spec),
                               weight_bytes_per_token=plan.spec.weight_bytes_per_token(), api_key=options.api_key,
                               max_queue=options.max_queue, reasoning_parser=options.reasoning_parser,
                               tool_call_parser=options.tool_call_parser)

@@ -138,6 +138,7 @@ def test_the_server_runs_a_gguf_file_with_its_own_chat_template(server: str, pai
     assert [m.id for m in client.models.list().data] == [name]
     status = httpx.get(f"{server}/status").json()
     assert status["weights"] == "gguf" and status["model_format"] == source.describe()
+    assert status["activations"] == "int8"  # its Q4_0 + Q4_1 gate/up run as 4-bit codes
     assert status["model_format"].startswith("GGUF BF16+F16+F32+Q4_0+Q4_1+Q4_K+Q5_0+Q5_1+Q5_K+Q6_K+Q8_0, ")
     assert 0 < status["weight_bytes_per_token"] < pair.runner.spec.weight_bytes()  # the embedding is not read whole
 

@@ -130,8 +130,8 @@ def layout(fmt: WeightFormat, group_size: int = DEFAULT_GROUP_SIZE, scale_dtype:
 
 
 def layout_name(shape: PackedShape) -> str:
-    if shape.format is WeightFormat.INT6:
-        return "int6"
+    if shape.format in (WeightFormat.INT6, WeightFormat.INT4_K):
+        return shape.format.value
     if shape.format is WeightFormat.INT4:
         return f"int4/{shape.scale_dtype.name}" + ("+offsets" if shape.offsets else "+zero point")
     if shape.format is not WeightFormat.INT8:
@@ -146,6 +146,7 @@ INT4_Q4_0 = layout(WeightFormat.INT4, 32, DType.float16)  # GGUF Q4_0: zero poin
 INT4_Q4_K = layout(WeightFormat.INT4, 32, DType.float32, offsets=True)  # GGUF Q4_K
 INT4_OFFSETS = layout(WeightFormat.INT4, 32, DType.float16, offsets=True)  # --quantization int4, GGUF Q4_1
 INT6 = layout(WeightFormat.INT6, 16)  # GGUF Q6_K
+INT4_K = layout(WeightFormat.INT4_K, 32, offsets=True)  # GGUF Q4_K as stored
 LINEAR_CASES = (
     LinearCase(layout(WeightFormat.BF16), DType.float32, DType.float32),
     LinearCase(layout(WeightFormat.BF16), DType.bfloat16, DType.bfloat16),
@@ -165,6 +166,8 @@ LINEAR_CASES = (
     LinearCase(INT4_OFFSETS, DType.bfloat16, DType.bfloat16),
     LinearCase(INT4_OFFSETS, DType.float32, DType.float32),
     LinearCase(INT6, DType.bfloat16, DType.float32),
+    LinearCase(INT4_K, DType.bfloat16, DType.bfloat16),
+    LinearCase(INT4_K, DType.float32, DType.float32),
     LinearCase(INT6, DType.float32, DType.bfloat16),
     LinearCase(layout(WeightFormat.FLOAT16), DType.float32, DType.float32),
     LinearCase(layout(WeightFormat.FLOAT16), DType.bfloat16, DType.bfloat16),
@@ -174,7 +177,7 @@ LINEAR_CASES = (
 EMBEDDING_CASES = ((layout(WeightFormat.BF16), DType.bfloat16), (layout(WeightFormat.INT8), DType.float32),
                    (Q6_K_LIKE, DType.bfloat16), (Q4_K_LIKE, DType.float32), (Q4_1_LIKE, DType.bfloat16),
                    (INT4_Q4_0, DType.float32), (INT4_Q4_K, DType.float32), (INT4_OFFSETS, DType.bfloat16),
-                   (INT6, DType.float32),
+                   (INT6, DType.float32), (INT4_K, DType.bfloat16),
                    (layout(WeightFormat.FLOAT16), DType.float32), (layout(WeightFormat.FLOAT32), DType.bfloat16))
 
 

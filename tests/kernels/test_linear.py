@@ -21,14 +21,15 @@ from max.driver import Buffer
 from max.dtype import DType
 
 from mili.dtypes import numpy_to_buffer, to_numpy_f32
+from mili.gguf.repack import q4_k_parts
 from mili.gguf.weights import pack_parts, tensor_layout
 from mili.model.packed_linear import (PackedShape, PackedWeight, WeightFormat, int6_weight_scales, pack_grouped,
-                                     pack_int4, pack_int6, pack_weight, unpack_int4_codes, unpack_int6_codes,
-                                     unpack_k_major)
+                                     pack_int4, pack_int4_k, pack_int6, pack_weight, unpack_int4_codes,
+                                     unpack_int6_codes, unpack_k_major)
 from tests.kernels import reference as ref
 from tests.gguf_blocks import random_blocks
-from tests.kernels.graphs import (DTYPES, EMBEDDING_CASES, INT4_OFFSETS, INT4_Q4_0, INT4_Q4_K, INT6, LINEAR_CASES,
-                                  Q4_1_LIKE, Q4_K_LIKE, Q6_K_LIKE, layout, layout_name, linear_layouts)
+from tests.kernels.graphs import (DTYPES, EMBEDDING_CASES, INT4_K, INT4_OFFSETS, INT4_Q4_0, INT4_Q4_K, INT6,
+                                  LINEAR_CASES, Q4_1_LIKE, Q4_K_LIKE, Q6_K_LIKE, layout, layout_name, linear_layouts)
 
 # (M, K, N): M over both the decode tiles (< 16 rows, with their MR tails) and the prefill path; K and N not
 # multiples of the SIMD width, of the 16-channel panel, of the bf16 pair or of the int8 group.
@@ -117,11 +118,29 @@ def check_int6_case(case, got: np.ndarray, x: np.ndarray, packed: PackedWeight) 
     assert np.all(np.abs(got - x32.astype(np.float64) @ dense.T) <= unquantized_bound), case.name
 
 
+def int4_k_weight(rng: np.random.Generator, n: int, k: int) -> PackedWeight:
+    """Random valid GGUF Q4_K blocks (tests/gguf_blocks.py) for K rounded up to 256, cut to [n, k]."""
+    raw = random_blocks(GGML.Q4_K, n, -(-k // 256) * 256, rng)
+    parts = q4_k_parts(raw, n, -(-k // 256) * 256)
+    return pack_int4_k(parts.codes[:, :k], parts.scales[:, :-(-k // 32)], parts.mins[:, :-(-k // 32)],
+                       parts.block_scales, parts.block_mins)
+
+
 def int4_parts(packed: PackedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(codes [N, K], scales [N, G], offsets [N, G]) of a 4-bit weight, float64; zero point 8 as offset -8 * scale."""
+    """(codes [N, K], scales [N, G], offsets [N, G]) of a 4-bit weight, float64; zero point 8 as offset -8 * scale,
+    Q4_K's two levels as their float32 products."""
     s = packed.shape
     groups = -(-s.in_features // 32)
     codes = unpack_int4_codes(packed.arrays[0], s.out_features, s.in_features).astype(np.float64)
+    if s.format is WeightFormat.INT4_K:
+        blocks = -(-groups * 32 // 256)
+
+        def product(values: np.ndarray, block_values: np.ndarray) -> np.ndarray:
+            per_block = unpack_k_major(block_values, s.out_features, blocks).astype(np.float32)
+            return (np.repeat(per_block, 8, axis=1)[:, :groups]
+                    * unpack_k_major(values, s.out_features, groups).astype(np.float32)).astype(np.float64)
+
+        return codes, product(packed.arrays[1], packed.arrays[3]), -product(packed.arrays[2], packed.arrays[4])
     scales = unpack_k_major(packed.arrays[1], s.out_features, groups).astype(np.float64)
     if s.offsets:
         return codes, scales, unpack_k_major(packed.arrays[2], s.out_features, groups).astype(np.float64)
@@ -161,6 +180,8 @@ def packed_weights(rng: np.random.Generator, n: int, k: int) -> dict[PackedShape
             out[shape] = grouped_weight(w, shape)
         elif shape.format is WeightFormat.INT6:
             out[shape] = int6_weight(w)
+        elif shape.format is WeightFormat.INT4_K:
+            out[shape] = int4_k_weight(rng, n, k)
         elif shape.format is WeightFormat.INT4 and (shape.scale_dtype == DType.float32 or not shape.offsets):
             out[shape] = int4_weight(w, shape)  # GGUF's Q4_K and Q4_0; float16 offsets: --quantization int4
         else:
@@ -208,7 +229,7 @@ def test_linear_and_embedding_match_float64(linear_model, m, k, n, rng):
         x64 = ref.as_dtype(x, case.x_dtype).astype(np.float64)
         packed = weights[case.layout]
         assert got.shape == (m, n), case.name
-        if case.layout.format is WeightFormat.INT4:
+        if case.layout.format in (WeightFormat.INT4, WeightFormat.INT4_K):
             check_int4_case(case, got, x, packed)
             continue
         if case.layout.format is WeightFormat.INT6:
@@ -283,7 +304,7 @@ GGUF_TYPE_LAYOUTS = {
     GGML.F16: layout(WeightFormat.FLOAT16), GGML.F32: layout(WeightFormat.FLOAT32), GGML.BF16: layout(WeightFormat.BF16),
 }
 # ... and by default, where 4-bit types and Q6_K run as 4- and 6-bit codes with int8 activations
-GGUF_4BIT_LAYOUTS = {GGML.Q4_0: INT4_Q4_0, GGML.Q4_1: INT4_OFFSETS, GGML.Q4_K: INT4_Q4_K, GGML.Q6_K: INT6}
+GGUF_4BIT_LAYOUTS = {GGML.Q4_0: INT4_Q4_0, GGML.Q4_1: INT4_OFFSETS, GGML.Q4_K: INT4_K, GGML.Q6_K: INT6}
 
 
 @pytest.mark.parametrize("float_activations", [False, True])
@@ -310,9 +331,9 @@ def test_gguf_blocks_through_the_op_match_gguf_py(linear_model, m, float_activat
         for case, got in zip(LINEAR_CASES, outputs, strict=False):
             if case.layout != shape:
                 continue
-            if shape.format in (WeightFormat.INT4, WeightFormat.INT6):
+            if shape.format in (WeightFormat.INT4, WeightFormat.INT4_K, WeightFormat.INT6):
                 np.testing.assert_array_equal(packed.dense(), reference.astype(np.float32), err_msg=gguf_type.name)
-                (check_int4_case if shape.format is WeightFormat.INT4 else check_int6_case)(case, got, x, packed)
+                (check_int6_case if shape.format is WeightFormat.INT6 else check_int4_case)(case, got, x, packed)
                 compared.add(gguf_type)
                 continue
             x64 = ref.as_dtype(x, case.x_dtype).astype(np.float64)

@@ -281,7 +281,9 @@ def test_a_crashed_engine_loop_makes_serve_exit_non_zero(monkeypatch, tmp_path):
     assert code == 1 and statuses == [503] and seconds < 30
 
 
-@pytest.mark.parametrize("weights, reported", [(WeightFormat.INT8, ("int8", 32)), (None, ("bf16", None))])
+@pytest.mark.parametrize("weights, reported", [(WeightFormat.INT8, ("int8", 32, "bfloat16")),
+                                               (WeightFormat.INT4, ("int4", 32, "int8")),
+                                               (None, ("bf16", None, "bfloat16"))])
 def test_status_reports_the_resolved_dtype_and_weight_format(monkeypatch, tmp_path, weights, reported):
     engine = fake_engine()
     statuses: list[dict] = []
@@ -294,7 +296,8 @@ def test_status_reports_the_resolved_dtype_and_weight_format(monkeypatch, tmp_pa
     code, _ = serve_with_client(monkeypatch, engine, tmp_path, 1.0, client, weights)
     assert code == 0
     (status,) = statuses
-    assert (status["dtype"], status["weights"], status["weight_group_size"]) == ("bfloat16", *reported)
+    assert (status["dtype"], status["weights"], status["weight_group_size"], status["activations"]) == (
+        "bfloat16", *reported)
 
 
 def test_unset_sampling_fields_take_the_checkpoints_defaults():

@@ -4,7 +4,7 @@
 from std.sys import argv
 from max.gpu.host import DeviceContext
 from mojo_kernels.linear_cpu import linear_bf16_cpu, linear_float_cpu, linear_int8_cpu
-from mojo_kernels.linear_int4 import linear_int4_cpu
+from mojo_kernels.linear_int4 import linear_int4_cpu, linear_int4_k_cpu
 from mojo_kernels.linear_int6 import linear_int6_cpu
 from mojo_kernels.linear_layout import (LinearShape, bf16_panel_stride, int8_padded_k, int4_panel_bytes,
                                         int6_high_panel_bytes, int6_blocks)
@@ -54,7 +54,8 @@ def run_all(rows: Int) raises -> Float32:
 
 def run_int4(rows: Int) raises -> Float32:
     """The 4-bit and 6-bit paths with x = 127 (activation scale 1, codes 127) and W = 1 (code 9 with zero point 8
-    and scale 1; code 1 with scale 1 and offset 0; code 33 with zero point 32): each output is 127 * K (exact);
+    and scale 1; code 1 with scale 1 and offset 0, or Q4_K's scales 1 and mins 0; code 33 with zero point 32): each
+    output is 127 * K (exact);
     returns the sum of their first and last outputs."""
     comptime K = 40
     comptime N = 20
@@ -82,6 +83,15 @@ def run_int4(rows: Int) raises -> Float32:
                                                    high.unsafe_ptr(), sub_scales.unsafe_ptr(),
                                                    block_scales.unsafe_ptr(), shape, ctx)
     total += out[0] + out[rows * N - 1]
+    # Q4_K's two levels: code 1, sub-scale 1, block scale 1, mins 0
+    var k_scales = List[UInt8](length=groups, fill=1)
+    var k_mins = List[UInt8](length=groups, fill=0)
+    var k_blocks = List[Float16](length=2 * int6_blocks(K) * 16, fill=1)
+    var k_block_mins = List[Float16](length=2 * int6_blocks(K) * 16, fill=0)
+    linear_int4_k_cpu[DType.bfloat16, DType.float32](out.unsafe_ptr(), x.unsafe_ptr(), one.unsafe_ptr(),
+                                                     k_scales.unsafe_ptr(), k_mins.unsafe_ptr(), k_blocks.unsafe_ptr(),
+                                                     k_block_mins.unsafe_ptr(), shape, ctx)
+    total += out[0] + out[rows * N - 1]
     return total
 
 
@@ -91,6 +101,6 @@ def main() raises:
         if total != 8 * 40:
             raise Error("rows=", rows, ": paths summed to ", total, ", expected 320")
         var int4_total = run_int4(rows)
-        if int4_total != 6 * 127 * 40:
-            raise Error("rows=", rows, ": 4- and 6-bit paths summed to ", int4_total, ", expected ", 6 * 127 * 40)
+        if int4_total != 8 * 127 * 40:
+            raise Error("rows=", rows, ": 4- and 6-bit paths summed to ", int4_total, ", expected ", 8 * 127 * 40)
     print("linear paths agree")
