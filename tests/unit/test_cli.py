@@ -121,7 +121,7 @@ def test_dtype_and_quantization_flags_parse_with_their_defaults(command):
     assert (chosen.dtype, chosen.quantization) == ("bfloat16", "int8")
 
 
-@pytest.mark.parametrize("flag, value, choices", [("--quantization", "fp8", "'none', 'int8'"),
+@pytest.mark.parametrize("flag, value, choices", [("--quantization", "fp8", "'none', 'int8', 'int4'"),
                                                   ("--dtype", "float16", "'auto', 'float32', 'bfloat16'")])
 @pytest.mark.parametrize("command", [["serve"], ["generate", "--prompt", "Hi"]])
 def test_a_bad_dtype_or_quantization_is_an_argparse_error_naming_the_flag(command, flag, value, choices, capsys):
