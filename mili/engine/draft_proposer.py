@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mili.engine.batch import Batch, LogitRows, SequenceChunk
+from mili.engine.batch import Batch, SequenceChunk
 from mili.engine.block_pool import BlockPool
 from mili.engine.sampler import draw_index, finite_logits, kept_distribution
 from mili.engine.sequence import Sequence

@@ -191,8 +191,9 @@ class ModelRunner:
         """Reads the model (a checkpoint folder, a GGUF file, or an opened ModelSource) and its weights. `dtype`:
         float32, bfloat16, or auto/None (the checkpoint's own on CPU, bfloat16 on GPU: mili.dtypes.resolve_run_dtype);
         `quantization`: none/None, int8 or int4 (mili.quantization; not for GGUF files, which run their own types);
-        `float_activations`: 4-bit weights meet float activations, not int8 ones (--float-activations). Sizes the KV cache from `num_blocks`, or from `kv_cache_bytes`: bytes, or a fraction (0, 1] of
-        the memory left once the weights are loaded."""
+        `float_activations`: 4- and 6-bit weights meet float activations, not int8 ones (--float-activations).
+        Sizes the KV cache from `num_blocks`, or from `kv_cache_bytes`: bytes, or a fraction (0, 1] of the memory
+        left once the weights are loaded."""
         if device not in DEVICES:
             raise ValueError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
         source = model if isinstance(model, ModelSource) else ModelSource.open(model)

@@ -13,14 +13,15 @@ bit (mili/model/packed_linear.py has the layouts):
 - Q4_K tensors alone: the same codes with Q4_K's own two levels of scales and mins (4.5 bits a weight);
 - Q6_K tensors: 6-bit codes (a nibble plane and a 2-bit plane) with their int8 scales per 16 inputs and float16
   block scales per 256, as stored, with activations quantized the same way (mojo_kernels/linear_int6.mojo);
-- other quantized tensors (Q8_0, Q5_0, Q5_1, Q5_K; with `float_activations` also Q6_K): int8 codes with a scale (and an offset) per group of 16
-  or 32 inputs (mili/gguf/repack.py), equal to gguf-py's dequantization in every bit; the op multiplies them
-  with float activations.
+- other quantized tensors (Q8_0, Q5_0, Q5_1, Q5_K; with `float_activations` also Q4_0, Q4_1, Q4_K and Q6_K):
+  int8 codes with a scale (and an offset) per group of 16 or 32 inputs (mili/gguf/repack.py), equal to gguf-py's
+  dequantization in every bit; the op multiplies them with float activations.
 The graph fuses q/k/v and gate/up into one projection; a file may store the parts in different types (a Q4_K_M
 file keeps attn_v in Q6_K beside Q4_K q and k). Parts that are all 4-bit join as 4-bit codes; parts that are
-all quantized otherwise join in the int8 layout's finest group with offsets if any part has them; float parts of one type stay that type; any other mix is stored as float32, which
-holds every type's values exactly. Norm weights and the Qwen2 q/k/v biases are small and take the run dtype
-(biases float32), as they do for safetensors checkpoints.
+all quantized otherwise join in the int8 layout's finest group with offsets if any part has them; float parts of
+one type stay that type; any other mix is stored as float32, which holds every type's values exactly. Norm
+weights and the Qwen2 q/k/v biases are small and take the run dtype (biases float32), as they do for safetensors
+checkpoints.
 """
 
 from __future__ import annotations

@@ -115,7 +115,8 @@ def serve(options: ServeOptions) -> int:
         engine = Engine.from_pretrained(
             # the plan's resolved dtype, so the engine builds the very spec the KV cache was sized for
             source, dtype=plan.spec.dtype.name, quantization=options.quantization, device=options.device,
-            float_activations=options.float_activations, block_size=options.block_size, num_kv_blocks=plan.num_blocks, max_num_seqs=options.max_num_seqs,
+            float_activations=options.float_activations, block_size=options.block_size,
+            num_kv_blocks=plan.num_blocks, max_num_seqs=options.max_num_seqs,
             max_num_batched_tokens=options.max_num_batched_tokens, enable_prefix_cache=options.prefix_cache,
             max_model_len=options.max_model_len, speculative=options.speculative)
         state.attach(AsyncEngine(engine, on_death=on_engine_death))

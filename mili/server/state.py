@@ -18,7 +18,7 @@ class ServerSettings:
     model_format: str = ""             # "safetensors checkpoint" or "GGUF Q4_K_M, 4.9 bits/weight"
     device: str = "cpu"
     dtype: str = "float32"             # the run dtype (activations and KV cache), resolved
-    weights: str = "dense"             # the weight format: "dense", "bf16" (packed), "int8", "int4", "gguf" (WeightFormat)
+    weights: str = "dense"             # the weight format: dense, bf16 (packed), int8, int4, gguf (WeightFormat)
     weight_group_size: int | None = None  # int8 / int4: inputs per scale; None otherwise
     activations: str = "float32"       # what the linear layers' weights meet: "int8" (4/6-bit weights) or the dtype
     weight_bytes_per_token: int = 0    # the weight bytes one decode step reads (all but an untied embedding)

@@ -28,7 +28,7 @@ from mili.model.packed_linear import (PackedShape, PackedWeight, WeightFormat, i
                                      unpack_int6_codes, unpack_k_major)
 from tests.kernels import reference as ref
 from tests.gguf_blocks import random_blocks
-from tests.kernels.graphs import (DTYPES, EMBEDDING_CASES, INT4_K, INT4_OFFSETS, INT4_Q4_0, INT4_Q4_K, INT6,
+from tests.kernels.graphs import (DTYPES, EMBEDDING_CASES, INT4_K, INT4_OFFSETS, INT4_Q4_0, INT6,
                                   LINEAR_CASES, Q4_1_LIKE, Q4_K_LIKE, Q6_K_LIKE, layout, layout_name, linear_layouts)
 
 # (M, K, N): M over both the decode tiles (< 16 rows, with their MR tails) and the prefill path; K and N not
