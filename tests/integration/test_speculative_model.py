@@ -120,11 +120,13 @@ def test_greedy_tokens_are_identical_with_speculation(proposer, small_pool, rng)
     # every request ignores EOS, so each output without a stop string runs to max_tokens
     guaranteed = sum(params.max_tokens * params.n for _, _, params in requests if not params.stop)
     assert compared >= guaranteed * len(ks) > 0 and proposed > 0
-    assert accepted > 0
     if proposer == "draft-2-layers":
         # the rejection path on the real model; n-gram guesses may all be right when the random model loops (the
-        # fake-model tests in tests/unit/test_speculative.py reject n-gram-style guesses on purpose)
+        # fake-model tests in tests/unit/test_speculative.py reject n-gram-style guesses on purpose). Two layers of a
+        # random model may also guess nothing right (seed 1148548033: 0 of 163), so acceptance is not required here.
         assert accepted < proposed
+    else:
+        assert accepted > 0  # a model drafting for itself guesses right; n-gram guesses here always hit some
 
 
 @pytest.mark.slow

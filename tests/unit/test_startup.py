@@ -121,7 +121,7 @@ def test_the_plan_resolves_the_dtype_from_the_checkpoint_and_the_weights_from_qu
 
 
 @pytest.mark.parametrize("flags, message", [
-    ({"quantization": "fp8"}, "--quantization fp8: unsupported quantization 'fp8': choose none or int8"),
+    ({"quantization": "fp8"}, "--quantization fp8: unsupported quantization 'fp8': choose none, int8 or int4"),
     ({"dtype": "float16"}, "--dtype float16: unsupported dtype 'float16': choose float32 or bfloat16"),
 ])
 def test_a_bad_dtype_or_quantization_names_the_flag(small_checkpoint_dir, flags, message):
