@@ -97,6 +97,23 @@ def int6_weight(w: np.ndarray) -> PackedWeight:
     return pack_int6(codes, scales[:, :-(-k // 16)], blocks[:, :-(-k // 256)])
 
 
+def check_low_bit_result(case, got: np.ndarray, x32: np.ndarray, expected: np.ndarray, magnitude: np.ndarray,
+                         folds: int, weight_magnitude: np.ndarray, dense: np.ndarray) -> None:
+    """A 4- or 6-bit op's output against its definition's float64 `expected`, within float32 rounding of its
+    `folds` group folds (`magnitude`: the sum the rounding errors scale with); and against the unquantized
+    product x @ dense^T within the activations' rounding: half a step of each group's scale per input, times
+    `weight_magnitude` [N, K] (what each input's rounding is multiplied by)."""
+    bound = 1.01 * (2 * folds + 8) * FLOAT32_UNIT * magnitude
+    bound = bound + (BFLOAT16_UNIT if case.out_dtype == DType.bfloat16 else FLOAT32_UNIT) * (np.abs(expected) + bound)
+    error = np.abs(got - expected)
+    worst = np.unravel_index(np.argmax(error - bound), error.shape) if error.size else None
+    assert np.all(error <= bound), f"{case.name}: error {error[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
+    _, xs, _ = ref.quantize_activations(x32)
+    step = np.repeat(xs / 2, 32, axis=1)[:, :x32.shape[1]]  # [M, K]: each input's rounding bound
+    unquantized_bound = step @ weight_magnitude.T + bound + 1e-6 * (np.abs(x32) @ np.abs(dense).T)
+    assert np.all(np.abs(got - x32.astype(np.float64) @ dense.T) <= unquantized_bound), case.name
+
+
 def check_int6_case(case, got: np.ndarray, x: np.ndarray, packed: PackedWeight) -> None:
     """The 6-bit op against its definition (int8 activations per 32 inputs) in float64, within float32 rounding
     of the half-group folds; and against the unquantized product within the activations' rounding."""
@@ -106,16 +123,8 @@ def check_int6_case(case, got: np.ndarray, x: np.ndarray, packed: PackedWeight) 
     scale = int6_weight_scales(packed.arrays[2], packed.arrays[3], s.out_features, s.in_features).astype(np.float64)
     per_16 = scale.shape[1]
     expected, magnitude = ref.int6_linear(x32, codes, scale)
-    bound = 1.01 * (2 * per_16 + 8) * FLOAT32_UNIT * magnitude
-    bound = bound + (BFLOAT16_UNIT if case.out_dtype == DType.bfloat16 else FLOAT32_UNIT) * (np.abs(expected) + bound)
-    error = np.abs(got - expected)
-    worst = np.unravel_index(np.argmax(error - bound), error.shape) if error.size else None
-    assert np.all(error <= bound), f"{case.name}: error {error[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
-    _, xs, _ = ref.quantize_activations(x32)
-    step = np.repeat(xs / 2, 32, axis=1)[:, :x.shape[1]]
     dense = packed.dense().astype(np.float64)
-    unquantized_bound = step @ np.abs(dense).T + bound + 1e-6 * (np.abs(x32) @ np.abs(dense).T)
-    assert np.all(np.abs(got - x32.astype(np.float64) @ dense.T) <= unquantized_bound), case.name
+    check_low_bit_result(case, got, x32, expected, magnitude, per_16, np.abs(dense), dense)
 
 
 def int4_k_weight(rng: np.random.Generator, n: int, k: int) -> PackedWeight:
@@ -154,18 +163,9 @@ def check_int4_case(case, got: np.ndarray, x: np.ndarray, packed: PackedWeight) 
     x32 = ref.as_dtype(x, case.x_dtype)
     codes, scales, offsets = int4_parts(packed)
     expected, magnitude = ref.int4_linear(x32, codes, scales, offsets)
-    groups = scales.shape[1]
-    bound = 1.01 * (2 * groups + 8) * FLOAT32_UNIT * magnitude
-    bound = bound + (BFLOAT16_UNIT if case.out_dtype == DType.bfloat16 else FLOAT32_UNIT) * (np.abs(expected) + bound)
-    error = np.abs(got - expected)
-    worst = np.unravel_index(np.argmax(error - bound), error.shape) if error.size else None
-    assert np.all(error <= bound), f"{case.name}: error {error[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
-    _, xs, _ = ref.quantize_activations(x32)
-    step = np.repeat(xs / 2, 32, axis=1)[:, :x.shape[1]]  # [M, K]: each input's rounding bound
     weight_scale = np.abs(codes * np.repeat(scales, 32, axis=1)[:, :x.shape[1]])  # |q * scale|, [N, K]
-    dense = packed.dense().astype(np.float64)
-    unquantized_bound = step @ weight_scale.T + bound + 1e-6 * (np.abs(x32) @ np.abs(dense).T)
-    assert np.all(np.abs(got - x32.astype(np.float64) @ dense.T) <= unquantized_bound), case.name
+    check_low_bit_result(case, got, x32, expected, magnitude, scales.shape[1], weight_scale,
+                         packed.dense().astype(np.float64))
 
 
 def packed_weights(rng: np.random.Generator, n: int, k: int) -> dict[PackedShape, PackedWeight]:
