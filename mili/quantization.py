@@ -48,7 +48,8 @@ def linear_activations(spec: Qwen3GraphSpec) -> str:
     per 32 inputs), else the run dtype's name (/status's `activations`)."""
     if spec.weight_format in LOW_BIT_FORMATS and not spec.float_activations:
         return "int8"
-    if spec.weight_format is WeightFormat.GGUF and any(s.format in LOW_BIT_FORMATS for _, s in spec.tensor_formats):
+    if spec.weight_format is WeightFormat.GGUF and any(leaf.format in LOW_BIT_FORMATS
+                                                         for _, s in spec.tensor_formats for leaf in s.leaves()):
         return "int8"
     return spec.dtype.name
 

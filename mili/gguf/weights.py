@@ -17,9 +17,11 @@ bit (mili/model/packed_linear.py has the layouts):
   int8 codes with a scale (and an offset) per group of 16 or 32 inputs (mili/gguf/repack.py), equal to gguf-py's
   dequantization in every bit; the op multiplies them with float activations.
 The graph fuses q/k/v and gate/up into one projection; a file may store the parts in different types (a Q4_K_M
-file keeps attn_v in Q6_K beside Q4_K q and k). Parts that are all 4-bit join as 4-bit codes; parts that are
-all quantized otherwise join in the int8 layout's finest group with offsets if any part has them; float parts of
-one type stay that type; any other mix is stored as float32, which holds every type's values exactly. Norm
+file keeps attn_v in Q6_K beside Q4_K q and k). Parts join in one layout where that layout is each part's own
+(Q4_0 with Q4_1: 4-bit codes with offsets; Q5_0 with Q5_1, or any quantized mix with float activations: the int8
+layout's finest group, with offsets if any part has them); otherwise each run of parts of one type keeps its own
+layout and runs as an op of its own (WeightFormat.PARTS: Q4_K q and k as Q4_K, v as Q6_K), since one joint
+layout would widen them all (int8 codes, or float32 for mixed float types). Norm
 weights and the Qwen2 q/k/v biases are small and take the run dtype (biases float32), as they do for safetensors
 checkpoints.
 """
@@ -27,6 +29,7 @@ checkpoints.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import groupby
 
 import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType, ReaderTensor
@@ -108,6 +111,19 @@ def tensor_layout(types: list[GGMLQuantizationType], out_features: int, in_featu
     return PackedShape(WeightFormat.FLOAT32, out_features, in_features)
 
 
+def fused_layout(parts: list[tuple[GGMLQuantizationType, int]], in_features: int, *,
+                 float_activations: bool = False) -> PackedShape:
+    """How a graph weight fused from parts of (type, rows), in output order, is packed: one layout where joining
+    keeps every run of one type in its own format, else a PARTS layout of the runs' own (module docstring)."""
+    out_features = sum(rows for _, rows in parts)
+    joined = tensor_layout([t for t, _ in parts], out_features, in_features, float_activations=float_activations)
+    runs = [(t, sum(rows for _, rows in run)) for t, run in groupby(parts, key=lambda part: part[0])]
+    own = [tensor_layout([t], rows, in_features, float_activations=float_activations) for t, rows in runs]
+    if all(layout.format is joined.format for layout in own):
+        return joined
+    return PackedShape(WeightFormat.PARTS, out_features, in_features, parts=tuple(own))
+
+
 def check_tensor_types(model: GGUFModel) -> None:
     """A GGUFError naming the first tensor of a type MILI does not run (e.g. IQ2_XXS), its type and the types MILI
     runs; checked when a model is opened, before anything is loaded."""
@@ -128,8 +144,12 @@ def gguf_tensor_formats(model: GGUFModel, config: ModelConfig, *,
     for name in packed_weight_names(config):
         parts = tensors.parts(name)
         out_features, in_features = graph_shape(shapes, name)
-        formats.append((name, tensor_layout([t.tensor_type for t in parts], out_features, in_features,
-                                            float_activations=float_activations)))
+        layout = fused_layout([(t.tensor_type, _shape(t)[0]) for t in parts], in_features,
+                              float_activations=float_activations)
+        if layout.out_features != out_features:
+            raise GGUFError(f"{model.name}: {' + '.join(t.name for t in parts)} have {layout.out_features} rows, "
+                            f"the model's {name} needs {out_features}")
+        formats.append((name, layout))
     return tuple(formats)
 
 
@@ -157,6 +177,14 @@ def _float32(tensor: ReaderTensor) -> np.ndarray:
 
 def pack_parts(parts: list[ReaderTensor], layout: PackedShape) -> PackedWeight:
     """The graph weight made of `parts` (fused along the output axis) in `layout`, every value unchanged."""
+    if layout.format is WeightFormat.PARTS:
+        arrays, rest = [], list(parts)
+        for run_layout in layout.parts:
+            run = []
+            while sum(_shape(p)[0] for p in run) < run_layout.out_features:
+                run.append(rest.pop(0))
+            arrays += pack_parts(run, run_layout).arrays
+        return PackedWeight(layout, tuple(arrays))
     if layout.format is WeightFormat.BF16:
         return PackedWeight(layout, (pack_bf16(np.concatenate([_stored(p, np.uint16) for p in parts])),))
     if layout.format in (WeightFormat.FLOAT16, WeightFormat.FLOAT32):

@@ -24,7 +24,9 @@ The layouts are the contract with mojo_kernels/linear.mojo (its header has the i
   the even block's codes i and 4 + i in bits 0-1 and 2-3, the odd block's in 4-5 and 6-7), an int8 scale per
   channel per 16 inputs and a float16 block scale per 256: W = (q - 32) * (block scale * scale), activations
   quantized as int4's;
-- float16 / float32: k-major panels of the values themselves, [panels, K * 16] (GGUF's F16 and F32 tensors).
+- float16 / float32: k-major panels of the values themselves, [panels, K * 16] (GGUF's F16 and F32 tensors);
+- parts: a fused weight whose row ranges keep layouts of their own (a GGUF Q4_K_M file's q and k in Q4_K beside v
+  in Q6_K), each range's arrays under ".<i>" + its own suffixes; one op per part, outputs joined along N.
 Padding (channels past N, inputs past K) is zero. numpy has no bfloat16, so bf16 data travels as uint16 bits.
 """
 
@@ -63,6 +65,7 @@ class WeightFormat(enum.Enum):
     INT6 = "int6"  # 6-bit codes with int8 sub-scales and float16 block scales (GGUF's Q6_K), MILI's linear op
     FLOAT16 = "float16"  # float16 k-major panels, MILI's linear op (GGUF F16 tensors)
     FLOAT32 = "float32"  # float32 k-major panels, MILI's linear op (GGUF F32 tensors)
+    PARTS = "parts"  # row ranges of one fused weight, each packed in a layout of its own (GGUF's mixed files)
     GGUF = "gguf"  # a model's format only: each tensor as its GGUF file stores it (one of the above)
 
     @property
@@ -93,14 +96,27 @@ class PackedShape:
     group_size: int = DEFAULT_GROUP_SIZE
     scale_dtype: DType = DType.float16  # int8 / int4: the scales' (and int4 offsets') dtype: float16 or float32
     offsets: bool = False  # int8 / int4: W = q * scale + offset (int4 without: W = (q - 8) * scale)
+    parts: tuple[PackedShape, ...] = ()  # PARTS: the row ranges' layouts, in output order
 
     def __post_init__(self) -> None:
+        if (self.format is WeightFormat.PARTS) != bool(self.parts):
+            raise ValueError("parts go with WeightFormat.PARTS, and only with it")
+        if self.parts and (sum(p.out_features for p in self.parts) != self.out_features
+                           or any(p.in_features != self.in_features or p.parts for p in self.parts)):
+            raise ValueError(f"parts {self.parts} do not make a [{self.out_features}, {self.in_features}] weight")
         if self.format in (WeightFormat.INT4, WeightFormat.INT4_K) and self.group_size != INT4_GROUP:
             raise ValueError(f"4-bit weights are in groups of {INT4_GROUP}, not {self.group_size}")
         if self.format is WeightFormat.INT6 and self.group_size != INT6_SUBGROUP:
             raise ValueError(f"6-bit weights are in groups of {INT6_SUBGROUP}, not {self.group_size}")
 
+    def leaves(self) -> tuple[PackedShape, ...]:
+        """The layouts ops run: the parts', or this one."""
+        return self.parts or (self,)
+
     def arrays(self) -> list[tuple[str, DType, tuple[int, int]]]:
+        if self.format is WeightFormat.PARTS:
+            return [(f".{i}{suffix}", dtype, shape) for i, part in enumerate(self.parts)
+                    for suffix, dtype, shape in part.arrays()]
         p, k = panels(self.out_features), self.in_features
         if self.format is WeightFormat.BF16:
             return [("", DType.bfloat16, (p, -(-k // 2) * 2 * PANEL))]
@@ -254,9 +270,20 @@ class PackedWeight:
             out[name + suffix] = buffer.view(DType.bfloat16) if dtype == DType.bfloat16 else buffer
         return out
 
+    def split(self) -> list[PackedWeight]:
+        """A PARTS weight's parts, each with its arrays."""
+        parts, at = [], 0
+        for shape in self.shape.parts:
+            count = len(shape.arrays())
+            parts.append(PackedWeight(shape, self.arrays[at:at + count]))
+            at += count
+        return parts
+
     def dense(self) -> np.ndarray:
         """The float32 [N, K] matrix this weight holds (tests, references)."""
         s = self.shape
+        if s.format is WeightFormat.PARTS:
+            return np.concatenate([part.dense() for part in self.split()])
         if s.format is WeightFormat.BF16:
             return unpack_bf16(self.arrays[0], s.out_features, s.in_features)
         if s.format is WeightFormat.INT8:
@@ -536,6 +563,13 @@ def linear(x: TensorValue, weight: list[TensorValue], shape: PackedShape, out_fe
            out_dtype: DType | None = None) -> TensorValue:
     """x [M, K] @ W^T -> [M, out_features] in `out_dtype` (default x's), W packed as `shape` says (its format,
     group size, scale dtype, offsets); `weight` holds the graph values of shape.arrays() in order."""
+    if shape.format is WeightFormat.PARTS:
+        outputs, at = [], 0
+        for part in shape.parts:
+            count = len(part.arrays())
+            outputs.append(linear(x, weight[at:at + count], part, part.out_features, out_dtype=out_dtype))
+            at += count
+        return ops.concat(outputs, axis=1)
     out = TensorType(out_dtype or x.dtype, [x.shape[0], out_features], x.device)
     name, parameters = _op_name("linear", shape)
     return ops.custom(name, x.device, [x, *weight], out_types=[out], parameters=parameters)[0].tensor

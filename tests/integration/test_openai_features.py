@@ -291,11 +291,16 @@ def test_regex_choice_and_any_json_object(client, server, seed):
         choice = client.completions.create(model=MODEL, prompt="Colour:", max_tokens=10, seed=seed + i,
                                            extra_body={"guided_choice": choices})
         assert choice.choices[0].text in choices
-    # any object has unbounded strings: a push towards '":' and '"}' lets the random model close them in time
-    closing = [str(httpx.post(f"{server}/tokenize", json={"prompt": text}).json()["tokens"][0])
-               for text in ('":', '"}')]
+    # any object has unbounded strings and nesting: a push towards the closers (a valid one exists in every state of
+    # the grammar: '"' ends a string or opens a leaf, '}' and ']' end containers) ends it within the budget whatever
+    # the seed (seed 661400811 with '":' and '"}' alone opened an array and ran out of tokens inside its string)
+    closers = []
+    for text in ('"', '}', ']', '":', '"}', '"]'):
+        tokens = httpx.post(f"{server}/tokenize", json={"prompt": text}).json()["tokens"]
+        assert len(tokens) == 1, (text, tokens)
+        closers.append(str(tokens[0]))
     any_object = ask(client, max_tokens=300, seed=seed, response_format={"type": "json_object"},
-                     logit_bias={token: 8 for token in closing}, extra_body=NO_THINKING)
+                     logit_bias={token: 10 for token in closers}, extra_body=NO_THINKING)
     assert isinstance(json.loads(any_object.choices[0].message.content), dict)
 
 

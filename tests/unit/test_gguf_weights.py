@@ -17,7 +17,7 @@ from max.dtype import DType
 from mili.checkpoints import qwen3_tokenizer_dir
 from mili.cli import main
 from mili.gguf.files import GGUFError, _Reader
-from mili.gguf.weights import _Tensors, gguf_tensor_formats, pack_parts, tensor_layout
+from mili.gguf.weights import _Tensors, fused_layout, gguf_tensor_formats, pack_parts, tensor_layout
 from mili.model.packed_linear import PackedShape, WeightFormat
 from mili.model_source import ModelSource, ModelSourceError
 from mili.quantization import describe_run
@@ -56,19 +56,27 @@ def test_every_packed_weight_holds_what_gguf_py_dequantizes(mixed: ModelSource):
     assert compared > 0.9 * sum(int(t.n_elements) for r in mixed.gguf.readers for t in r.tensors if len(t.shape) > 1)
 
 
-def test_fused_parts_of_different_types_share_a_lossless_layout(mixed: ModelSource):
+def test_fused_parts_of_different_types_keep_their_own_layouts_or_share_a_lossless_one(mixed: ModelSource):
     formats = dict(gguf_tensor_formats(mixed.gguf, mixed.config))
-    three_k_quants = formats["layers.0.qkv_proj"]  # Q4_K + Q5_K + Q6_K
-    assert (three_k_quants.format, three_k_quants.group_size, three_k_quants.scale_dtype, three_k_quants.offsets) == (
-        WeightFormat.INT8, 16, DType.float32, True)
-    assert formats["layers.1.qkv_proj"].format is WeightFormat.FLOAT32  # F16 + BF16 + F32
+    c = mixed.config
+    three_k_quants = formats["layers.0.qkv_proj"]  # Q4_K + Q5_K + Q6_K: each its own (K is a whole 256 here)
+    assert [(part.format, part.out_features) for part in three_k_quants.parts] == [
+        (WeightFormat.INT4_K, c.q_size), (WeightFormat.INT8, c.kv_size), (WeightFormat.INT6, c.kv_size)]
+    assert three_k_quants.format is WeightFormat.PARTS
+    three_floats = formats["layers.1.qkv_proj"]  # F16 + BF16 + F32
+    assert [part.format for part in three_floats.parts] == [WeightFormat.FLOAT16, WeightFormat.BF16,
+                                                            WeightFormat.FLOAT32]
     assert formats["layers.1.gate_up_proj"].format is WeightFormat.BF16
     assert formats["layers.1.down_proj"].format is WeightFormat.FLOAT16
     q4 = formats["layers.0.gate_up_proj"]  # Q4_0 + Q4_1: 4-bit codes, float16 scales, offsets
     assert (q4.format, q4.group_size, q4.scale_dtype, q4.offsets) == (WeightFormat.INT4, 32, DType.float16, True)
-    exact = dict(gguf_tensor_formats(mixed.gguf, mixed.config, float_activations=True))["layers.0.gate_up_proj"]
+    exact_formats = dict(gguf_tensor_formats(mixed.gguf, mixed.config, float_activations=True))
+    exact = exact_formats["layers.0.gate_up_proj"]
     assert (exact.format, exact.group_size, exact.scale_dtype, exact.offsets) == (
         WeightFormat.INT8, 32, DType.float16, True)
+    exact_k_quants = exact_formats["layers.0.qkv_proj"]  # all int8 with float activations: one joint layout
+    assert (exact_k_quants.format, exact_k_quants.group_size, exact_k_quants.scale_dtype, exact_k_quants.offsets) == (
+        WeightFormat.INT8, 16, DType.float32, True)
 
 
 @pytest.mark.parametrize("types,expected", [
@@ -85,6 +93,42 @@ def test_fused_parts_of_different_types_share_a_lossless_layout(mixed: ModelSour
 ])
 def test_layouts_of_type_mixes(types, expected):
     assert tensor_layout(types, 8, 64) == expected
+
+
+def _int4_k(rows: int) -> PackedShape:
+    return PackedShape(WeightFormat.INT4_K, rows, 256, 32, DType.float16, True)
+
+
+@pytest.mark.parametrize("parts,expected", [
+    # Q4_K_M's q/k/v: q and k join as Q4_K, v keeps Q6_K
+    ([(T.Q4_K, 32), (T.Q4_K, 16), (T.Q6_K, 16)], PackedShape(WeightFormat.PARTS, 64, 256, parts=(
+        _int4_k(48), PackedShape(WeightFormat.INT6, 16, 256, 16)))),
+    ([(T.Q4_K, 32), (T.Q4_K, 16)], _int4_k(48)),
+    # joining keeps each part's own format: one layout
+    ([(T.Q4_0, 32), (T.Q4_1, 32)], PackedShape(WeightFormat.INT4, 64, 256, 32, DType.float16, True)),
+    ([(T.Q5_1, 32), (T.Q5_0, 32)], PackedShape(WeightFormat.INT8, 64, 256, 32, DType.float16, True)),
+    # a joint layout would widen a part: int8 codes for Q6_K, float32 for float16
+    ([(T.Q8_0, 32), (T.Q6_K, 16)], PackedShape(WeightFormat.PARTS, 48, 256, parts=(
+        PackedShape(WeightFormat.INT8, 32, 256, 32, DType.float16), PackedShape(WeightFormat.INT6, 16, 256, 16)))),
+    ([(T.F16, 16), (T.BF16, 16), (T.F16, 16)], PackedShape(WeightFormat.PARTS, 48, 256, parts=(
+        PackedShape(WeightFormat.FLOAT16, 16, 256), PackedShape(WeightFormat.BF16, 16, 256),
+        PackedShape(WeightFormat.FLOAT16, 16, 256)))),
+])
+def test_layouts_of_fused_parts(parts, expected):
+    assert fused_layout(parts, 256) == expected
+
+
+def test_a_parts_layout_names_its_arrays_by_part_and_adds_up():
+    layout = fused_layout([(T.Q4_K, 32), (T.Q6_K, 16)], 256)
+    names = [suffix for suffix, _, _ in layout.arrays()]
+    assert names == [".0.codes", ".0.scales", ".0.mins", ".0.block_scales", ".0.block_mins", ".1.codes", ".1.high",
+                     ".1.scales", ".1.block_scales"]
+    assert layout.nbytes() == sum(part.nbytes() for part in layout.parts)
+    assert layout.leaves() == layout.parts and layout.parts[0].leaves() == (layout.parts[0],)
+    with pytest.raises(ValueError, match="do not make"):
+        PackedShape(WeightFormat.PARTS, 40, 256, parts=layout.parts)
+    with pytest.raises(ValueError, match="parts go with"):
+        PackedShape(WeightFormat.INT8, 48, 256, parts=layout.parts)
 
 
 @pytest.mark.parametrize("types,expected", [
