@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 SERVE_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install install-test build test serve bench-kernels bench-linear bench-model bench-step bench-throughput bench-speculative bench-structured bench bench-peers-setup bench-latency bench-gguf bench-offline bench-serving bench-prefix bench-routing bench-startup bench-client-check bench-plots checkpoint-0.6b clean
+.PHONY: install install-test build test serve bench-kernels bench-linear bench-model bench-step bench-throughput bench-speculative bench-structured bench bench-peers-setup bench-latency bench-gguf bench-gguf-accuracy bench-offline bench-serving bench-prefix bench-routing bench-startup bench-client-check bench-plots checkpoint-0.6b clean
 
 $(BIN)/python:
 	@echo "make: creating the virtual environment $(VENV) with $(PYTHON)"
@@ -90,6 +90,10 @@ bench-latency: install-test build
 # The same GGUF files (llama.cpp's converter and llama-quantize) in MILI and llama.cpp: load, memory, latency.
 bench-gguf: install-test build
 	$(BIN)/python -m benchmarks.gguf $(BENCH_ARGS)
+
+# KL of MILI's and llama.cpp's next-token distributions against transformers on one GGUF file.
+bench-gguf-accuracy: install-test build
+	$(BIN)/python -m benchmarks.gguf_accuracy $(BENCH_ARGS)
 
 bench-offline: install-test build
 	$(BIN)/python -m benchmarks.offline $(BENCH_ARGS)

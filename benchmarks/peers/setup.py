@@ -33,7 +33,7 @@ from benchmarks.peers.home import PEERS, PeerHome
 VLLM_VERSION = "0.32.0"
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 TORCH = "torch==2.13.0"  # the CPU wheel on these machines' disk
-LLAMA_TOOLS = ("llama-bench", "llama-server", "llama-quantize")
+LLAMA_TOOLS = ("llama-bench", "llama-server", "llama-quantize", "llama-perplexity")
 
 
 class Step:

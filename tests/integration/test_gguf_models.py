@@ -46,6 +46,7 @@ def runner(pair: ModelPair) -> ModelRunner:
     """The file as `mili serve` runs it by default: 4-bit tensors with int8 activations."""
     runner = ModelRunner.from_pretrained(pair.path, dtype="float32", num_blocks=NUM_BLOCKS)
     assert any(shape.format is WeightFormat.INT4 for _, shape in runner.spec.tensor_formats)
+    assert any(shape.format is WeightFormat.PARTS for _, shape in runner.spec.tensor_formats)
     return runner
 
 
@@ -78,8 +79,12 @@ def test_int8_activations_stay_close_to_transformers(pair: ModelPair, runner: Mo
           f"agreement {agreement:.3f}; float activations KL mean {kl_exact.mean():.3g}, "
           f"agreement {agreement_exact:.3f}")
     assert len(kl) == len(prompt)
-    # measured (Zen 3, 2026-12-07): KL mean 1.6e-6, max 7e-5, every top token the same; float activations 2.6e-10
-    assert kl.mean() < 2e-5 and agreement >= 0.98
+    # measured (Zen 3, 2026-12-07, seed 1118779059): KL mean 3.0e-3, max 0.11, top-1 agreement 0.995; float
+    # activations 1.6e-10. Layer 0's q/k/v are random K-quant blocks (tests/gguf_blocks.py) with weights ~10x the
+    # checkpoint's, which makes its attention sharp: int8 activations for q alone (Q4_K) or v alone (Q6_K) give
+    # KL 1.2e-3 / 1.3e-3, while the 4-bit gate/up of checkpoint weights alone gave 1.6e-6. A part in the wrong place
+    # or layout gives KL of order 1 and agreement far below these bounds.
+    assert kl.mean() < 1e-2 and agreement >= 0.97
     assert kl_exact.mean() < 1e-8 and agreement_exact == 1
 
 

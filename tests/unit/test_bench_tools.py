@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from benchmarks import client_check, serving
+from benchmarks import client_check, gguf_accuracy, serving
 from benchmarks.peers import engines
 from benchmarks.peers.spotlight import Spotlight
 from benchmarks.peers.workers import WorkerFailed, WorkerProcess, WorkerSpec
@@ -260,3 +260,43 @@ def test_the_outside_graph_kernel_harness_compiles(tmp_path):
                             capture_output=True, text=True, cwd=root, timeout=600, env=build_env())
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "harness").exists()
+
+
+def _llama_kld_row(logits: np.ndarray, stride: int) -> np.ndarray:
+    """One position as llama-perplexity's log_softmax() writes it (tools/perplexity/perplexity.cpp): a float32 scale
+    and minimum log-probability, then each logit's 16-bit step above the minimum (at most 16 nats under the top)."""
+    top = np.float32(logits.max())
+    floor = np.float32(max(logits.min(), top - 16))
+    log_sum_exp = np.float32(np.log(np.exp((logits - top).astype(np.float64)).sum()))
+    scale = np.float32((top - floor) / np.float32(65535))
+    row = np.zeros(stride, np.uint16)
+    row[:4] = np.array([scale, floor - top - log_sum_exp], np.float32).view(np.uint16)
+    row[4:4 + len(logits)] = np.where(logits > floor, np.rint((logits - floor) / scale), 0).astype(np.uint16)
+    return row
+
+
+def test_llama_perplexity_log_probabilities_are_read_as_written(tmp_path, seed):
+    """benchmarks.gguf_accuracy reads llama-perplexity's --kl-divergence-base file: an odd vocabulary (the rows
+    pad to an even count), the tokens, and log-probabilities within the format's step of numpy's."""
+    rng = np.random.default_rng(seed)
+    n_ctx, n_vocab, n_chunk = 12, 37, 2
+    tokens = rng.integers(0, n_vocab, n_chunk * n_ctx).astype(np.int32)
+    first = n_ctx // 2
+    logits = rng.normal(0, 6, (n_ctx - 1 - first, n_vocab)).astype(np.float32)
+    stride = 2 * ((n_vocab + 1) // 2) + 4
+    rows = np.stack([_llama_kld_row(row, stride) for row in logits])
+    path = tmp_path / "base.kld"
+    path.write_bytes(b"_logits_" + np.array([n_ctx, n_vocab, n_chunk], np.int32).tobytes() + tokens.tobytes()
+                     + rows.tobytes())
+    read = gguf_accuracy.read_kld_base(path, n_vocab)
+    assert read.first == first and read.log_probs.shape == (n_ctx - 1 - first, n_vocab)
+    np.testing.assert_array_equal(read.tokens, tokens[:n_ctx])
+    expected = gguf_accuracy.log_softmax(logits)
+    visible = expected > expected.max(axis=-1, keepdims=True) - 15.99
+    step = 16 / 65535
+    assert visible.sum() > logits.size // 2
+    np.testing.assert_allclose(read.log_probs[visible], expected[visible], atol=step)
+    assert (read.log_probs[~visible] <= expected.max(axis=-1, keepdims=True).repeat(n_vocab, 1)[~visible] - 15.9).all()
+    with pytest.raises(ValueError, match="not a llama-perplexity"):
+        (tmp_path / "other").write_bytes(b"GGUF" + bytes(40))
+        gguf_accuracy.read_kld_base(tmp_path / "other", n_vocab)
