@@ -1,5 +1,7 @@
-"""MILI's linear op (bf16 and int8 packed weights) against MAX's ops.matmul, torch's F.linear and numpy, on
-Qwen3-0.6B's projection shapes, measured side by side in interleaved rounds (medians).
+"""MILI's linear op (bf16 and int8 packed weights) against MAX's ops.matmul, torch's F.linear and numpy, and on GGUF
+Q4_0 / Q4_K / Q6_K blocks against MAX's own quantized matmul (ops.qmatmul, MAX's kernels in
+max/kernels/src/quantization), on Qwen3-0.6B's projection shapes, measured side by side in interleaved rounds
+(medians).
 
     python -m benchmarks.linear [--repeats 10] [--quick] [--shapes qkv,lm_head] [--rows 1,16]
                                 [--contenders MILI,torch] [--out benchmarks/results/linear.json]
@@ -10,7 +12,10 @@ reads its weights from DRAM: each call takes the next of enough weight copies to
 decode step streams 1.2 GB of weights, none of it cached). Every figure is printed with achieved GB/s of
 weight traffic (and % of the machine's read bandwidth) or GFLOP/s (and % of the float32 FMA rate), both
 measured in the same run (benchmarks/machine.py). Activations are bfloat16 for MILI and the bf16 peers,
-float32 for the float32 ones; MILI's output is the activation dtype.
+float32 for the float32 ones and for ops.qmatmul (its only input dtype); MILI's output is the activation dtype.
+MILI's 4- and 6-bit ops quantize activations to int8 per 32 inputs, as MAX's and llama.cpp's do (Q8_K / Q8_0).
+The Q4_0 blocks are gguf-py's quantization of the weights; gguf-py cannot quantize K-quants, so Q4_K and Q6_K are
+random codes and sub-scales under float16 super-block scales (a kernel's speed does not depend on the values).
 """
 
 from __future__ import annotations
@@ -30,11 +35,15 @@ import torch
 from max.driver import CPU, Buffer
 from max.dtype import DType
 from max.engine import InferenceSession
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import quantize
 from max.graph import DeviceRef, TensorType, ops
+from max.graph.quantization import QuantizationEncoding
 
 from benchmarks.kernels import graph
 from benchmarks.machine import MachineLimits, measure
 from mili.dtypes import numpy_to_buffer
+from mili.gguf.weights import pack_parts, tensor_layout
 from mili.model import packed_linear
 from mili.model.packed_linear import PackedShape, WeightFormat, pack_weight
 
@@ -42,6 +51,10 @@ from mili.model.packed_linear import PackedShape, WeightFormat, pack_weight
 SHAPES = (("qkv", 1024, 4096), ("o_proj", 2048, 1024), ("gate_up", 1024, 6144), ("down", 3072, 1024),
           ("lm_head", 1024, 151936))
 ROWS = (1, 16, 512)
+# GGUF block types both MILI's ops and MAX's ops.qmatmul run, by contender suffix
+GGUF_TYPES = {"q4_0": GGMLQuantizationType.Q4_0, "q4_k": GGMLQuantizationType.Q4_K,
+              "q6_k": GGMLQuantizationType.Q6_K}
+K_QUANT_SCALE_FIELDS = {GGMLQuantizationType.Q4_K: (0, 2), GGMLQuantizationType.Q6_K: (208,)}  # float16 d (dmin)
 COLD_BYTES = 384 << 20  # weight copies per contender for DRAM-bound cases: well past any L3 here
 CPU_REF = DeviceRef.CPU()
 BURST = 6  # calls per contender per round; the first of each burst is not counted
@@ -83,6 +96,25 @@ class Result:
     share_of_limit: float  # GEMV: of read bandwidth; otherwise: of the float32 FMA rate
 
 
+def gguf_blocks(tensor_type: GGMLQuantizationType, w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """W [N, K] as GGUF blocks of `tensor_type`, uint8 [N, bytes per row]: gguf-py's quantization for Q4_0; for
+    the K-quants (no quantizer in gguf-py) random codes and sub-scales with float16 super-block scales of 1e-3."""
+    if tensor_type not in K_QUANT_SCALE_FIELDS:
+        return quantize(w, tensor_type)
+    block, size = GGML_QUANT_SIZES[tensor_type]
+    blocks = rng.integers(0, 256, (w.shape[0], w.shape[1] // block, size), dtype=np.uint8)
+    for at in K_QUANT_SCALE_FIELDS[tensor_type]:
+        blocks[:, :, at:at + 2] = np.full(blocks.shape[:2] + (1,), 1e-3, np.float16).view(np.uint8)
+    return blocks.reshape(w.shape[0], -1)
+
+
+class _StoredTensor:
+    """The fields of a gguf ReaderTensor that mili.gguf.weights.pack_parts reads."""
+
+    def __init__(self, tensor_type: GGMLQuantizationType, data: np.ndarray, rows: int, cols: int) -> None:
+        self.name, self.tensor_type, self.data, self.shape = tensor_type.name, tensor_type, data, (cols, rows)
+
+
 @torch.no_grad()
 def _torch_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, w)
@@ -100,12 +132,29 @@ class Contenders:
         x_bf16 = numpy_to_buffer(x, DType.bfloat16)
         for fmt in (f for f in (WeightFormat.BF16, WeightFormat.INT8) if keep(f"MILI {f.value}")):
             packed = pack_weight(w, fmt)
-            model = session.load(self._mili_graph(fmt, k, n))
+            model = session.load(self._mili_graph(PackedShape(fmt, n, k), f"{fmt.value}_{k}_{n}"))
             arrays = [list(packed.buffers("w").values())]
             arrays += [[Buffer.from_numpy(a.copy()).view(b.dtype) for a, b in zip(packed.arrays, arrays[0], strict=True)]
                        for _ in range(copies_for(packed.shape.nbytes()) - 1)]
             self._add(f"MILI {fmt.value}", packed.shape.nbytes(), arrays,
                       lambda a, model=model: model.execute(x_bf16, *a))
+        for suffix, tensor_type in GGUF_TYPES.items():
+            if not (keep(f"MILI {suffix}") or keep(f"MAX {suffix}")):
+                continue
+            blocks = gguf_blocks(tensor_type, w, rng)
+            if keep(f"MILI {suffix}"):
+                layout = tensor_layout([tensor_type], n, k)
+                packed = pack_parts([_StoredTensor(tensor_type, blocks, n, k)], layout)
+                model = session.load(self._mili_graph(layout, f"{suffix}_{k}_{n}"))
+                arrays = [[Buffer.from_numpy(a.copy()).view(dtype) for a, (_, dtype, _) in
+                           zip(packed.arrays, layout.arrays(), strict=True)]
+                          for _ in range(copies_for(layout.nbytes()))]
+                self._add(f"MILI {suffix}", layout.nbytes(), arrays, lambda a, model=model: model.execute(x_bf16, *a))
+            if keep(f"MAX {suffix}"):
+                model = session.load(self._max_qmatmul_graph(tensor_type, k, n, blocks.shape[1]))
+                arrays = [[Buffer.from_numpy(blocks.copy())] for _ in range(copies_for(blocks.nbytes))]
+                self._add(f"MAX {suffix}", blocks.nbytes, arrays,
+                          lambda a, model=model, xf=Buffer.from_numpy(x): model.execute(xf, *a))
         for dtype in (d for d in (DType.float32, DType.bfloat16) if keep(f"MAX {d.name}")):
             model = session.load(self._max_graph(dtype, k, n))
             nbytes = n * k * dtype.size_in_bytes
@@ -125,10 +174,18 @@ class Contenders:
             self._add("numpy float32", w.nbytes, [w.copy() for _ in range(copies_for(w.nbytes))], lambda wt: x @ wt.T)
 
     @staticmethod
-    def _mili_graph(fmt: WeightFormat, k: int, n: int):
-        arrays = [TensorType(dtype, shape, CPU_REF) for _, dtype, shape in PackedShape(fmt, n, k).arrays()]
-        return graph(f"mili_linear_{fmt.value}_{k}_{n}", [TensorType(DType.bfloat16, ["m", k], CPU_REF), *arrays],
-                     lambda x, *w: packed_linear.linear(x.tensor, [a.tensor for a in w], PackedShape(fmt, n, k), n))
+    def _mili_graph(layout: PackedShape, name: str):
+        k, n = layout.in_features, layout.out_features
+        arrays = [TensorType(dtype, shape, CPU_REF) for _, dtype, shape in layout.arrays()]
+        return graph(f"mili_linear_{name}", [TensorType(DType.bfloat16, ["m", k], CPU_REF), *arrays],
+                     lambda x, *w: packed_linear.linear(x.tensor, [a.tensor for a in w], layout, n))
+
+    @staticmethod
+    def _max_qmatmul_graph(tensor_type: GGMLQuantizationType, k: int, n: int, row_bytes: int):
+        encoding = QuantizationEncoding(tensor_type.name)
+        return graph(f"max_qmatmul_{tensor_type.name}_{k}_{n}",
+                     [TensorType(DType.float32, ["m", k], CPU_REF), TensorType(DType.uint8, [n, row_bytes], CPU_REF)],
+                     lambda x, w: ops.qmatmul(encoding, None, x.tensor, w.tensor))
 
     @staticmethod
     def _max_graph(dtype: DType, k: int, n: int):

@@ -159,16 +159,16 @@ def linear_int4_gpu_kernel[x_dtype: DType, out_dtype: DType, scale_dtype: DType,
         for g in range(padded_k // INT4_GROUP):
             var end = min(k_total, (g + 1) * INT4_GROUP)
             var amax: Float32 = 0
-            var xsum: Float32 = 0
             for k in range(g * INT4_GROUP, end):
-                var x = widen(x_ptr.unsafe_load(m * k_total + k))
-                amax = max(amax, abs(x))
-                xsum += x
+                amax = max(amax, abs(widen(x_ptr.unsafe_load(m * k_total + k))))
             var inverse = Float32(127) / amax if amax > 0 else Float32(0)
             var isum = 0
+            var code_sum = 0
             for k in range(g * INT4_GROUP, end):
                 var xq = max(min(round(widen(x_ptr.unsafe_load(m * k_total + k)) * inverse), 127), -127)
                 isum += Int(xq) * Int(packed_int4_code(codes, k_total, n, k))
+                code_sum += Int(xq)
+            var xsum = (amax / 127) * Float32(code_sum)  # the sum of the quantized activations
             var scale = packed_int8_scale[INT4_GROUP](scale_ptr, padded_k, n, g)
             var offset = scale * -Float32(INT4_ZERO_POINT)
             comptime if OFFSETS:
@@ -231,16 +231,16 @@ def linear_int4_k_gpu_kernel[x_dtype: DType, out_dtype: DType](
         for g in range(groups):
             var end = min(k_total, (g + 1) * INT4_GROUP)
             var amax: Float32 = 0
-            var xsum: Float32 = 0
             for k in range(g * INT4_GROUP, end):
-                var x = widen(x_ptr.unsafe_load(m * k_total + k))
-                amax = max(amax, abs(x))
-                xsum += x
+                amax = max(amax, abs(widen(x_ptr.unsafe_load(m * k_total + k))))
             var inverse = Float32(127) / amax if amax > 0 else Float32(0)
             var isum = 0
+            var code_sum = 0
             for k in range(g * INT4_GROUP, end):
                 var xq = max(min(round(widen(x_ptr.unsafe_load(m * k_total + k)) * inverse), 127), -127)
                 isum += Int(xq) * Int(packed_int4_code(codes, k_total, n, k))
+                code_sum += Int(xq)
+            var xsum = (amax / 127) * Float32(code_sum)  # the sum of the quantized activations
             var at = ((n // PANEL) * groups + g) * PANEL + n % PANEL
             var block_at = ((n // PANEL) * int4_k_blocks(k_total) + g * INT4_GROUP // 256) * PANEL + n % PANEL
             var scale = block_ptr.unsafe_load(block_at).cast[DType.float32]() * scale_ptr.unsafe_load(at).cast[

@@ -6,12 +6,15 @@
 # compute-bound below its read bandwidth. Integer dot products take 32 (AVX2) or 64 (AVX-512) codes per
 # instruction: pmaddubsw (unsigned codes x signed activations -> 16-bit pair sums), summed within a group in 16 bits
 # and widened once by pmaddwd; or vpdpbusd (AVX512_VNNI), which does both. llama.cpp quantizes activations the
-# same way (Q8_0 / Q8_K); here each group of 32 has its own activation scale and the offsets meet the float sums
-# of the activations, not the quantized ones.
+# same way (Q8_0 / Q8_K, one scale per 256 inputs); here each group of 32 has its own activation scale.
+# The offsets meet the sum of the quantized activations, so that the result is the dot product of the exact
+# weights with the quantized activations: its error, sum of W * (xs * xq - x), scales with W. Meeting the exact
+# float sums instead leaves sum of q * scale * (xs * xq - x), which scales with the unsigned codes (0..15, mean
+# 7.5) rather than the centred weights: measured on a Q4_K_M file (benchmarks/gguf_accuracy.py), twice the KL.
 #
 # For row m, channel n and group g:
 #   xs[m, g] = max |x[m, k]| / 127 over the group's k (float32), xq[m, k] = roundeven(x[m, k] * (127 / max)),
-#   xsum[m, g] = sum of x[m, k] over the group (float32, a fixed tree order);
+#   xsum[m, g] = xs[m, g] * (sum of xq[m, k] over the group) (the integer sum exact, one float32 rounding);
 #   isum = sum over the group of xq[m, k] * q[n, k]   (exact int32; q the unsigned 4-bit code 0..15)
 #   acc = fma(float(isum), scale[n, g] * xs[m, g], acc);  acc = fma(offset[n, g], xsum[m, g], acc)
 # where offset = -8 * scale without stored offsets (W = (q - 8) * scale, GGUF's Q4_0). Groups go in order and each
@@ -109,8 +112,8 @@ def dot_quads(acc: SIMD[DType.int32, I32_WIDTH], codes: SIMD[DType.uint8, CODE_B
 def quantize_group[x_dtype: DType](
     x_ptr: Pointer[Scalar[x_dtype], ...], k_len: Int, row: Int, g: Int, padded_k: Int, rows: QuantizedRows,
 ):
-    """Row `row`'s group g: its 32 codes (zero past K), its scale, the sum of its values and the sums of its two
-    halves' codes."""
+    """Row `row`'s group g: its 32 codes (zero past K), its scale, the sum of its quantized values and the sums of
+    its two halves' codes."""
     var start = g * INT4_GROUP
     var values: SIMD[DType.float32, INT4_GROUP]
     if start + INT4_GROUP <= k_len:
@@ -122,10 +125,10 @@ def quantize_group[x_dtype: DType](
     var amax = abs(values).reduce_max()
     var at = row * (padded_k // INT4_GROUP) + g
     rows.scales.unsafe_store(at, amax / 127)
-    rows.sums.unsafe_store(at, values.reduce_add())
     var inverse = Float32(127) / amax if amax > 0 else Float32(0)
     var rounded = llvm_intrinsic["llvm.roundeven", SIMD[DType.float32, INT4_GROUP]](values * inverse)
     var codes = max(min(rounded, 127), -127).cast[DType.int32]()
+    rows.sums.unsafe_store(at, (amax / 127) * Float32(codes.reduce_add()))
     rows.codes.unsafe_store(row * padded_k + start, codes.cast[DType.int8]())
     rows.half_sums.unsafe_store(2 * at, codes.slice[16]().reduce_add())
     rows.half_sums.unsafe_store(2 * at + 1, codes.slice[16, offset=16]().reduce_add())
@@ -134,8 +137,9 @@ def quantize_group[x_dtype: DType](
 @fieldwise_init
 struct QuantizedRows(TrivialRegisterPassable):
     """A batch's activations as the low-bit ops read them, per row: int8 codes [rows, Kg], and per group of 32
-    a float32 scale and sum [rows, Kg / 32]; per half group the sum of its codes [rows, Kg / 16] (the 6-bit
-    layout's zero point meets it)."""
+    a float32 scale and the float32 sum of its quantized values, scale * sum of codes [rows, Kg / 32] (the 4-bit
+    layouts' offsets meet it); per half group the sum of its codes [rows, Kg / 16] (the 6-bit layout's zero point
+    meets it)."""
 
     var codes: MutPointer[Int8, MutUntrackedOrigin]
     var scales: MutPointer[Float32, MutUntrackedOrigin]

@@ -76,8 +76,8 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
 def quantize_activations(x: np.ndarray, group: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The 4-bit linear op's activations, from its definition (mojo_kernels/linear_int4.mojo's header), in float32
     exactly as specified: per row per `group` inputs (zero-padded), scale = max|x| / 127,
-    codes = roundeven(x * (127 / max|x|)) in [-127, 127], and the group's float sum (here in float64).
-    Returns (codes [M, Kg] float64, scales [M, G] float64, sums [M, G] float64)."""
+    codes = roundeven(x * (127 / max|x|)) in [-127, 127], and the sum of the group's quantized values, scale * sum
+    of codes (here in float64). Returns (codes [M, Kg] float64, scales [M, G] float64, sums [M, G] float64)."""
     m, k = x.shape
     count = -(-k // group)
     padded = np.zeros((m, count * group), np.float32)
@@ -89,15 +89,15 @@ def quantize_activations(x: np.ndarray, group: int = 32) -> tuple[np.ndarray, np
     codes = np.clip(np.rint(groups * inverse[:, :, None]), -127, 127)
     scales = (amax / np.float32(127)).astype(np.float32)
     return (codes.reshape(m, count * group).astype(np.float64), scales.astype(np.float64),
-            groups.astype(np.float64).sum(axis=2))
+            scales.astype(np.float64) * codes.sum(axis=2))
 
 
 def int4_linear(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray,
                 group: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """x [M, K] @ W^T for W = codes * scale + offset (codes [N, K] 0..15; scales, offsets [N, G]) with x quantized
-    as quantize_activations says, in float64: sum over groups of (xs * scale) * sum(xq * q) + offset * sum(x).
-    Returns (the result, sum over groups of |xs * scale| * sum |xq * q| + |offset| * sum |x|: the magnitude float32
-    rounding errors scale with)."""
+    as quantize_activations says, in float64: sum over groups of (xs * scale) * sum(xq * q) + offset * xs * sum(xq),
+    the exact weights times the quantized activations. Returns (the result, sum over groups of |xs * scale| *
+    sum |xq * q| + |offset| * xs * sum |xq|: the magnitude float32 rounding errors scale with)."""
     xq, xs, xsum = quantize_activations(x, group)
     m, n = x.shape[0], codes.shape[0]
     q = np.zeros((n, xq.shape[1]))
@@ -106,9 +106,7 @@ def int4_linear(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, offsets: n
     xq_g, q_g = xq.reshape(m, count, group), q.reshape(n, count, group)
     isum = np.einsum("mgk,ngk->mng", xq_g, q_g)
     isum_abs = np.einsum("mgk,ngk->mng", np.abs(xq_g), np.abs(q_g))
-    padded_abs = np.zeros_like(xq)
-    padded_abs[:, :x.shape[1]] = np.abs(x)
-    xabs = padded_abs.reshape(m, count, group).sum(axis=2)
+    xabs = xs * np.abs(xq_g).sum(axis=2)
     scaled = xs[:, None, :] * scales[None, :, :]
     result = (scaled * isum).sum(axis=2) + xsum @ offsets.T
     magnitude = (np.abs(scaled) * isum_abs).sum(axis=2) + xabs @ np.abs(offsets).T

@@ -159,13 +159,12 @@ def int4_parts(packed: PackedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray
 def check_int4_case(case, got: np.ndarray, x: np.ndarray, packed: PackedWeight) -> None:
     """The 4-bit op against its definition (int8 activations per 32 inputs, tests/kernels/reference.py) in float64,
     within float32 rounding of the group folds; and against the unquantized product within the activations'
-    rounding (half a step of each group's scale per input)."""
+    rounding (half a step of each group's scale per input, times |W|: the offsets meet the quantized activations)."""
     x32 = ref.as_dtype(x, case.x_dtype)
     codes, scales, offsets = int4_parts(packed)
     expected, magnitude = ref.int4_linear(x32, codes, scales, offsets)
-    weight_scale = np.abs(codes * np.repeat(scales, 32, axis=1)[:, :x.shape[1]])  # |q * scale|, [N, K]
-    check_low_bit_result(case, got, x32, expected, magnitude, scales.shape[1], weight_scale,
-                         packed.dense().astype(np.float64))
+    dense = packed.dense().astype(np.float64)
+    check_low_bit_result(case, got, x32, expected, magnitude, scales.shape[1], np.abs(dense), dense)
 
 
 def packed_weights(rng: np.random.Generator, n: int, k: int) -> dict[PackedShape, PackedWeight]:
