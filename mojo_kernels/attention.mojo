@@ -41,7 +41,6 @@ from .cpu_parallel import parallel_for, for_row_groups
 from std.algorithm import vectorize
 from std.memory import stack_allocation, AddressSpace
 from std.sys import simd_width_of, num_physical_cores, size_of
-from std.sys.intrinsics import prefetch, PrefetchOptions
 from std.math import exp, sqrt, ceildiv, iota
 from .kv_cache import CacheLayout, cache_layout
 from .gpu_reduce import block_sum, block_max
@@ -263,24 +262,6 @@ def plan_tiles(
         if len(tiles) >= workers or kv_cap == 1:
             return partials
         kv_cap = max(1, kv_cap // 2)
-
-
-comptime CACHE_LINE = 64
-
-
-@always_inline
-def prefetch_block[dtype: DType, elems: Int, L1: Bool](cache_ptr: Pointer[Scalar[dtype], ...], at: Int):
-    """Asks for one KV block's lines ahead of use, into L1 (needed next) or L2 (needed after the step's scores).
-    Every block is one 4 KB page apart from the next (paged cache, 64-byte-aligned 4 KB blocks at bf16), and
-    hardware prefetchers stop at page boundaries: decode reads each block from DRAM cold, since a step's weight
-    stream evicts the cache, so without these the cores wait on each block's first lines."""
-    comptime step = CACHE_LINE // size_of[dtype]()
-    var base = cache_ptr.unsafe_offset(at)
-    comptime for line in range(ceildiv(elems, step)):
-        comptime if L1:
-            prefetch[PrefetchOptions().for_read().high_locality()](base.unsafe_offset(line * step))
-        else:
-            prefetch[PrefetchOptions().for_read().medium_locality()](base.unsafe_offset(line * step))
 
 
 @always_inline
@@ -550,14 +531,6 @@ def attend_tile[dtype: DType, head_dim: Int, block_size: Int](
 
             for b in range(step_blocks):
                 var k_block = layout.k_block(physical_blocks.unsafe_load(b), tile.kv_head + kv)
-                # the next K block (this KV head's, or the next head's first) into L1, this V block into L2
-                if b + 1 < step_blocks:
-                    prefetch_block[dtype, BS * D, True](
-                        cache_ptr, layout.k_block(physical_blocks.unsafe_load(b + 1), tile.kv_head + kv))
-                elif kv + 1 < tile.kv_count:
-                    prefetch_block[dtype, BS * D, True](
-                        cache_ptr, layout.k_block(physical_blocks.unsafe_load(0), tile.kv_head + kv + 1))
-                prefetch_block[dtype, BS * D, False](cache_ptr, v_blocks.unsafe_load(b))
                 var block_scores = scores.unsafe_offset(b * BS)
                 comptime if DOT:
                     var q_words = q_halves.unsafe_bitcast[UInt32]()
