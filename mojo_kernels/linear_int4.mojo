@@ -124,14 +124,17 @@ def quantize_group[x_dtype: DType](
             values[i] = widen(x_ptr.unsafe_load(row * k_len + start + i))
     var amax = abs(values).reduce_max()
     var at = row * (padded_k // INT4_GROUP) + g
-    rows.scales.unsafe_store(at, amax / 127)
+    var scale = amax / 127
     var inverse = Float32(127) / amax if amax > 0 else Float32(0)
     var rounded = llvm_intrinsic["llvm.roundeven", SIMD[DType.float32, INT4_GROUP]](values * inverse)
     var codes = max(min(rounded, 127), -127).cast[DType.int32]()
-    rows.sums.unsafe_store(at, (amax / 127) * Float32(codes.reduce_add()))
+    var low_sum = codes.slice[16]().reduce_add()
+    var high_sum = codes.slice[16, offset=16]().reduce_add()
+    rows.scales.unsafe_store(at, scale)
+    rows.sums.unsafe_store(at, scale * Float32(low_sum + high_sum))
     rows.codes.unsafe_store(row * padded_k + start, codes.cast[DType.int8]())
-    rows.half_sums.unsafe_store(2 * at, codes.slice[16]().reduce_add())
-    rows.half_sums.unsafe_store(2 * at + 1, codes.slice[16, offset=16]().reduce_add())
+    rows.half_sums.unsafe_store(2 * at, low_sum)
+    rows.half_sums.unsafe_store(2 * at + 1, high_sum)
 
 
 @fieldwise_init

@@ -113,6 +113,15 @@ class PackedShape:
         """The layouts ops run: the parts', or this one."""
         return self.parts or (self,)
 
+    def part_arrays(self) -> list[tuple[PackedShape, slice]]:
+        """Each part's layout with the slice of arrays() (and of a weight's arrays) that is its own."""
+        out, at = [], 0
+        for part in self.parts:
+            count = len(part.arrays())
+            out.append((part, slice(at, at + count)))
+            at += count
+        return out
+
     def arrays(self) -> list[tuple[str, DType, tuple[int, int]]]:
         if self.format is WeightFormat.PARTS:
             return [(f".{i}{suffix}", dtype, shape) for i, part in enumerate(self.parts)
@@ -272,12 +281,7 @@ class PackedWeight:
 
     def split(self) -> list[PackedWeight]:
         """A PARTS weight's parts, each with its arrays."""
-        parts, at = [], 0
-        for shape in self.shape.parts:
-            count = len(shape.arrays())
-            parts.append(PackedWeight(shape, self.arrays[at:at + count]))
-            at += count
-        return parts
+        return [PackedWeight(part, self.arrays[own]) for part, own in self.shape.part_arrays()]
 
     def dense(self) -> np.ndarray:
         """The float32 [N, K] matrix this weight holds (tests, references)."""
@@ -564,12 +568,8 @@ def linear(x: TensorValue, weight: list[TensorValue], shape: PackedShape, out_fe
     """x [M, K] @ W^T -> [M, out_features] in `out_dtype` (default x's), W packed as `shape` says (its format,
     group size, scale dtype, offsets); `weight` holds the graph values of shape.arrays() in order."""
     if shape.format is WeightFormat.PARTS:
-        outputs, at = [], 0
-        for part in shape.parts:
-            count = len(part.arrays())
-            outputs.append(linear(x, weight[at:at + count], part, part.out_features, out_dtype=out_dtype))
-            at += count
-        return ops.concat(outputs, axis=1)
+        return ops.concat([linear(x, weight[own], part, part.out_features, out_dtype=out_dtype)
+                           for part, own in shape.part_arrays()], axis=1)
     out = TensorType(out_dtype or x.dtype, [x.shape[0], out_features], x.device)
     name, parameters = _op_name("linear", shape)
     return ops.custom(name, x.device, [x, *weight], out_types=[out], parameters=parameters)[0].tensor
