@@ -27,7 +27,7 @@ import numpy as np
 from benchmarks.latency import Contender, medians, run_rounds, worker_contender
 from benchmarks.machine import measure
 from benchmarks.peers import arguments, llama_cpp
-from benchmarks.peers.engines import mili_worker
+from benchmarks.peers.engines import mili_gguf_worker, mili_worker
 from benchmarks.peers.home import PeerHome
 from benchmarks.peers.servers import unwind_on_sigterm
 from benchmarks.peers.workers import WorkerSpec, start_all
@@ -36,11 +36,6 @@ from benchmarks.report import RunRecord, markdown_table
 FORMATS = ("BF16", "Q8_0", "Q4_0", "Q4_K_M")
 ENGINES = ("mili", "llama.cpp")
 SAFETENSORS = "MILI safetensors bf16"
-
-
-def mili_gguf_worker(path: Path, fmt: str, kv_cache_bytes: int) -> WorkerSpec:
-    return WorkerSpec(f"MILI GGUF {fmt}", Path(sys.executable), "mili_worker.py",
-                      [str(path), "bfloat16", "none", str(kv_cache_bytes), "0"])
 
 
 @dataclass

@@ -5,8 +5,9 @@ a 512-token prompt and greedy decode of 128 tokens after it.
                                  [--engines mili,vllm,transformers,llama.cpp]
     make bench-latency        (after `make bench-peers-setup`)
 
-Engines and formats: MILI float32 / bfloat16 / int8, transformers bf16 / fp32, vLLM bf16 (and fp32 where the CPU
-has no bf16 dot products), llama.cpp BF16 / Q8_0 / Q4_K_M. Every engine is loaded once, warmed up with one
+Engines and formats: MILI float32 / bfloat16 / int8 / int4 (`--quantization`), MILI on llama.cpp's Q4_0 and Q4_K_M
+files (the files llama.cpp runs, as stored), transformers bf16 / fp32, vLLM bf16 (and fp32 where the CPU has no bf16
+dot products), llama.cpp BF16 / Q8_0 / Q4_0 / Q4_K_M. Every engine is loaded once, warmed up with one
 untimed measurement, then timed in interleaved rounds (A B C A B C); the table shows medians. Decode tokens/s
 comes with the weight bytes one token reads, the achieved GB/s and its share of the machine's read bandwidth
 measured in the same run (the batch-1 decode roofline).
@@ -28,6 +29,7 @@ from benchmarks.machine import measure
 from benchmarks.peers import arguments, llama_cpp
 from benchmarks.peers.engines import (
     MILI_CONFIGS,
+    mili_gguf_worker,
     batched_peer_dtype,
     checkpoint_weight_bytes,
     mili_worker,
@@ -43,7 +45,10 @@ from benchmarks.peers.workers import WorkerProcess, start_all
 from benchmarks.report import RunRecord, markdown_table
 
 ENGINES = ("mili", "vllm", "transformers", "llama.cpp")
-EQUAL_BITS = {"MILI bfloat16": "llama.cpp BF16", "MILI int8": "llama.cpp Q8_0"}  # the decode targets
+# the decode comparisons the table makes: the same bits, or the same file
+EQUAL_BITS = {"MILI bfloat16": "llama.cpp BF16", "MILI int8": "llama.cpp Q8_0", "MILI int4": "MILI int8",
+              "MILI GGUF Q4_0": "llama.cpp Q4_0", "MILI GGUF Q4_K_M": "llama.cpp Q4_K_M"}
+MILI_GGUF_FORMATS = ("Q4_0", "Q4_K_M")  # files MILI runs beside llama.cpp (needs llama.cpp's converter)
 
 
 @dataclass
@@ -94,6 +99,21 @@ def llama_contenders(model: Path, prompt: int, decode: int, skipped: dict[str, s
     return contenders
 
 
+def mili_gguf_specs(model: Path, kv_bytes: int, skipped: dict[str, str]) -> list:
+    """MILI workers for llama.cpp's 4-bit files of the checkpoint (made by llama.cpp's converter and quantizer)."""
+    names = [f"MILI GGUF {fmt}" for fmt in MILI_GGUF_FORMATS]
+    if reason := PeerHome("llama.cpp").unavailable_reason():
+        skipped.update({name: f"llama.cpp makes the file: {reason}" for name in names})
+        return []
+    specs = []
+    for name, fmt in zip(names, MILI_GGUF_FORMATS, strict=True):
+        try:
+            specs.append(mili_gguf_worker(llama_cpp.gguf(model, fmt), fmt, kv_bytes))
+        except RuntimeError as error:
+            skipped[name] = str(error).splitlines()[0]
+    return specs
+
+
 def run_rounds(contenders: list[Contender], workers: dict[str, WorkerProcess], rounds: int,
                record: RunRecord) -> dict[str, list[tuple[float, float]]]:
     """Every contender timed in interleaved rounds after an untimed warm-up (the workers closed after), then the
@@ -134,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     specs = []
     for config in MILI_CONFIGS if "mili" in engines else ():
         specs.append(mili_worker(model, config, kv_bytes))
+    if "mili" in engines:
+        specs += mili_gguf_specs(model, kv_bytes, record.skipped)
     if "vllm" in engines:
         vllm_specs = [vllm_worker(model, 1, "bfloat16")]
         if batched_peer_dtype() == "float32":  # bf16 is emulated here: its fp32 build may prefill faster

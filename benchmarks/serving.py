@@ -2,8 +2,11 @@
 fixed concurrencies and at Poisson request rates, on a random dataset and a shared-prefix one.
 
     python -m benchmarks.serving [--model DIR] [--engines mili,vllm,llama.cpp,max] [--concurrency 1,4,16,64]
-                                 [--request-rates 2] [--datasets random,shared-prefix]
+                                 [--request-rates 2] [--datasets random,shared-prefix] [--gguf Q4_K_M]
     make bench-serving        (after `make bench-peers-setup`)
+
+With --gguf FORMAT, MILI and llama-server both serve the checkpoint's GGUF file of that format (llama.cpp's
+converter and llama-quantize make it; each engine runs the file's own types); other engines serve the checkpoint.
 
 All servers are started first (one after another, so start-up times are not mixed up) and stay up, but only the
 one being driven runs: the others are paused (SIGSTOP, benchmarks/peers/spotlight.py). Each is warmed up with a
@@ -71,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate-prompts", type=int, default=32, help="requests a rate point sends (default 32)")
     parser.add_argument("--kv-gib", type=int, default=3, help="KV-cache budget of every server, GiB (default 3)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gguf", metavar="FORMAT", default=None,
+                        help="MILI and llama.cpp serve the same GGUF file of this format, e.g. Q4_K_M (default: MILI "
+                             "the checkpoint in bfloat16, llama.cpp its BF16 file)")
     args = parser.parse_args(argv)
     unwind_on_sigterm()
     engines = arguments.chosen_engines(parser, args, SERVERS)
@@ -86,13 +92,15 @@ def main(argv: list[str] | None = None) -> None:
         f"streamed /v1/completions, greedy, EOS ignored; concurrency points send max({args.min_prompts}, "
         f"2 x concurrency) requests, rate points {args.rate_prompts} (Poisson); fresh prompts per point (seed "
         f"{args.seed} + its index), the same for every engine; engines interleaved per point; 4 untimed "
-        f"warm-up requests per server; one run per point"))
+        f"warm-up requests per server; one run per point"
+        + (f"; MILI and llama.cpp serve the {args.gguf} GGUF file" if args.gguf else "")))
     vocab = WordVocabulary(model)
     servers: dict[str, RunningServer] = {}
     try:
         for i, engine in enumerate(engines):
             try:
-                spec = server_spec(engine, model, 8100 + i, max_seqs, args.kv_gib)
+                spec = server_spec(engine, model, 8100 + i, max_seqs, args.kv_gib, gguf_format=args.gguf or "BF16",
+                                   mili_gguf=args.gguf is not None)
             except RuntimeError as error:  # e.g. the GGUF conversion failed
                 record.skipped[engine] = str(error).splitlines()[0]
                 continue

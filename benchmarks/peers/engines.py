@@ -26,13 +26,20 @@ from mili.weights import checkpoint_files
 
 THREADS = os.cpu_count() or 1
 SHORT_DTYPE = {"bfloat16": "bf16", "float32": "fp32"}
-MILI_CONFIGS = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"), "int8": ("bfloat16", "int8")}
+MILI_CONFIGS = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"), "int8": ("bfloat16", "int8"),
+                "int4": ("bfloat16", "int4")}
 
 
 def mili_worker(model: Path, config: str, kv_cache_bytes: int, prefix_cache: bool = False) -> WorkerSpec:
     dtype, quantization = MILI_CONFIGS[config]
     return WorkerSpec(f"MILI {config}", Path(sys.executable), "mili_worker.py",
                       [str(model), dtype, quantization, str(kv_cache_bytes), "1" if prefix_cache else "0"])
+
+
+def mili_gguf_worker(path: Path, fmt: str, kv_cache_bytes: int) -> WorkerSpec:
+    """MILI running a GGUF file of format `fmt` as stored (bfloat16 activations, the file's own types)."""
+    return WorkerSpec(f"MILI GGUF {fmt}", Path(sys.executable), "mili_worker.py",
+                      [str(path), "bfloat16", "none", str(kv_cache_bytes), "0"])
 
 
 def batched_peer_dtype() -> str:

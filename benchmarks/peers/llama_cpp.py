@@ -14,7 +14,7 @@ from pathlib import Path
 from benchmarks.peers.engines import THREADS
 from benchmarks.peers.home import PeerHome
 
-FORMATS = ("BF16", "Q8_0", "Q4_K_M")
+FORMATS = ("BF16", "Q8_0", "Q4_0", "Q4_K_M")
 HOME = PeerHome("llama.cpp")
 
 

@@ -52,14 +52,16 @@ class ServerSpec:
 
 
 def server_spec(engine: str, model: Path, port: int, max_seqs: int, kv_gib: int, prefix_cache: bool = True,
-                mili_config: str = "bfloat16", gguf_format: str = "BF16") -> ServerSpec:
+                mili_config: str = "bfloat16", gguf_format: str = "BF16", mili_gguf: bool = False) -> ServerSpec:
     """`kv_gib`: the KV-cache budget as GiB of bfloat16 (float16 for llama.cpp); a server whose cache is float32
-    gets the bytes that hold as many tokens (engines.kv_gib_for)."""
+    gets the bytes that hold as many tokens (engines.kv_gib_for). With `mili_gguf`, MILI serves the checkpoint's
+    GGUF file of `gguf_format` (llama.cpp's file, as stored) instead of the checkpoint."""
     if engine == "mili":
         quantization = ["--quantization", "int8"] if mili_config == "int8" else []
         dtype = "float32" if mili_config == "float32" else "bfloat16"
-        return ServerSpec(f"MILI {mili_config}", None, [
-            str(Path(sys.executable).with_name("mili")), "serve", "--model", str(model), "--port", str(port),
+        served = llama_cpp.gguf(model, gguf_format) if mili_gguf else model
+        return ServerSpec(f"MILI GGUF {gguf_format}" if mili_gguf else f"MILI {mili_config}", None, [
+            str(Path(sys.executable).with_name("mili")), "serve", "--model", str(served), "--port", str(port),
             "--dtype", dtype, *quantization, "--kv-cache-memory", f"{kv_gib_for(dtype, kv_gib)}GiB",
             "--max-num-seqs", str(max_seqs),
             "--served-model-name", SERVED_NAME, *([] if prefix_cache else ["--no-prefix-cache"])], port=port)
