@@ -3,7 +3,7 @@
 # CONTEXT tokens, layer after layer over 28 layers' caches (2.4 MB a layer at 576 tokens, 66 MB in all against a
 # 32 MB L3), as a decode step reads them; then one layer repeated (its K/V warm in L2/L3). Prints the median
 # microseconds a layer and the GB/s of the K/V bytes it reads. Inputs are fixed patterns.
-# Run: mojo run -I . benchmarks/mojo/attention_decode.mojo [context] [passes]
+# Run: mojo run -I . benchmarks/mojo/attention_decode.mojo [context] [passes] [layers]
 from max.gpu.host import DeviceContext
 from mojo_kernels.attention import BatchShape, paged_attention_cpu
 from mojo_kernels.kv_cache import CacheLayout
@@ -14,7 +14,6 @@ comptime D = 128
 comptime BS = 16
 comptime HEADS = 16
 comptime KV_HEADS = 8
-comptime LAYERS = 28
 
 
 def median(mut samples: List[Float64]) -> Float64:
@@ -26,9 +25,10 @@ def main() raises:
     var args = argv()
     var context = Int(args[1]) if len(args) > 1 else 576
     var passes = Int(args[2]) if len(args) > 2 else 15
+    var layers = Int(args[3]) if len(args) > 3 else 28
     var ctx = DeviceContext(api="cpu")
     var num_blocks = (context + BS - 1) // BS
-    var cache = List[BFloat16](length=LAYERS * 2 * num_blocks * KV_HEADS * BS * D, fill=0)
+    var cache = List[BFloat16](length=layers * 2 * num_blocks * KV_HEADS * BS * D, fill=0)
     for i in range(len(cache)):
         cache[i] = BFloat16(Float32((i * 7) % 11) * 0.125 - 0.5)
     var query_start: List[Int32] = [0, 1]
@@ -46,11 +46,11 @@ def main() raises:
     var chain = List[Float64]()
     for _ in range(passes):
         var start = perf_counter_ns()
-        for layer in range(LAYERS):
+        for layer in range(layers):
             paged_attention_cpu[DType.bfloat16, D, BS](
                 out.unsafe_ptr(), q.unsafe_ptr(), cache.unsafe_ptr(), CacheLayout(num_blocks, KV_HEADS, BS, D, layer),
                 query_start.unsafe_ptr(), context_lens.unsafe_ptr(), block_tables.unsafe_ptr(), batch, 1, ctx)
-        chain.append(Float64(perf_counter_ns() - start) / 1e3 / LAYERS)
+        chain.append(Float64(perf_counter_ns() - start) / 1e3 / Float64(layers))
     var cold = median(chain)
     print("decode attention, context", context, ": layer after layer", cold, "us a layer,", kv_bytes / cold / 1e3,
           "GB/s")
