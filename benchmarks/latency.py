@@ -29,9 +29,9 @@ from benchmarks.machine import measure
 from benchmarks.peers import arguments, llama_cpp
 from benchmarks.peers.engines import (
     MILI_CONFIGS,
-    mili_gguf_worker,
     batched_peer_dtype,
     checkpoint_weight_bytes,
+    mili_gguf_worker,
     mili_worker,
     runnable,
     transformers_worker,
@@ -41,7 +41,7 @@ from benchmarks.peers.home import PeerHome
 from benchmarks.peers.rounds import interleaved
 from benchmarks.peers.servers import unwind_on_sigterm
 from benchmarks.peers.spotlight import Spotlight
-from benchmarks.peers.workers import WorkerProcess, start_all
+from benchmarks.peers.workers import WorkerProcess, WorkerSpec, start_all
 from benchmarks.report import RunRecord, markdown_table
 
 ENGINES = ("mili", "vllm", "transformers", "llama.cpp")
@@ -99,7 +99,7 @@ def llama_contenders(model: Path, prompt: int, decode: int, skipped: dict[str, s
     return contenders
 
 
-def mili_gguf_specs(model: Path, kv_bytes: int, skipped: dict[str, str]) -> list:
+def mili_gguf_specs(model: Path, kv_bytes: int, skipped: dict[str, str]) -> list[WorkerSpec]:
     """MILI workers for llama.cpp's 4-bit files of the checkpoint (made by llama.cpp's converter and quantizer)."""
     names = [f"MILI GGUF {fmt}" for fmt in MILI_GGUF_FORMATS]
     if reason := PeerHome("llama.cpp").unavailable_reason():

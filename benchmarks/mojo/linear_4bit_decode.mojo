@@ -3,11 +3,14 @@
 # down 3,072 -> 1,024) run one after another, so that every call reads its weights from DRAM as a decode step
 # does (~250 MB of codes against a 32 MB L3), and then one projection repeated (its weights warm in L2/L3).
 # Prints the median microseconds a projection and GB/s of the bytes read, for Q4_0 (float16 scales) and Q4_K
-# (two-level scales). Compare with the read bandwidth (read_bandwidth.mojo) and with the op inside a graph
-# (`python -m benchmarks.step`). Inputs are fixed patterns; speed does not depend on the values.
-# Run: mojo run -I . benchmarks/mojo/linear_4bit_decode.mojo [passes]
+# (two-level scales), each shape's tiles alone on one core, and first the tied LM head in Q6_K. Compare with the
+# read bandwidth (read_bandwidth.mojo) and with the op inside a graph (`python -m benchmarks.step`). Inputs are
+# fixed patterns; speed does not depend on the values.
+# Run: mojo run -I . benchmarks/mojo/linear_4bit_decode.mojo [passes] [chain]   ("chain": the chains only)
 from max.gpu.host import DeviceContext
-from mojo_kernels.linear_int4 import linear_int4_cpu, linear_int4_k_cpu, int4_tile, int4_k_tile, QuantizedRows, with_quantized_rows
+from mojo_kernels.linear_int4 import (
+    QuantizedRows, int4_k_tile, int4_tile, linear_int4_cpu, linear_int4_k_cpu, with_quantized_rows,
+)
 from mojo_kernels.linear_int6 import linear_int6_cpu
 from mojo_kernels.linear_layout import (
     LinearShape, INT4_GROUP, INT6_SUBGROUP, PANEL, int4_panel_bytes, int4_k_blocks, int6_blocks, int6_high_panel_bytes,
@@ -24,15 +27,25 @@ def median(mut samples: List[Float64]) -> Float64:
     return samples[len(samples) // 2]
 
 
+def activations(count: Int) -> List[BFloat16]:
+    var x = List[BFloat16](length=count, fill=0)
+    for i in range(count):
+        x[i] = BFloat16(Float32(i % 13) * 0.1 - 0.6)
+    return x^
+
+
 struct Projection(Movable):
     """One projection's packed 4-bit weights (codes, and scales of both layouts: Q4_0's float16 per group;
-    Q4_K's 6-bit sub-scales and mins with float16 block values)."""
+    Q4_K's 6-bit sub-scales and mins with float16 block scales and mins), each array its own memory so that every
+    byte counted is a byte read."""
 
     var shape: LinearShape
     var codes: List[UInt8]
     var scales: List[Float16]
     var sub_scales: List[UInt8]
-    var block_values: List[Float16]
+    var mins: List[UInt8]
+    var block_scales: List[Float16]
+    var block_mins: List[Float16]
 
     def __init__(out self, k: Int, n: Int, seed: Int):
         self.shape = LinearShape(1, k, n)
@@ -45,15 +58,20 @@ struct Projection(Movable):
         for i in range(len(self.scales)):
             self.scales[i] = Float16(Float32((i + seed) % 7 + 1) * 0.001)
         self.sub_scales = List[UInt8](length=panels * groups * PANEL, fill=0)
+        self.mins = List[UInt8](length=panels * groups * PANEL, fill=0)
         for i in range(len(self.sub_scales)):
             self.sub_scales[i] = UInt8((i * 5 + seed) % 63)
-        self.block_values = List[Float16](length=panels * int4_k_blocks(k) * PANEL, fill=0)
-        for i in range(len(self.block_values)):
-            self.block_values[i] = Float16(Float32((i + seed) % 5 + 1) * 0.0001)
+            self.mins[i] = UInt8((i * 3 + seed) % 63)
+        self.block_scales = List[Float16](length=panels * int4_k_blocks(k) * PANEL, fill=0)
+        self.block_mins = List[Float16](length=panels * int4_k_blocks(k) * PANEL, fill=0)
+        for i in range(len(self.block_scales)):
+            self.block_scales[i] = Float16(Float32((i + seed) % 5 + 1) * 0.0001)
+            self.block_mins[i] = Float16(Float32((i + seed) % 3 + 1) * 0.0002)
 
     def bytes[two_level: Bool](self) -> Int:
         comptime if two_level:
-            return len(self.codes) + 2 * len(self.sub_scales) + 4 * len(self.block_values)
+            return len(self.codes) + len(self.sub_scales) + len(self.mins) + 2 * (len(self.block_scales)
+                                                                                   + len(self.block_mins))
         else:
             return len(self.codes) + 2 * len(self.scales)
 
@@ -61,8 +79,8 @@ struct Projection(Movable):
                              ctx: DeviceContext) raises:
         comptime if two_level:
             linear_int4_k_cpu[DType.bfloat16, DType.bfloat16](
-                out_ptr, x_ptr, self.codes.unsafe_ptr(), self.sub_scales.unsafe_ptr(), self.sub_scales.unsafe_ptr(),
-                self.block_values.unsafe_ptr(), self.block_values.unsafe_ptr(), self.shape, ctx)
+                out_ptr, x_ptr, self.codes.unsafe_ptr(), self.sub_scales.unsafe_ptr(), self.mins.unsafe_ptr(),
+                self.block_scales.unsafe_ptr(), self.block_mins.unsafe_ptr(), self.shape, ctx)
         else:
             linear_int4_cpu[DType.bfloat16, DType.bfloat16, False](
                 out_ptr, x_ptr, self.codes.unsafe_ptr(), self.scales.unsafe_ptr(), self.scales.unsafe_ptr(),
@@ -71,25 +89,26 @@ struct Projection(Movable):
 
 def time_tiles[two_level: Bool](name: String, p: Projection, passes: Int, ctx: DeviceContext) raises:
     """The tiles alone on one core (rows quantized once, no threads): the kernel's own rate."""
-    var x = List[BFloat16](length=4 * HIDDEN, fill=0)
-    for i in range(len(x)):
-        x[i] = BFloat16(Float32(i % 13) * 0.1 - 0.6)
+    var x = activations(4 * HIDDEN)
     var out = List[BFloat16](length=8 * HIDDEN, fill=0)
     var out_ptr = out.unsafe_ptr()
     var codes = p.codes.unsafe_ptr()
     var scales = p.scales.unsafe_ptr()
     var subs = p.sub_scales.unsafe_ptr()
-    var blocks = p.block_values.unsafe_ptr()
+    var mins = p.mins.unsafe_ptr()
+    var blocks = p.block_scales.unsafe_ptr()
+    var block_mins = p.block_mins.unsafe_ptr()
     var shape = p.shape
     var samples = List[Float64]()
 
-    def body(rows: QuantizedRows) raises {mut samples, imm out_ptr, imm codes, imm scales, imm subs, imm blocks, imm shape, imm passes}:
+    def body(rows: QuantizedRows) raises {mut samples, imm out_ptr, imm codes, imm scales, imm subs, imm mins, imm blocks, imm block_mins, imm shape, imm passes}:
         for _ in range(passes * 20):
             var start = perf_counter_ns()
             var panel = 0
             while panel + 4 <= shape.panels():
                 comptime if two_level:
-                    int4_k_tile[DType.bfloat16, 1, 4](out_ptr, rows, codes, subs, subs, blocks, blocks, shape, 0, panel)
+                    int4_k_tile[DType.bfloat16, 1, 4](out_ptr, rows, codes, subs, mins, blocks, block_mins, shape, 0,
+                                                      panel)
                 else:
                     int4_tile[DType.bfloat16, 1, 4, False](out_ptr, rows, codes, scales, scales, shape, 0, panel)
                 panel += 4
@@ -103,9 +122,7 @@ def time_tiles[two_level: Bool](name: String, p: Projection, passes: Int, ctx: D
 
 def time_format[two_level: Bool](name: String, model: List[Projection], passes: Int, chain_only: Bool,
                                  ctx: DeviceContext) raises:
-    var x = List[BFloat16](length=4 * HIDDEN, fill=0)
-    for i in range(len(x)):
-        x[i] = BFloat16(Float32(i % 13) * 0.1 - 0.6)
+    var x = activations(4 * HIDDEN)
     var out = List[BFloat16](length=8 * HIDDEN, fill=0)
     var total_bytes = 0
     for i in range(len(model)):
@@ -152,9 +169,7 @@ def time_head(passes: Int, ctx: DeviceContext) raises:
     for i in range(len(blocks)):
         blocks[i] = Float16(Float32(i % 5 + 1) * 0.0001)
     var bytes = len(codes) + len(high) + len(scales) + 2 * len(blocks)
-    var x = List[BFloat16](length=HIDDEN, fill=0)
-    for i in range(len(x)):
-        x[i] = BFloat16(Float32(i % 13) * 0.1 - 0.6)
+    var x = activations(HIDDEN)
     var out = List[Float32](length=VOCAB, fill=0)
     var samples = List[Float64]()
     for _ in range(passes):
@@ -164,7 +179,8 @@ def time_head(passes: Int, ctx: DeviceContext) raises:
                                                        shape, ctx)
         samples.append(Float64(perf_counter_ns() - start) / 1e3)
     var us = median(samples)
-    print("Q6_K LM head K", HIDDEN, "N", VOCAB, ":", us, "us,", Float64(bytes) / us / 1e3, "GB/s,", Float64(bytes) / 1e6, "MB")
+    print("Q6_K LM head K", HIDDEN, "N", VOCAB, ":", us, "us,", Float64(bytes) / us / 1e3, "GB/s,",
+          Float64(bytes) / 1e6, "MB")
 
 
 def main() raises:
