@@ -247,15 +247,18 @@ def test_kernel_bench_names_the_flag_it_cannot_take(argv):
     assert f"{argv[0]} takes a comma-separated list" in result.stderr
 
 
+HARNESSES = sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "mojo").glob("*.mojo"))
+
+
 @pytest.mark.slow
-def test_the_outside_graph_kernel_harness_compiles(tmp_path):
-    """benchmarks/mojo/kernels_outside_graph.mojo calls the kernels' functions directly: a signature change must
-    not leave it broken until someone next needs it."""
+@pytest.mark.parametrize("source", HARNESSES, ids=[p.stem for p in HARNESSES])
+def test_the_outside_graph_kernel_harnesses_compile(tmp_path, source):
+    """benchmarks/mojo/*.mojo call the kernels' functions directly: a signature change must not leave one broken
+    until someone next needs it."""
     from mili.kernels import build_env
 
     root = Path(__file__).resolve().parents[2]
     mojo = Path(sys.executable).with_name("mojo")
-    source = root / "benchmarks" / "mojo" / "kernels_outside_graph.mojo"
     result = subprocess.run([str(mojo), "build", "-I", str(root), str(source), "-o", str(tmp_path / "harness")],
                             capture_output=True, text=True, cwd=root, timeout=600, env=build_env())
     assert result.returncode == 0, result.stderr[-4000:]
