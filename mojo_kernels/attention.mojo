@@ -42,7 +42,7 @@ from std.algorithm import vectorize
 from std.memory import stack_allocation, AddressSpace
 from std.sys import simd_width_of, num_physical_cores, size_of
 from std.math import exp, sqrt, ceildiv, iota
-from .kv_cache import CacheLayout, cache_layout
+from .kv_cache import CacheLayout, cache_layout, v_chunk, v_offset
 from .gpu_reduce import block_sum, block_max
 from .convert import narrow, widen
 from .linear_cpu import has_dot_bf16, dot_bf16_pairs
@@ -323,6 +323,8 @@ def accumulate_values[dtype: DType, D: Int, BS: Int, SK: Int, RB: Int](
     comptime DC = value_vectors_per_call[RB, D]()
     comptime W = F32_WIDTH
     comptime assert D % (DC * W) == 0, "head_dim must be a multiple of the value chunk"
+    comptime C = v_chunk(D)
+    comptime assert C % W == 0, "a V chunk must be whole SIMD vectors"
     var out = stack_allocation[RB * DC * W, Float32]()
     for d0 in range(0, D, DC * W):
         comptime for r in range(RB):
@@ -333,7 +335,8 @@ def accumulate_values[dtype: DType, D: Int, BS: Int, SK: Int, RB: Int](
             var v_block = v_blocks.unsafe_load(b)
             for t in range(min(BS, keys - b * BS)):
                 comptime for j in range(DC):
-                    var v = cache_ptr.unsafe_load[width=W](v_block + t * D + d0 + j * W).cast[DType.float32]()
+                    var at = v_block + v_offset(BS, D, t, d0 + j * W)
+                    var v = cache_ptr.unsafe_load[width=W](at).cast[DType.float32]()
                     comptime for r in range(RB):
                         var i = (r * DC + j) * W
                         var p = SIMD[DType.float32, W](probs.unsafe_load((r0 + r) * SK + b * BS + t))
@@ -410,6 +413,8 @@ def accumulate_values_dot[D: Int, BS: Int, SK: Int, RB: Int](
     comptime DC = value_vectors_per_call[RB, D]()
     comptime W = 16
     comptime assert D % (DC * W) == 0, "head_dim must be a multiple of the value chunk"
+    comptime C = v_chunk(D)  # V row t + 1 of a chunk follows row t, C elements on
+    comptime assert C % W == 0, "a V chunk must be whole SIMD vectors"
     var out = stack_allocation[RB * DC * W, Float32]()
     for d0 in range(0, D, DC * W):
         comptime for r in range(RB):
@@ -431,12 +436,12 @@ def accumulate_values_dot[D: Int, BS: Int, SK: Int, RB: Int](
             var full_pairs = block_keys // 2
             for tp in range(full_pairs):
                 comptime for j in range(DC):
-                    var at = v_block + 2 * tp * D + d0 + j * W
+                    var at = v_block + v_offset(BS, D, 2 * tp, d0 + j * W)
                     step(b * (BS // 2) + tp,
-                         pair_up(cache_ptr.unsafe_load[width=W](at), cache_ptr.unsafe_load[width=W](at + D)), j)
+                         pair_up(cache_ptr.unsafe_load[width=W](at), cache_ptr.unsafe_load[width=W](at + C)), j)
             if block_keys % 2 == 1:
                 comptime for j in range(DC):
-                    var at = v_block + 2 * full_pairs * D + d0 + j * W
+                    var at = v_block + v_offset(BS, D, 2 * full_pairs, d0 + j * W)
                     step(b * (BS // 2) + full_pairs,
                          pair_up(cache_ptr.unsafe_load[width=W](at), SIMD[DType.bfloat16, W](0)), j)
         comptime for r in range(RB):
@@ -764,7 +769,7 @@ def paged_attention_gpu_kernel[dtype: DType, head_dim: Int, block_size: Int](
                 for tt in range(n):
                     var key = chunk + tt
                     var physical = Int(block_tables.unsafe_load(table_row + key // BS))
-                    var v = cache_ptr.unsafe_load(layout.v_block(physical, kv_head) + (key % BS) * D + dim)
+                    var v = cache_ptr.unsafe_load(layout.v_block(physical, kv_head) + v_offset(BS, D, key % BS, dim))
                     a += p_shared.unsafe_load(tt) * v.cast[DType.float32]()
                 acc[k] = a
         barrier()  # p_shared is rewritten by the next chunk
