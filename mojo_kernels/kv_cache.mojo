@@ -11,7 +11,7 @@
 # takes the dims in passes over the block's keys (32 dims a pass with AVX2's 16 registers): each pass then
 # reads one contiguous 1 KB run of the block (16 tokens x 32 bf16 dims) instead of one 64-byte line of every
 # 256-byte token row. Measured at batch-1 decode over 28 layers' caches (benchmarks/mojo/attention_decode.mojo,
-# context 576, Zen 3): 200-230 us a layer against 265-350 token-major.
+# context 576, Zen 3, six interleaved pairs): 140-191 us a layer against 194-232 token-major.
 #
 # mili_kv_store: k, v [tokens, kv_heads, head_dim]; slots [tokens] int32 with slot = block * block_size
 # + offset, -1 = padding (skipped); layer [1] int32. Writes in place; nothing else in the cache changes.
