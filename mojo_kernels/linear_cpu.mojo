@@ -411,12 +411,13 @@ def row_block(shape: LinearShape, x_bytes: Int, rows_per_call: Int) -> Int:
 
 
 def for_each_tile[
-    TileFn: def[MR: Int, NP: Int](row: Int, panel: Int) -> None, //, MAX_ROWS: Int
+    TileFn: def[MR: Int, NP: Int](row: Int, panel: Int) -> None, //, MAX_ROWS: Int, SINGLE_PANEL_ROWS: Int = 0
 ](shape: LinearShape, x_bytes: Int, tile: TileFn, ctx: DeviceContext) raises:
     """Calls tile[MR, NP](row, panel) over the whole output: threads split the panels into contiguous ranges;
     rows go in blocks that stay in L2, each block in balanced groups of at most MAX_ROWS rows, a group of MR
-    rows taking tile_panels[MR]() panels per call. Every row's arithmetic is the same whatever group it lands
-    in."""
+    rows taking tile_panels[MR]() panels per call, or one panel for groups of at most SINGLE_PANEL_ROWS rows
+    (panels lie one after another in memory: a thread's tiles of one panel read its weights as one stream).
+    Every row's arithmetic is the same whatever group it lands in."""
     var block = row_block(shape, x_bytes, MAX_ROWS)
     var rows = shape.rows
 
@@ -426,7 +427,7 @@ def for_each_tile[
                 var chunk_end = min(end, chunk + PANEL_CHUNK)
 
                 def group[MR: Int](row: Int) {imm tile, imm chunk, imm chunk_end}:
-                    comptime NP = tile_panels[MR]()
+                    comptime NP = 1 if MR <= SINGLE_PANEL_ROWS else tile_panels[MR]()
                     var panel = chunk
                     while panel + NP <= chunk_end:
                         tile[MR, NP](row, panel)
