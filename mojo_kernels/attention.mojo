@@ -41,6 +41,7 @@ from .cpu_parallel import parallel_for, for_row_groups
 from std.algorithm import vectorize
 from std.memory import stack_allocation, AddressSpace
 from std.sys import simd_width_of, num_physical_cores, size_of
+from std.sys.intrinsics import prefetch, PrefetchOptions
 from std.math import exp, sqrt, ceildiv, iota
 from .kv_cache import CacheLayout, cache_layout, v_chunk, v_offset
 from .gpu_reduce import block_sum, block_max
@@ -282,21 +283,38 @@ def value_vectors_per_call[rows: Int, head_dim: Int]() -> Int:
     return vectors
 
 
+comptime CACHE_LINE = 64
+comptime NO_BLOCK = -1  # no block to prefetch next
+
+
+@always_inline
+def prefetch_line[dtype: DType](cache_ptr: Pointer[Scalar[dtype], ...], offset: Int):
+    """Asks for the cache line holding cache_ptr[offset] ahead of its use (a hint: it never faults).
+    Why: one (block, KV head) K or V block is a 4 KB page of its own, and a step reads them 32 KB apart (all of a
+    block's heads lie side by side), so the hardware prefetchers, which stop at page boundaries, start cold on
+    every block; each block's loop fetches the next block's lines as it goes."""
+    prefetch[PrefetchOptions().for_read().high_locality().to_data_cache()](cache_ptr.unsafe_offset(offset))
+
+
 @always_inline
 def score_rows[dtype: DType, D: Int, BS: Int, SK: Int, RB: Int](
     scores: MutPointer[Float32, ...], q_rows: Pointer[Float32, ...], r0: Int,
-    cache_ptr: Pointer[Scalar[dtype], ...], k_block: Int,
+    cache_ptr: Pointer[Scalar[dtype], ...], k_block: Int, next_k_block: Int,
 ):
     """Scores[r, t] = q[r] . K[t] for RB rows from r0 and every key t of the block, into rows SK floats apart
     (keys past the context are garbage here and masked by the caller). Two accumulator sets (even and odd d)
     per (row, key chunk) give enough independent FMA chains for the FMA latency; each K vector is loaded and
-    widened once."""
+    widened once. The K block read next (next_k_block, or NO_BLOCK) is prefetched as this one is read."""
     comptime KC = min(BS, F32_WIDTH)
     comptime CH = BS // KC
+    comptime LINE = CACHE_LINE // size_of[dtype]()
     var acc = stack_allocation[2 * RB * CH * KC, Float32]()
     comptime for i in range(2 * RB * CH):
         acc.unsafe_store(i * KC, SIMD[DType.float32, KC](0))
     for d in range(0, D, 2):
+        if next_k_block != NO_BLOCK:
+            comptime for line in range(0, 2 * BS, LINE):
+                prefetch_line(cache_ptr, next_k_block + d * BS + line)
         comptime for half in range(2):
             comptime for c in range(CH):
                 var keys = cache_ptr.unsafe_load[width=KC](k_block + (d + half) * BS + c * KC).cast[DType.float32]()
@@ -331,9 +349,18 @@ def accumulate_values[dtype: DType, D: Int, BS: Int, SK: Int, RB: Int](
             comptime for j in range(DC):
                 var at = (r0 + r) * D + d0 + j * W
                 out.unsafe_store((r * DC + j) * W, acc.unsafe_load[width=W](at) * alpha.unsafe_load(r0 + r))
-        for b in range(ceildiv(keys, BS)):
+        var blocks = ceildiv(keys, BS)
+        for b in range(blocks):
             var v_block = v_blocks.unsafe_load(b)
+            # the V lines read next: the next block's for these dims, or the first block's for the next dims
+            var next_block = v_blocks.unsafe_load(b + 1) if b + 1 < blocks else (
+                v_blocks.unsafe_load(0) if d0 + DC * W < D else NO_BLOCK)
+            var next_d0 = d0 if b + 1 < blocks else d0 + DC * W
             for t in range(min(BS, keys - b * BS)):
+                if next_block != NO_BLOCK:
+                    comptime for j in range(DC):
+                        comptime if (j * W) % (CACHE_LINE // size_of[dtype]()) == 0:
+                            prefetch_line(cache_ptr, next_block + v_offset(BS, D, t, next_d0 + j * W))
                 comptime for j in range(DC):
                     var at = v_block + v_offset(BS, D, t, d0 + j * W)
                     var v = cache_ptr.unsafe_load[width=W](at).cast[DType.float32]()
@@ -372,18 +399,23 @@ def pair_up(first: SIMD[DType.bfloat16, 16], second: SIMD[DType.bfloat16, 16]) -
 @always_inline
 def score_rows_dot[D: Int, BS: Int, SK: Int, RB: Int](
     scores: MutPointer[Float32, ...], q_words: Pointer[UInt32, ...], r0: Int,
-    cache_ptr: Pointer[BFloat16, ...], k_block: Int, scale: Float32,
+    cache_ptr: Pointer[BFloat16, ...], k_block: Int, next_k_block: Int, scale: Float32,
 ):
     """Scores[r, t] = scale * q[r] . K[t] with vdpbf16ps: the transposed K block's rows d and d + 1 are
     interleaved into key pairs once for all RB rows, and each row's (q[d], q[d + 1]) is one broadcast 32-bit
-    word. Two accumulator sets (even and odd d pairs) give enough independent chains for a decode's two rows."""
+    word. Two accumulator sets (even and odd d pairs) give enough independent chains for a decode's two rows.
+    The next K block is prefetched as in score_rows."""
     comptime KC = 16
     comptime CH = BS // KC
     comptime assert BS % KC == 0, "vdpbf16ps attention needs a block size that is a multiple of 16"
+    comptime LINE = CACHE_LINE // size_of[DType.bfloat16]()
     var acc = stack_allocation[2 * RB * CH * KC, Float32]()
     comptime for i in range(2 * RB * CH):
         acc.unsafe_store(i * KC, SIMD[DType.float32, KC](0))
     for dp in range(0, D // 2, 2):
+        if next_k_block != NO_BLOCK:  # this pass reads dims 2 dp .. 2 dp + 3: 4 * BS elements
+            comptime for line in range(0, 4 * BS, LINE):
+                prefetch_line(cache_ptr, next_k_block + 2 * dp * BS + line)
         comptime for half in range(2):
             var d = 2 * (dp + half)
             comptime for c in range(CH):
@@ -430,11 +462,20 @@ def accumulate_values_dot[D: Int, BS: Int, SK: Int, RB: Int](
                 out.unsafe_store(i, dot_bf16_pairs(out.unsafe_load[width=W](i), values,
                                                    bitcast[DType.bfloat16, 2 * W](p_pair)))
 
-        for b in range(ceildiv(keys, BS)):
+        var blocks = ceildiv(keys, BS)
+        for b in range(blocks):
             var v_block = v_blocks.unsafe_load(b)
             var block_keys = min(BS, keys - b * BS)
             var full_pairs = block_keys // 2
+            var next_block = v_blocks.unsafe_load(b + 1) if b + 1 < blocks else (
+                v_blocks.unsafe_load(0) if d0 + DC * W < D else NO_BLOCK)
+            var next_d0 = d0 if b + 1 < blocks else d0 + DC * W
             for tp in range(full_pairs):
+                if next_block != NO_BLOCK:  # the V lines read next (as in accumulate_values), two tokens' worth
+                    comptime for j in range(DC):
+                        comptime if (j * W) % (CACHE_LINE // size_of[DType.bfloat16]()) == 0:
+                            prefetch_line(cache_ptr, next_block + v_offset(BS, D, 2 * tp, next_d0 + j * W))
+                            prefetch_line(cache_ptr, next_block + v_offset(BS, D, 2 * tp + 1, next_d0 + j * W))
                 comptime for j in range(DC):
                     var at = v_block + v_offset(BS, D, 2 * tp, d0 + j * W)
                     step(b * (BS // 2) + tp,
@@ -536,18 +577,23 @@ def attend_tile[dtype: DType, head_dim: Int, block_size: Int](
 
             for b in range(step_blocks):
                 var k_block = layout.k_block(physical_blocks.unsafe_load(b), tile.kv_head + kv)
+                # the K block scored next: this head's next block, else the next head's first one
+                var next_k_block = layout.k_block(physical_blocks.unsafe_load(b + 1), tile.kv_head + kv) if (
+                    b + 1 < step_blocks) else (layout.k_block(physical_blocks.unsafe_load(0), tile.kv_head + kv + 1)
+                                               if kv + 1 < tile.kv_count else NO_BLOCK)
                 var block_scores = scores.unsafe_offset(b * BS)
                 comptime if DOT:
                     var q_words = q_halves.unsafe_bitcast[UInt32]()
                     var k_halves = cache_ptr.unsafe_bitcast[BFloat16]()
 
-                    def score_dot[RB: Int](r0: Int) {imm block_scores, imm q_words, imm k_halves, imm k_block, imm scale}:
-                        score_rows_dot[D, BS, SK, RB](block_scores, q_words, r0, k_halves, k_block, scale)
+                    def score_dot[RB: Int](r0: Int) {imm block_scores, imm q_words, imm k_halves, imm k_block, imm next_k_block, imm scale}:
+                        score_rows_dot[D, BS, SK, RB](block_scores, q_words, r0, k_halves, k_block, next_k_block,
+                                                      scale)
 
                     for_row_groups[dot_score_rows_per_call[BS]()](first_row, end_row, score_dot)
                 else:
-                    def score[RB: Int](r0: Int) {imm block_scores, imm q_rows, imm cache_ptr, imm k_block}:
-                        score_rows[dtype, D, BS, SK, RB](block_scores, q_rows, r0, cache_ptr, k_block)
+                    def score[RB: Int](r0: Int) {imm block_scores, imm q_rows, imm cache_ptr, imm k_block, imm next_k_block}:
+                        score_rows[dtype, D, BS, SK, RB](block_scores, q_rows, r0, cache_ptr, k_block, next_k_block)
 
                     for_row_groups[score_rows_per_call()](first_row, end_row, score)
             # Online softmax per row: mask the keys it cannot see, rescale what it has under the new running max.
