@@ -218,21 +218,19 @@ def key_splits(q_len: Int, tokens_per_tile: Int, keys: Int, block_size: Int) -> 
     return ceildiv(keys, part_keys(block_size))
 
 
-def fill_tiles(
+def plan_tiles(
     query_start: Pointer[Int32, ...],
     context_lens: Pointer[Int32, ...],
     batch: BatchShape,
     layout: CacheLayout,
     workers: Int,
-    split_keys: Bool,
     mut tiles: List[Tile],
     mut split_groups: List[Int],
 ) -> Int:
     """Fills `tiles` with the work items and `split_groups` with the index of the first part of each
     split tile; returns how many partial-result slots they use. A tile takes as many KV heads as fit
     MAX_ROWS rows, so that it walks K and V blocks that lie side by side in the cache (one KV head's block is
-    only 4 KB; all of a block's heads are contiguous), unless that would leave cores idle. Without
-    `split_keys`, no key range is split (each tile walks and folds all of its keys)."""
+    only 4 KB; all of a block's heads are contiguous), unless that would leave cores idle."""
     var tokens_per_tile = max(1, MAX_ROWS // batch.group)
     var heads_per_tile = min(batch.group, MAX_ROWS)
     var kv_cap = layout.kv_heads
@@ -245,7 +243,7 @@ def fill_tiles(
             var keys = Int(context_lens.unsafe_load(b))
             var rows_per_kv = min(q_len, tokens_per_tile) * heads_per_tile
             var kv_per_tile = max(1, min(kv_cap, MAX_ROWS // rows_per_kv))
-            var splits = key_splits(q_len, tokens_per_tile, keys, layout.block_size) if split_keys else 1
+            var splits = key_splits(q_len, tokens_per_tile, keys, layout.block_size)
             var keys_per_split = part_keys(layout.block_size) if splits > 1 else keys
             for g in range(0, layout.kv_heads, kv_per_tile):
                 for h0 in range(0, batch.group, heads_per_tile):
@@ -265,52 +263,6 @@ def fill_tiles(
         if len(tiles) >= workers or kv_cap == 1:
             return partials
         kv_cap = max(1, kv_cap // 2)
-
-
-def makespan(tiles: List[Tile], workers: Int) -> Int:
-    """The most work any core gets when the tiles, largest first, each go to the least loaded core (as a pool
-    of workers taking the next tile roughly does); a tile's work is its rows times its keys."""
-    var work = List[Int](capacity=len(tiles))
-    for tile in tiles:
-        work.append(tile.rows() * (tile.key_hi - tile.key_lo))
-    sort(work)
-    var loads = List[Int](length=max(1, workers), fill=0)
-    for i in range(len(work) - 1, -1, -1):
-        var least = 0
-        for w in range(1, len(loads)):
-            if loads[w] < loads[least]:
-                least = w
-        loads[least] += work[i]
-    var most = 0
-    for load in loads:
-        most = max(most, load)
-    return most
-
-
-def plan_tiles(
-    query_start: Pointer[Int32, ...],
-    context_lens: Pointer[Int32, ...],
-    batch: BatchShape,
-    layout: CacheLayout,
-    workers: Int,
-    mut tiles: List[Tile],
-    mut split_groups: List[Int],
-) -> Int:
-    """Fill_tiles with key splits, or without them when that spreads the work at least as evenly: a decode
-    of 576 keys is 3 parts (256 + 256 + 64 keys) that 2 cores share 2:1, where its 8 KV heads make 2 tiles of 4
-    heads x 576 keys, and no partial results to merge. Either way a row's arithmetic is the same (the parts are
-    folded in the same order), so the choice changes no bit of the output. Returns fill_tiles' partial slots."""
-    var partials = fill_tiles(query_start, context_lens, batch, layout, workers, True, tiles, split_groups)
-    if len(split_groups) == 0:
-        return partials
-    var unsplit = List[Tile]()
-    var no_groups = List[Int]()
-    _ = fill_tiles(query_start, context_lens, batch, layout, workers, False, unsplit, no_groups)
-    if makespan(unsplit, workers) <= makespan(tiles, workers):
-        tiles = unsplit^
-        split_groups.clear()
-        return 0
-    return partials
 
 
 @always_inline
