@@ -78,6 +78,13 @@ def kernel_family_code[x_dtype: DType]() -> Int:
 # compile-time constants, which LLVM keeps in registers.
 
 @always_inline
+def panel_vector_at(panel: Int, per_panel: Int, v: Int, index: Int) -> Int:
+    """Where vector v of a tile that starts at `panel` finds entry `index` of an array laid out per panel as
+    [per_panel][PANEL] (the scale layouts of linear.mojo's header): its F32_WIDTH channels' values start there."""
+    return ((panel + v // VECTORS_PER_PANEL) * per_panel + index) * PANEL + (v % VECTORS_PER_PANEL) * F32_WIDTH
+
+
+@always_inline
 def zero_tile[MR: Int, NP: Int](acc: MutPointer[Float32, ...]):
     comptime for i in range(MR * NP * VECTORS_PER_PANEL):
         acc.unsafe_store(i * F32_WIDTH, SIMD[DType.float32, F32_WIDTH](0))
@@ -213,8 +220,7 @@ def fold_group[S: DType, //, MR: Int, NP: Int](
     """Adds a group's unscaled sums into the tile: acc[m, n] = fma(part[m, n], scale[n, g], acc[m, n])."""
     comptime V = NP * VECTORS_PER_PANEL
     comptime for v in range(V):
-        var at = ((panel + v // VECTORS_PER_PANEL) * groups + g) * PANEL + (v % VECTORS_PER_PANEL) * F32_WIDTH
-        var scale = scale_ptr.unsafe_load[width=F32_WIDTH](at).cast[DType.float32]()
+        var scale = scale_ptr.unsafe_load[width=F32_WIDTH](panel_vector_at(panel, groups, v, g)).cast[DType.float32]()
         comptime for m in range(MR):
             var i = (m * V + v) * F32_WIDTH
             acc.unsafe_store(i, part.unsafe_load[width=F32_WIDTH](i).fma(scale, acc.unsafe_load[width=F32_WIDTH](i)))

@@ -29,7 +29,7 @@ from .convert import narrow, widen
 from .linear_layout import (
     PANEL, LinearShape, INT4_GROUP, INT4_K_BLOCK, INT4_ZERO_POINT, int8_padded_k, int4_k_blocks, int4_panel_bytes,
 )
-from .linear_cpu import for_each_tile, store_tile, zero_tile, F32_WIDTH, VECTORS_PER_PANEL
+from .linear_cpu import for_each_tile, panel_vector_at, store_tile, zero_tile, F32_WIDTH, VECTORS_PER_PANEL
 
 comptime I32_WIDTH = F32_WIDTH
 comptime CODE_BYTES = 4 * I32_WIDTH  # the codes of one vector's channels for one block of 8 inputs
@@ -349,7 +349,7 @@ def int4_tile[S: DType, //, out_dtype: DType, MR: Int, NP: Int, OFFSETS: Bool](
         block_sums[MR, NP, BLOCKS_PER_GROUP, False](isum, codes, no_high_bits, xq, panel, panel_bytes, 0, padded_k,
                                                     row, g * BLOCKS_PER_GROUP, no_sub_scales)
         comptime for v in range(V):
-            var at = ((panel + v // VECTORS_PER_PANEL) * groups + g) * PANEL + (v % VECTORS_PER_PANEL) * F32_WIDTH
+            var at = panel_vector_at(panel, groups, v, g)
             var scale = scale_ptr.unsafe_load[width=F32_WIDTH](at).cast[DType.float32]()
             var offset: SIMD[DType.float32, F32_WIDTH]
             comptime if OFFSETS:
@@ -397,13 +397,11 @@ def int4_k_tile[out_dtype: DType, MR: Int, NP: Int](
         zero_tile[MR, NP](mins)
         for g in range(block * GROUPS_PER_BLOCK, min(groups, (block + 1) * GROUPS_PER_BLOCK)):
             comptime for v in range(V):
-                var at = ((panel + v // VECTORS_PER_PANEL) * groups + g) * PANEL + (v % VECTORS_PER_PANEL) * F32_WIDTH
-                sub_scales.unsafe_store(v * 2 * I32_WIDTH, sub_scale_pairs(scale_ptr, at))
+                sub_scales.unsafe_store(v * 2 * I32_WIDTH, sub_scale_pairs(scale_ptr, panel_vector_at(panel, groups, v, g)))
             block_sums[MR, NP, BLOCKS_PER_GROUP, False, SCALED=True](
                 isum, codes, no_high_bits, xq, panel, panel_bytes, 0, padded_k, row, g * BLOCKS_PER_GROUP, pairs)
             comptime for v in range(V):
-                var at = ((panel + v // VECTORS_PER_PANEL) * groups + g) * PANEL + (v % VECTORS_PER_PANEL) * F32_WIDTH
-                var group_min = min_ptr.unsafe_load[width=F32_WIDTH](at).cast[DType.float32]()
+                var group_min = min_ptr.unsafe_load[width=F32_WIDTH](panel_vector_at(panel, groups, v, g)).cast[DType.float32]()
                 comptime for m in range(MR):
                     var i = (m * V + v) * F32_WIDTH
                     var row_group = (row + m) * groups + g
@@ -411,7 +409,7 @@ def int4_k_tile[out_dtype: DType, MR: Int, NP: Int](
                     scaled.unsafe_store(i, sums.fma(rows.scales.unsafe_load(row_group), scaled.unsafe_load[width=F32_WIDTH](i)))
                     mins.unsafe_store(i, group_min.fma(rows.sums.unsafe_load(row_group), mins.unsafe_load[width=F32_WIDTH](i)))
         comptime for v in range(V):
-            var block_at = ((panel + v // VECTORS_PER_PANEL) * blocks + block) * PANEL + (v % VECTORS_PER_PANEL) * F32_WIDTH
+            var block_at = panel_vector_at(panel, blocks, v, block)
             var block_scale = block_ptr.unsafe_load[width=F32_WIDTH](block_at).cast[DType.float32]()
             var block_min = block_min_ptr.unsafe_load[width=F32_WIDTH](block_at).cast[DType.float32]()
             comptime for m in range(MR):

@@ -14,10 +14,10 @@ from .linear_layout import (
     PANEL, LinearShape, INT4_GROUP, INT6_BLOCK, INT6_SUBGROUP, INT6_ZERO_POINT, int8_padded_k, int4_panel_bytes,
     int6_blocks, int6_high_panel_bytes,
 )
-from .linear_cpu import for_each_tile, store_tile, zero_tile, F32_WIDTH, VECTORS_PER_PANEL
+from .linear_cpu import for_each_tile, panel_vector_at, store_tile, zero_tile, F32_WIDTH, VECTORS_PER_PANEL
 from .linear_int4 import (
-    DOT_MADDUBS, DOT_VNNI, I32_WIDTH, STREAMING_ROWS, QuantizedRows, block_sums, int4_dot_kind, multiply_pair_sums, sub_scale_pairs,
-    tile_rows_int4, with_quantized_rows,
+    DOT_MADDUBS, DOT_VNNI, I32_WIDTH, STREAMING_ROWS, QuantizedRows, block_sums, int4_dot_kind, multiply_pair_sums,
+    sub_scale_pairs, tile_rows_int4, with_quantized_rows,
 )
 
 
@@ -31,12 +31,6 @@ def zero_point_sums(first: SIMD[DType.int8, I32_WIDTH], second: SIMD[DType.int8,
         return multiply_pair_sums(first.interleave(second).cast[DType.int16](), bitcast[DType.int16, 2 * I32_WIDTH](both))
     else:
         return first.cast[DType.int32]() * first_sum + second.cast[DType.int32]() * second_sum
-
-
-@always_inline
-def scale_at(panel: Int, subgroups: Int, v: Int, h: Int) -> Int:
-    """Where the sub-scales of a tile's vector v for half group h start."""
-    return ((panel + v // VECTORS_PER_PANEL) * subgroups + h) * PANEL + (v % VECTORS_PER_PANEL) * F32_WIDTH
 
 
 @always_inline
@@ -70,13 +64,13 @@ def int6_tile[out_dtype: DType, MR: Int, NP: Int](
         for g in range(block * GROUPS_PER_BLOCK, min(groups, (block + 1) * GROUPS_PER_BLOCK)):
             comptime for half in range(2):
                 comptime for v in range(V):
-                    sub_scales.unsafe_store(v * 2 * I32_WIDTH, sub_scale_pairs(scale_ptr, scale_at(panel, subgroups, v, 2 * g + half)))
+                    sub_scales.unsafe_store(v * 2 * I32_WIDTH, sub_scale_pairs(scale_ptr, panel_vector_at(panel, subgroups, v, 2 * g + half)))
                 block_sums[MR, NP, 2, True, SCALED=True, ACCUMULATE=half == 1](
                     isum, codes, high_bits, xq, panel, panel_bytes, high_panel_bytes, padded_k, row, 4 * g + 2 * half,
                     pairs)
             comptime for v in range(V):
-                var first = scale_ptr.unsafe_load[width=I32_WIDTH](scale_at(panel, subgroups, v, 2 * g))
-                var second = scale_ptr.unsafe_load[width=I32_WIDTH](scale_at(panel, subgroups, v, 2 * g + 1))
+                var first = scale_ptr.unsafe_load[width=I32_WIDTH](panel_vector_at(panel, subgroups, v, 2 * g))
+                var second = scale_ptr.unsafe_load[width=I32_WIDTH](panel_vector_at(panel, subgroups, v, 2 * g + 1))
                 comptime for m in range(MR):
                     var i = (m * V + v) * F32_WIDTH
                     var half_at = (row + m) * subgroups + 2 * g
@@ -86,7 +80,7 @@ def int6_tile[out_dtype: DType, MR: Int, NP: Int](
                     var row_scale = rows.scales.unsafe_load((row + m) * groups + g)
                     scaled.unsafe_store(i, sums.fma(row_scale, scaled.unsafe_load[width=F32_WIDTH](i)))
         comptime for v in range(V):
-            var block_at = ((panel + v // VECTORS_PER_PANEL) * blocks + block) * PANEL + (v % VECTORS_PER_PANEL) * F32_WIDTH
+            var block_at = panel_vector_at(panel, blocks, v, block)
             var block_scale = block_ptr.unsafe_load[width=F32_WIDTH](block_at).cast[DType.float32]()
             comptime for m in range(MR):
                 var i = (m * V + v) * F32_WIDTH
